@@ -1,0 +1,179 @@
+//! `${NAME}` interpolation and secret-bearing URLs.
+//!
+//! Expansion happens inside deserialization, per value, so the TOML parser's own error
+//! messages (which quote the source line) only ever show the unexpanded `${NAME}`, and a
+//! missing variable is reported at the line that names it.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer};
+
+/// Expands every `${NAME}` in `raw` from the environment; `$${` is a literal `${`.
+pub fn interpolate(raw: &str) -> Result<String, String> {
+    interpolate_with(raw, |name| std::env::var(name).ok())
+}
+
+fn interpolate_with(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(after) = tail.strip_prefix("$${") {
+            out.push_str("${");
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("${") {
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("unterminated ${{…}} in {raw:?}"))?;
+            let name = &after[..end];
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("invalid environment variable name {name:?}"));
+            }
+            let value =
+                lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+            out.push_str(&value);
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+pub fn expand<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let raw = String::deserialize(d)?;
+    interpolate(&raw).map_err(serde::de::Error::custom)
+}
+
+pub fn expand_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    expand(d).map(Some)
+}
+
+pub fn expand_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    expand(d).map(PathBuf::from)
+}
+
+/// A URL that may carry a password. Debug and Display show it with the password
+/// replaced by `***`; only [`SecretUrl::expose`] gives the real text, for connecting.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Parses as an AMQP URI; the error never contains the password.
+    pub fn amqp(&self) -> Result<lapin::uri::AMQPUri, String> {
+        self.0
+            .parse::<lapin::uri::AMQPUri>()
+            .map_err(|e| e.replace(&self.0, &self.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        expand(d).map(SecretUrl)
+    }
+}
+
+/// `scheme://user:***@host/path`: everything between the first ':' after the scheme's
+/// "//" and the last '@' of the authority is hidden.
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.0;
+        let Some(start) = s.find("://").map(|i| i + 3) else {
+            return f.write_str("***");
+        };
+        let authority_end = s[start..].find('/').map_or(s.len(), |i| start + i);
+        let authority = &s[start..authority_end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                let user = userinfo.split(':').next().unwrap_or("");
+                let masked = if userinfo.contains(':') { ":***" } else { "" };
+                write!(f, "{}{}{}{}", &s[..start], user, masked, &s[start + at..])
+            }
+            None => f.write_str(s),
+        }
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(name: &str) -> Option<String> {
+        match name {
+            "PASS" => Some("s3cret".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn interpolates_known_variables_and_escapes() {
+        assert_eq!(
+            interpolate_with("amqp://u:${PASS}@h/${EMPTY}v", vars).unwrap(),
+            "amqp://u:s3cret@h/v"
+        );
+        assert_eq!(
+            interpolate_with("cost $5 $${PASS}", vars).unwrap(),
+            "cost $5 ${PASS}"
+        );
+    }
+
+    #[test]
+    fn missing_or_malformed_variables_are_named() {
+        assert_eq!(
+            interpolate_with("${NOPE}", vars).unwrap_err(),
+            "environment variable NOPE is not set"
+        );
+        assert!(
+            interpolate_with("${PASS", vars)
+                .unwrap_err()
+                .contains("unterminated")
+        );
+        assert!(
+            interpolate_with("${A-B}", vars)
+                .unwrap_err()
+                .contains("invalid")
+        );
+    }
+
+    #[test]
+    fn urls_hide_their_password() {
+        let u = SecretUrl::new("amqps://admin:p@ss:w0rd@rabbit.example:5671/prod");
+        assert_eq!(u.to_string(), "amqps://admin:***@rabbit.example:5671/prod");
+        assert!(!format!("{u:?}").contains("w0rd"));
+        assert_eq!(
+            SecretUrl::new("amqp://host/%2f").to_string(),
+            "amqp://host/%2f"
+        );
+        assert_eq!(
+            SecretUrl::new("amqp://guest@h").to_string(),
+            "amqp://guest@h"
+        );
+    }
+
+    #[test]
+    fn amqp_parse_errors_hide_the_password() {
+        let u = SecretUrl::new("amqp://user:hunter2@:bad:port/");
+        let err = u.amqp().unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}

@@ -1,0 +1,175 @@
+//! Every bad file gets an error that names the field and, where the parser knows it,
+//! the line.
+
+use super::*;
+
+const GOOD: &str = r#"
+[aws]
+region = "us-east-1"
+endpoint_url = "http://127.0.0.1:4566"
+
+[[mapping]]
+name = "orders"
+function = "process-orders:live"
+
+[mapping.source]
+type = "rabbitmq"
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+queue = "orders"
+
+[mapping.batch]
+size = 50
+window = "2s"
+
+[mapping.retry]
+max_attempts = 3
+bisect_on_error = true
+
+[mapping.on_failure]
+type = "file"
+path = "/tmp/failed.jsonl"
+"#;
+
+fn parse(text: &str) -> Result<Config, String> {
+    Config::parse(Path::new("test.toml"), text).map_err(|e| e.to_string())
+}
+
+fn with(replace: &str, by: &str) -> String {
+    assert!(GOOD.contains(replace), "{replace}");
+    GOOD.replacen(replace, by, 1)
+}
+
+#[test]
+fn good_file_and_aws_defaults() {
+    let c = parse(GOOD).unwrap();
+    let m = &c.mappings[0];
+    assert_eq!(m.batch.size(), 50);
+    assert_eq!(m.batch.window(), Duration::from_secs(2));
+    assert_eq!(m.retries(), Some(3));
+    assert!(m.enabled);
+
+    let minimal = parse(
+        r#"
+[[mapping]]
+name = "m"
+function = "f"
+source = { type = "rabbitmq", url = "amqp://h", queue = "q" }
+"#,
+    )
+    .unwrap();
+    let m = &minimal.mappings[0];
+    assert_eq!(m.batch.size(), 100);
+    assert_eq!(m.batch.window(), Duration::from_millis(500));
+    assert_eq!(m.batch.max_bytes(), 6 * 1024 * 1024);
+    assert_eq!(m.retries(), None);
+    assert_eq!(m.retry.max_record_age, None);
+    assert!(!m.retry.bisect_on_error && !m.report_batch_item_failures);
+    assert_eq!(minimal.gateway.shutdown_grace, Duration::from_secs(30));
+}
+
+#[test]
+fn unlimited_retries_become_ten_with_a_destination() {
+    let c = parse(&with("max_attempts = 3", "max_attempts = -1")).unwrap();
+    assert_eq!(c.mappings[0].retries(), Some(10));
+}
+
+/// Each case: the replacement, and what the error must say (field and line).
+#[test]
+fn bad_files_name_the_field_and_line() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "size = 50",
+            "size = 0",
+            &["line 16", "batch size must be between 1 and 10000, got 0"],
+        ),
+        ("size = 50", "size = 10001", &["line 16", "got 10001"]),
+        (
+            "window = \"2s\"",
+            "window = \"301s\"",
+            &["line 17", "at most 300s"],
+        ),
+        (
+            "window = \"2s\"",
+            "window = \"2 parsecs\"",
+            &["line 17", "invalid duration \"2 parsecs\""],
+        ),
+        (
+            "bisect_on_error = true",
+            "bisect_on_eror = true",
+            &["line 21", "unknown field `bisect_on_eror`"],
+        ),
+        (
+            "function = \"process-orders:live\"\n",
+            "",
+            &["missing field `function`"],
+        ),
+        (
+            "max_attempts = 3",
+            "max_attempts = 10001",
+            &["line 20", "max_attempts"],
+        ),
+        (
+            "[mapping.batch]",
+            "[mapping.batch",
+            &["line 15", "TOML parse error"],
+        ),
+        (
+            "queue = \"orders\"",
+            "queue = \"orders\"\nprefetch = 10",
+            &["prefetch (10) is smaller than batch.size (50)"],
+        ),
+        (
+            "function = \"process-orders:live\"",
+            "function = \"a b\"",
+            &["mapping \"orders\": function", "contains ' '"],
+        ),
+        (
+            "name = \"orders\"",
+            "name = \"bad name\"",
+            &["name must be"],
+        ),
+    ];
+    for (from, to, wants) in cases {
+        let err = parse(&with(from, to)).unwrap_err();
+        assert!(err.starts_with("config file test.toml"), "{err}");
+        for want in *wants {
+            assert!(
+                err.contains(want),
+                "replacing {from:?} by {to:?}: {err:?} lacks {want:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn limited_retries_need_a_destination() {
+    let text = GOOD.split("[mapping.on_failure]").next().unwrap();
+    let err = parse(text).unwrap_err();
+    assert!(err.contains("no on_failure destination"), "{err}");
+}
+
+#[test]
+fn duplicate_names_are_refused() {
+    let second = GOOD.split("[[mapping]]").nth(1).unwrap();
+    let err = parse(&format!("{GOOD}\n[[mapping]]{second}")).unwrap_err();
+    assert!(err.contains("\"orders\" is defined twice"), "{err}");
+}
+
+#[test]
+fn secrets_are_expanded_and_never_shown() {
+    // SAFETY: tests in this module are the only users of this variable.
+    unsafe { std::env::set_var("ESM_TEST_RABBIT_PASSWORD", "hunter2") };
+    let text = with("guest:guest@", "guest:${ESM_TEST_RABBIT_PASSWORD}@");
+    let c = parse(&text).unwrap();
+    let Source::Rabbitmq(s) = &c.mappings[0].source;
+    assert_eq!(s.url.expose(), "amqp://guest:hunter2@127.0.0.1:5672/%2f");
+    assert!(!format!("{c:?}").contains("hunter2"));
+    // An error elsewhere in the file quotes raw text, never the expanded value.
+    let err = parse(&text.replace("size = 50", "size = 0")).unwrap_err();
+    assert!(!err.contains("hunter2"), "{err}");
+    let err = parse(&with("guest:guest@", "guest:${ESM_TEST_UNSET_VARIABLE}@")).unwrap_err();
+    assert!(
+        err.contains("environment variable ESM_TEST_UNSET_VARIABLE is not set"),
+        "{err}"
+    );
+}

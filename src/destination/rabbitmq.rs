@@ -1,0 +1,96 @@
+//! The RabbitMQ exchange destination: persistent, mandatory publishes on a confirm
+//! channel. A write succeeds only on the broker's ack of a routed message; a nack, an
+//! unroutable return or a dropped connection is an error (and the next write reconnects).
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::Mutex;
+
+use super::DestinationError;
+use crate::config::{self, SecretUrl};
+
+#[derive(Debug)]
+pub struct RabbitDestination {
+    url: SecretUrl,
+    exchange: String,
+    routing_key: String,
+    ca_file: Option<std::path::PathBuf>,
+    channel: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl RabbitDestination {
+    pub fn new(c: &config::RabbitDestination, mapping: &str) -> Self {
+        RabbitDestination {
+            url: c.url.clone(),
+            exchange: c.exchange.clone(),
+            routing_key: c.routing_key.clone().unwrap_or_else(|| mapping.to_owned()),
+            ca_file: c.ca_file.clone(),
+            channel: Mutex::new(None),
+        }
+    }
+
+    fn error(&self, message: impl ToString) -> DestinationError {
+        DestinationError::Rabbit {
+            url: self.url.to_string(),
+            exchange: self.exchange.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    pub async fn write(&self, record: &[u8]) -> Result<(), DestinationError> {
+        let mut guard = self.channel.lock().await;
+        if guard
+            .as_ref()
+            .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
+        {
+            let conn = crate::source::rabbitmq::connect(
+                &self.url,
+                self.ca_file.as_deref(),
+                "esm-gateway on-failure",
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+            let channel = conn.create_channel().await.map_err(|e| self.error(e))?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| self.error(e))?;
+            *guard = Some((conn, channel));
+        }
+        let (_, channel) = guard.as_ref().expect("connected above");
+        let result = async {
+            let confirm = channel
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    self.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    record,
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/json".into()),
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            if !confirm.is_ack() {
+                return Err("the broker nacked the publish".to_owned());
+            }
+            if confirm.take_message().is_some() {
+                return Err(format!(
+                    "no queue is bound to the exchange for routing key {:?}; the record was returned",
+                    self.routing_key
+                ));
+            }
+            Ok(())
+        }
+        .await;
+        result.map_err(|m| {
+            *guard = None;
+            self.error(m)
+        })
+    }
+}

@@ -1,0 +1,293 @@
+//! The AWS payload shapes: the event a function receives and the on-failure record.
+//!
+//! Records arrive pre-rendered (see `record.rs`); this module renders each source's
+//! element once and wraps a batch of them in the source's envelope.
+
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::{Value, json};
+
+use crate::record::Record;
+
+/// A source's event envelope, built once per mapping from its configuration.
+#[derive(Debug, Clone)]
+pub enum Envelope {
+    /// `{"eventSource":"aws:rmq","eventSourceArn":…,"rmqMessagesByQueue":{"queue::vhost":[…]}}`
+    Rabbit {
+        event_source_arn: String,
+        queue: String,
+        vhost: String,
+    },
+}
+
+impl Envelope {
+    /// The source's name in failure records and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Envelope::Rabbit { .. } => "rabbitmq",
+        }
+    }
+
+    /// Renders the event for `records`, in their order.
+    pub fn render<'a>(&self, records: impl IntoIterator<Item = &'a Record>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4096);
+        match self {
+            Envelope::Rabbit {
+                event_source_arn,
+                queue,
+                vhost,
+            } => {
+                out.extend_from_slice(br#"{"eventSource":"aws:rmq","eventSourceArn":"#);
+                serde_json::to_writer(&mut out, event_source_arn).expect("string to JSON");
+                out.extend_from_slice(br#","rmqMessagesByQueue":{"#);
+                serde_json::to_writer(&mut out, &format!("{queue}::{vhost}"))
+                    .expect("string to JSON");
+                out.extend_from_slice(b":[");
+                for (i, r) in records.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(r.fragment.as_bytes());
+                }
+                out.extend_from_slice(b"]}}");
+            }
+        }
+        out
+    }
+
+    /// Bytes of an empty event: what a batch has before its first record.
+    pub fn overhead(&self) -> usize {
+        self.render(std::iter::empty()).len()
+    }
+
+    /// The `…BatchInfo` member of a failure record: where the records came from.
+    pub fn batch_info(&self, records: &[Record]) -> (&'static str, Value) {
+        let first = records.first();
+        let last = records.last();
+        let ts = |r: Option<&Record>| r.map(|r| rfc3339(r.received_at));
+        match self {
+            Envelope::Rabbit { queue, vhost, .. } => (
+                "RabbitMQBatchInfo",
+                json!({
+                    "queue": queue,
+                    "vhost": vhost,
+                    "batchSize": records.len(),
+                    "firstMessageId": first.and_then(|r| r.id.as_deref()),
+                    "lastMessageId": last.and_then(|r| r.id.as_deref()),
+                    "firstDeliveryTag": first.map(|r| r.position),
+                    "lastDeliveryTag": last.map(|r| r.position),
+                    "firstReceivedTime": ts(first),
+                    "lastReceivedTime": ts(last),
+                }),
+            ),
+        }
+    }
+}
+
+/// ISO 8601 in UTC with milliseconds, as AWS writes timestamps.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// One RabbitMQ message as an element of `rmqMessagesByQueue`, exactly as Amazon MQ
+/// triggers send it: every basic property present (null when absent), string headers as
+/// `{"bytes":[…]}` of signed (Java) bytes, the body base64 in `data`.
+pub fn rabbit_fragment(
+    properties: &lapin::BasicProperties,
+    redelivered: bool,
+    body: &[u8],
+) -> String {
+    let p = properties;
+    let s = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    let headers = p.headers().as_ref().map(table_json);
+    let element = json!({
+        "basicProperties": {
+            "contentType": s(p.content_type()),
+            "contentEncoding": s(p.content_encoding()),
+            "headers": headers,
+            "deliveryMode": p.delivery_mode(),
+            "priority": p.priority(),
+            "correlationId": s(p.correlation_id()),
+            "replyTo": s(p.reply_to()),
+            "expiration": s(p.expiration()),
+            "messageId": s(p.message_id()),
+            "timestamp": p.timestamp().map(java_date),
+            "type": s(p.kind()),
+            "userId": s(p.user_id()),
+            "appId": s(p.app_id()),
+            "clusterId": s(p.cluster_id()),
+            "bodySize": body.len(),
+        },
+        "redelivered": redelivered,
+        "data": base64::engine::general_purpose::STANDARD.encode(body),
+    });
+    element.to_string()
+}
+
+fn table_json(t: &FieldTable) -> Value {
+    Value::Object(
+        t.inner()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), amqp_json(v)))
+            .collect(),
+    )
+}
+
+fn signed_bytes(b: &[u8]) -> Value {
+    json!({ "bytes": b.iter().map(|&x| x as i8).collect::<Vec<i8>>() })
+}
+
+fn amqp_json(v: &AMQPValue) -> Value {
+    match v {
+        AMQPValue::Boolean(b) => json!(b),
+        AMQPValue::ShortShortInt(n) => json!(n),
+        AMQPValue::ShortShortUInt(n) => json!(n),
+        AMQPValue::ShortInt(n) => json!(n),
+        AMQPValue::ShortUInt(n) => json!(n),
+        AMQPValue::LongInt(n) => json!(n),
+        AMQPValue::LongUInt(n) => json!(n),
+        AMQPValue::LongLongInt(n) => json!(n),
+        AMQPValue::Float(n) => json!(n),
+        AMQPValue::Double(n) => json!(n),
+        AMQPValue::DecimalValue(d) => json!(d.value as f64 / 10f64.powi(d.scale as i32)),
+        AMQPValue::ShortString(s) => signed_bytes(s.as_str().as_bytes()),
+        AMQPValue::LongString(s) => signed_bytes(s.as_bytes()),
+        AMQPValue::ByteArray(b) => signed_bytes(b.as_slice()),
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_json).collect()),
+        AMQPValue::Timestamp(t) => json!(t),
+        AMQPValue::FieldTable(t) => table_json(t),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+/// Java's default `DateFormat` rendering that Amazon MQ events carry, in UTC:
+/// "Jan 1, 1970, 12:33:41 AM".
+pub fn java_date(epoch_seconds: u64) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = (epoch_seconds / 86_400) as i64;
+    let secs = epoch_seconds % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let (h12, half) = match h {
+        0 => (12, "AM"),
+        1..=11 => (h, "AM"),
+        12 => (12, "PM"),
+        _ => (h - 12, "PM"),
+    };
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "{} {day}, {year}, {h12}:{m:02}:{s:02} {half}",
+        MONTHS[month as usize - 1]
+    );
+    out
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's
+/// algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{LongString, ShortString};
+
+    #[test]
+    fn java_dates_match_amazon_mq() {
+        assert_eq!(java_date(2021), "Jan 1, 1970, 12:33:41 AM");
+        assert_eq!(java_date(1_700_000_000), "Nov 14, 2023, 10:13:20 PM");
+        assert_eq!(java_date(951_825_600), "Feb 29, 2000, 12:00:00 PM");
+    }
+
+    #[test]
+    fn fragment_has_every_property_and_signed_header_bytes() {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("header1"),
+            AMQPValue::LongString(LongString::from("value1")),
+        );
+        headers.insert(ShortString::from("numberInHeader"), AMQPValue::LongInt(10));
+        headers.insert(
+            ShortString::from("accent"),
+            AMQPValue::LongString(LongString::from("ë")),
+        );
+        let props = lapin::BasicProperties::default()
+            .with_content_type("text/plain".into())
+            .with_headers(headers)
+            .with_delivery_mode(1)
+            .with_priority(34)
+            .with_expiration("60000".into())
+            .with_timestamp(2021)
+            .with_user_id("AIDACKCEVSQ6C2EXAMPLE".into());
+        let body = br#"{"timeout":0,"data":"CZrmf0Gw8Ov4bqLQxD4E"}"#;
+        let v: Value = serde_json::from_str(&rabbit_fragment(&props, false, body)).unwrap();
+        let bp = &v["basicProperties"];
+        assert_eq!(bp["contentType"], "text/plain");
+        assert_eq!(bp["contentEncoding"], Value::Null);
+        assert_eq!(
+            bp["headers"]["header1"]["bytes"],
+            json!([118, 97, 108, 117, 101, 49])
+        );
+        assert_eq!(bp["headers"]["accent"]["bytes"], json!([-61, -85]));
+        assert_eq!(bp["headers"]["numberInHeader"], 10);
+        assert_eq!(bp["deliveryMode"], 1);
+        assert_eq!(bp["priority"], 34);
+        assert_eq!(bp["messageId"], Value::Null);
+        assert_eq!(bp["timestamp"], "Jan 1, 1970, 12:33:41 AM");
+        assert_eq!(bp["type"], Value::Null);
+        assert_eq!(bp["bodySize"], body.len());
+        assert_eq!(v["redelivered"], false);
+        assert_eq!(
+            v["data"],
+            "eyJ0aW1lb3V0IjowLCJkYXRhIjoiQ1pybWYwR3c4T3Y0YnFMUXhENEUifQ=="
+        );
+        // Every key of AWS's own example is present, no more and no fewer.
+        let keys: Vec<_> = bp.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys.len(), 15, "{keys:?}");
+    }
+
+    #[test]
+    fn envelope_parses_as_aws_lambda_events_type() {
+        let props = lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_priority(0)
+            .with_message_id("m-1".into());
+        let r = Record {
+            fragment: rabbit_fragment(&props, true, b"hello").into(),
+            id: Some("m-1".into()),
+            position: 1,
+            received: tokio::time::Instant::now(),
+            received_at: SystemTime::now(),
+            ack: crate::record::Ack::None,
+        };
+        let env = Envelope::Rabbit {
+            event_source_arn: "arn:aws:mq:us-east-1:000000000000:broker:b".into(),
+            queue: "orders".into(),
+            vhost: "/".into(),
+        };
+        let bytes = env.render([&r, &r]);
+        let e: aws_lambda_events::event::rabbitmq::RabbitMqEvent =
+            serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(e.event_source.as_deref(), Some("aws:rmq"));
+        let msgs = &e.messages_by_queue["orders::/"];
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(msgs[0].basic_properties.message_id.as_deref(), Some("m-1"));
+        assert!(msgs[0].redelivered);
+        assert_eq!(env.overhead(), env.render(std::iter::empty()).len());
+    }
+}

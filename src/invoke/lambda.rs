@@ -1,0 +1,261 @@
+//! Lambda's Invoke API through aws-sdk-lambda, and what each outcome means to a mapping.
+//!
+//! One owner of retries: the SDK's own retries are turned off for this client, so every
+//! attempt the gateway counts is one HTTP request, and throttles and transient errors are
+//! retried by the pipeline with the mapping's backoff (without spending its retry budget).
+
+use std::time::Duration;
+
+use aws_sdk_lambda::Client;
+use aws_sdk_lambda::config::http::HttpResponse;
+use aws_sdk_lambda::error::SdkError;
+use aws_sdk_lambda::primitives::Blob;
+use aws_sdk_lambda::types::InvocationType;
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+
+use crate::config::AwsConfig;
+
+/// Builds the SDK configuration shared by every AWS client of the process.
+pub async fn sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build(),
+        );
+    if let Some(region) = &aws.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(profile) = &aws.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(url) = &aws.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    let base = loader.load().await;
+    let base = if base.region().is_none() {
+        base.into_builder()
+            .region(aws_config::Region::from_static("us-east-1"))
+            .build()
+    } else {
+        base
+    };
+    match &aws.assume_role_arn {
+        None => base,
+        Some(arn) => {
+            let provider = aws_config::sts::AssumeRoleProvider::builder(arn)
+                .session_name("esm-gateway")
+                .configure(&base)
+                .build()
+                .await;
+            base.into_builder()
+                .credentials_provider(aws_sdk_lambda::config::SharedCredentialsProvider::new(
+                    provider,
+                ))
+                .build()
+        }
+    }
+}
+
+/// A validated function reference: a name, `name:qualifier`, or a full or partial ARN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionRef(String);
+
+impl FunctionRef {
+    pub fn parse(s: &str) -> Result<FunctionRef, String> {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || "-_:.$".contains(c);
+        if s.is_empty() {
+            return Err("the function name is empty".into());
+        }
+        if s.len() > 170 {
+            return Err(format!("{s:?} is longer than 170 characters"));
+        }
+        if let Some(bad) = s.chars().find(|&c| !ok_char(c)) {
+            return Err(format!(
+                "{s:?} contains {bad:?}, which no function name or ARN can"
+            ));
+        }
+        let parts: Vec<&str> = s.split(':').collect();
+        let shape_ok = matches!(
+            parts.as_slice(),
+            [_] | [_, _]
+                | [
+                    "arn",
+                    "aws" | "aws-cn" | "aws-us-gov",
+                    "lambda",
+                    _,
+                    _,
+                    "function",
+                    _
+                ]
+                | [
+                    "arn",
+                    "aws" | "aws-cn" | "aws-us-gov",
+                    "lambda",
+                    _,
+                    _,
+                    "function",
+                    _,
+                    _
+                ]
+                | [_, "function", _]
+                | [_, "function", _, _]
+        );
+        if !shape_ok || parts.iter().any(|p| p.is_empty()) {
+            return Err(format!(
+                "{s:?} is neither a function name, name:qualifier, nor a function ARN"
+            ));
+        }
+        Ok(FunctionRef(s.to_owned()))
+    }
+
+    /// The ARN failure records carry: the given one, or one built from the name.
+    pub fn arn(&self, region: &str, account: &str) -> String {
+        let parts: Vec<&str> = self.0.split(':').collect();
+        match parts.as_slice() {
+            ["arn", ..] => self.0.clone(),
+            [acct, "function", rest @ ..] => {
+                format!("arn:aws:lambda:{region}:{acct}:function:{}", rest.join(":"))
+            }
+            _ => format!("arn:aws:lambda:{region}:{account}:function:{}", self.0),
+        }
+    }
+}
+
+/// What an Invoke returned (HTTP 200 or 202): the function ran, well or not.
+#[derive(Debug)]
+pub struct Response {
+    pub status: i32,
+    /// `X-Amz-Function-Error`: "Handled" or "Unhandled" when the function failed.
+    pub function_error: Option<String>,
+    pub executed_version: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+/// Why an Invoke did not reach or run the function. Each class answers one question:
+/// does retrying spend the batch's retry budget (none does), and is the mapping broken?
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// 429: Lambda throttled us. Retried with backoff, free of charge.
+    #[error("function {function} throttled the invoke: {message}")]
+    Throttled { function: String, message: String },
+    /// 5xx, timeouts, connection errors. Retried with backoff, free of charge.
+    #[error("invoke of {function} failed transiently: {message}")]
+    Transient { function: String, message: String },
+    /// 413: the event is too large; the batch is split, or a lone record parked.
+    #[error("function {function} refused the event as too large ({bytes} bytes)")]
+    TooLarge { function: String, bytes: usize },
+    /// 4xx other than the above: missing function, denied permission, bad credentials.
+    /// The mapping is marked failed and keeps retrying slowly; nothing is acked.
+    #[error("cannot invoke function {function}: {message}")]
+    Fatal { function: String, message: String },
+}
+
+/// Invokes one function synchronously (RequestResponse).
+#[derive(Clone, Debug)]
+pub struct Invoker {
+    client: Client,
+    function: String,
+}
+
+impl Invoker {
+    pub fn new(sdk: &aws_config::SdkConfig, function: &str) -> Invoker {
+        Invoker {
+            client: Client::new(sdk),
+            function: function.to_owned(),
+        }
+    }
+
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+
+    pub async fn invoke(&self, event: Vec<u8>) -> Result<Response, InvokeError> {
+        let bytes = event.len();
+        let result = self
+            .client
+            .invoke()
+            .function_name(&self.function)
+            .invocation_type(InvocationType::RequestResponse)
+            .payload(Blob::new(event))
+            .send()
+            .await;
+        match result {
+            Ok(out) => Ok(Response {
+                status: out.status_code(),
+                function_error: out.function_error().map(str::to_owned),
+                executed_version: out.executed_version().map(str::to_owned),
+                payload: out
+                    .payload()
+                    .map(|b| b.as_ref().to_vec())
+                    .unwrap_or_default(),
+            }),
+            Err(e) => Err(self.classify(e, bytes)),
+        }
+    }
+
+    fn classify(
+        &self,
+        e: SdkError<aws_sdk_lambda::operation::invoke::InvokeError, HttpResponse>,
+        bytes: usize,
+    ) -> InvokeError {
+        let function = self.function.clone();
+        let status = e.raw_response().map(|r| r.status().as_u16());
+        let message = aws_smithy_types::error::display::DisplayErrorContext(&e).to_string();
+        match (&e, status) {
+            (_, Some(429)) => InvokeError::Throttled { function, message },
+            (_, Some(413)) => InvokeError::TooLarge { function, bytes },
+            (_, Some(s)) if s >= 500 => InvokeError::Transient { function, message },
+            // A function being updated answers 409: it will be ready shortly.
+            (_, Some(409)) => InvokeError::Transient { function, message },
+            (_, Some(_)) => InvokeError::Fatal { function, message },
+            (SdkError::ConstructionFailure(_), None) => InvokeError::Fatal { function, message },
+            (_, None) => InvokeError::Transient { function, message },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_references() {
+        for ok in [
+            "my-function",
+            "my-function:live",
+            "my-function:$LATEST",
+            "arn:aws:lambda:eu-west-1:123456789012:function:f",
+            "arn:aws:lambda:eu-west-1:123456789012:function:f:3",
+            "123456789012:function:f",
+        ] {
+            assert!(FunctionRef::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a:b:c",
+            "arn:aws:s3:::bucket",
+            "f:",
+            "x".repeat(171).as_str(),
+        ] {
+            assert!(FunctionRef::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn arns_are_derived_from_names() {
+        let f = FunctionRef::parse("orders:live").unwrap();
+        assert_eq!(
+            f.arn("us-east-1", "000000000000"),
+            "arn:aws:lambda:us-east-1:000000000000:function:orders:live"
+        );
+        let f = FunctionRef::parse("123456789012:function:f").unwrap();
+        assert_eq!(
+            f.arn("eu-west-1", "000000000000"),
+            "arn:aws:lambda:eu-west-1:123456789012:function:f"
+        );
+    }
+}

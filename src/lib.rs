@@ -1,0 +1,30 @@
+//! esm-gateway: AWS Lambda event source mappings for brokers AWS cannot reach.
+//!
+//! # Layout
+//!
+//! Data flows one way, and the modules follow it:
+//!
+//! ```text
+//! source (rabbitmq)                       source/
+//!    -> Record { event element, id, position, ack handle }   record.rs
+//!    -> batcher (size / bytes / window)   pipeline/batcher.rs
+//!    -> one batch in flight per queue     source/ (the source owns ordering)
+//!    -> deliver: invoke, retry, bisect    pipeline/retry.rs
+//!         -> Lambda Invoke, AWS event     invoke/lambda.rs, invoke/event.rs
+//!    -> ack | on-failure destination      destination/
+//! ```
+//!
+//! - `config`: the TOML model, defaults and validation (shared by `run` and `validate`).
+//! - `runtime`: one task tree per mapping; shutdown with a grace period.
+//! - `status`: each mapping's observable state (running, failed and why).
+//! - `telemetry`: logging setup and the catalogue of metrics.
+
+pub mod config;
+pub mod destination;
+pub mod invoke;
+pub mod pipeline;
+pub mod record;
+pub mod runtime;
+pub mod source;
+pub mod status;
+pub mod telemetry;

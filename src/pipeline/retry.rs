@@ -1,0 +1,539 @@
+//! Delivers one batch with AWS's failure semantics and returns how each record ended.
+//!
+//! The batch is a queue of pieces, worked front to back so that order is kept: a piece
+//! is invoked; on success its records are delivered; on a function error it is retried
+//! after a backoff (spending one retry) or, with bisection, split in two (free); with a
+//! partial batch response only the reported records are retried. Throttles, transient
+//! errors and a broken mapping (missing function, denied permission) are retried without
+//! spending retries. When retries or record age run out, or a lone record is too large,
+//! the piece is parked in the on-failure destination. Nothing else leaves the queue:
+//! `deliver` returns when every record is resolved, or on shutdown with the rest
+//! unresolved (the source then leaves them to the broker).
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::destination::{Condition, Destination, Failure};
+use crate::invoke::event::Envelope;
+use crate::invoke::lambda::{InvokeError, Invoker, Response};
+use crate::record::{Record, Resolution};
+use crate::status::MappingStatus;
+
+/// A mapping's retry settings, resolved from its configuration.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Retries after the first attempt; None is forever.
+    pub retries: Option<u32>,
+    pub max_age: Option<Duration>,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub bisect: bool,
+    pub report_item_failures: bool,
+    /// Largest event the function accepts.
+    pub max_payload: usize,
+}
+
+impl Policy {
+    /// `min * 2^(n-1)` capped at max, with equal jitter (half fixed, half random) so
+    /// that replicas retrying the same failure do not stay in step.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let exp = self
+            .backoff_min
+            .saturating_mul(1u32 << n.saturating_sub(1).min(20));
+        let d = exp.min(self.backoff_max);
+        let half = d / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+}
+
+/// How a batch ended: resolved records, and those left unresolved by a shutdown.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub resolved: Vec<(Record, Resolution)>,
+    pub unresolved: Vec<Record>,
+}
+
+/// Everything needed to deliver a mapping's batches.
+pub struct Deliverer {
+    pub mapping: Arc<MappingStatus>,
+    pub invoker: Invoker,
+    pub function_arn: String,
+    pub envelope: Envelope,
+    pub policy: Policy,
+    pub destination: Option<Destination>,
+}
+
+/// Part of a batch still to deliver, with the invokes already spent on its records.
+struct Piece {
+    records: Vec<Record>,
+    /// Failed invokes counted against the retry budget.
+    failures: u32,
+    /// All invokes its records took part in (AWS's approximateInvokeCount).
+    invokes: u32,
+}
+
+enum Step {
+    Done,
+    /// Retry the piece (or what is left of it) after this long.
+    Retry(Piece, Duration),
+    /// Replace the piece by these, worked in order, at once.
+    Split(Piece, Piece),
+    Park(Piece, Condition, Option<Response>, String),
+}
+
+impl Deliverer {
+    pub async fn deliver(&self, batch: Vec<Record>, shutdown: &CancellationToken) -> Outcome {
+        let mut out = Outcome::default();
+        let mut work = VecDeque::from([Piece {
+            records: batch,
+            failures: 0,
+            invokes: 0,
+        }]);
+        // Consecutive failures that spend no retries (throttles, transient, fatal), for
+        // their own backoff.
+        let mut free_failures = 0u32;
+        while let Some(piece) = work.pop_front() {
+            let piece = match self.park_expired(piece, &mut out, shutdown).await {
+                Ok(Some(p)) => p,
+                Ok(None) => continue,
+                Err(p) => {
+                    out.unresolved.extend(p.records);
+                    break;
+                }
+            };
+            let step = self.attempt(piece, &mut out, &mut free_failures).await;
+            match step {
+                Step::Done => {}
+                Step::Split(a, b) => {
+                    work.push_front(b);
+                    work.push_front(a);
+                }
+                Step::Retry(piece, delay) => {
+                    metrics::counter!("esm_gateway_retries_total", "mapping" => self.mapping.name.clone())
+                        .increment(1);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => work.push_front(piece),
+                        () = shutdown.cancelled() => {
+                            out.unresolved.extend(piece.records);
+                            break;
+                        }
+                    }
+                }
+                Step::Park(piece, condition, response, error) => {
+                    if let Err(p) = self
+                        .park(
+                            piece,
+                            condition,
+                            response.as_ref(),
+                            &error,
+                            &mut out,
+                            shutdown,
+                        )
+                        .await
+                    {
+                        out.unresolved.extend(p.records);
+                        break;
+                    }
+                }
+            }
+        }
+        // What the shutdown left behind.
+        for piece in work {
+            out.unresolved.extend(piece.records);
+        }
+        out
+    }
+
+    /// Parks the records of `piece` that are older than max_record_age (a prefix: they
+    /// arrived in order) and returns the rest.
+    async fn park_expired(
+        &self,
+        mut piece: Piece,
+        out: &mut Outcome,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Piece>, Piece> {
+        let Some(max_age) = self.policy.max_age else {
+            return Ok(Some(piece));
+        };
+        let expired = piece
+            .records
+            .iter()
+            .take_while(|r| r.received.elapsed() > max_age)
+            .count();
+        if expired == 0 {
+            return Ok(Some(piece));
+        }
+        let rest = piece.records.split_off(expired);
+        let old = Piece {
+            records: std::mem::replace(&mut piece.records, rest),
+            ..piece
+        };
+        let error = format!("records older than {}", humantime::format_duration(max_age));
+        self.park(
+            old,
+            Condition::RecordAgeExceeded,
+            None,
+            &error,
+            out,
+            shutdown,
+        )
+        .await?;
+        Ok((!piece.records.is_empty()).then_some(piece))
+    }
+
+    async fn attempt(&self, mut piece: Piece, out: &mut Outcome, free_failures: &mut u32) -> Step {
+        let event = self.envelope.render(&piece.records);
+        let name = &self.mapping.name;
+        let n = piece.records.len();
+        let result = if event.len() > self.policy.max_payload {
+            Err(InvokeError::TooLarge {
+                function: self.invoker.function().to_owned(),
+                bytes: event.len(),
+            })
+        } else {
+            piece.invokes += 1;
+            metrics::histogram!("esm_gateway_batch_records", "mapping" => name.clone())
+                .record(n as f64);
+            let started = tokio::time::Instant::now();
+            let r = self.invoker.invoke(event).await;
+            metrics::histogram!("esm_gateway_invoke_duration_seconds", "mapping" => name.clone())
+                .record(started.elapsed().as_secs_f64());
+            r
+        };
+        let outcome = match &result {
+            Ok(r) if r.function_error.is_some() => "function_error",
+            Ok(_) => "success",
+            Err(InvokeError::Throttled { .. }) => "throttled",
+            Err(InvokeError::Transient { .. }) => "transient_error",
+            Err(InvokeError::TooLarge { .. }) => "too_large",
+            Err(InvokeError::Fatal { .. }) => "fatal_error",
+        };
+        metrics::counter!("esm_gateway_invocations_total", "mapping" => name.clone(), "outcome" => outcome)
+            .increment(1);
+
+        let response = match result {
+            Ok(r) => r,
+            Err(InvokeError::TooLarge { bytes, .. }) => {
+                *free_failures = 0;
+                if n > 1 {
+                    tracing::debug!(mapping = %name, records = n, bytes, "event too large; splitting the batch");
+                    return split(piece);
+                }
+                let error = format!(
+                    "a single record makes an event of {bytes} bytes, above the function's limit"
+                );
+                return Step::Park(piece, Condition::MaximumPayloadSizeExceeded, None, error);
+            }
+            Err(e @ (InvokeError::Throttled { .. } | InvokeError::Transient { .. })) => {
+                *free_failures += 1;
+                tracing::warn!(mapping = %name, error = %e, "invoke failed; retrying without spending a retry");
+                self.mapping.error(&e);
+                return Step::Retry(piece, self.policy.backoff(*free_failures));
+            }
+            Err(e @ InvokeError::Fatal { .. }) => {
+                *free_failures += 1;
+                tracing::error!(mapping = %name, error = %e, "mapping failed; records stay in the source until the function can be invoked");
+                self.mapping.fail(&e);
+                return Step::Retry(
+                    piece,
+                    self.policy
+                        .backoff(*free_failures)
+                        .max(self.policy.backoff_max / 2),
+                );
+            }
+        };
+        *free_failures = 0;
+        self.mapping.success();
+
+        let failed = if let Some(kind) = &response.function_error {
+            let message = function_error_message(&response.payload);
+            tracing::warn!(mapping = %name, records = n, function_error = %kind, error = %message, "function failed on the batch");
+            None.ok_or(message)
+        } else if self.policy.report_item_failures {
+            item_failures(&response.payload, &piece.records)
+        } else {
+            Ok(Vec::new())
+        };
+        match failed {
+            Ok(failed) if failed.is_empty() => {
+                count(name, "delivered", n);
+                out.resolved.extend(
+                    piece
+                        .records
+                        .into_iter()
+                        .map(|r| (r, Resolution::Delivered)),
+                );
+                Step::Done
+            }
+            Ok(failed) => {
+                // Only the reported records are retried; the rest are delivered.
+                let failed: HashSet<usize> = failed.into_iter().collect();
+                let mut retry = Vec::with_capacity(failed.len());
+                for (i, r) in piece.records.into_iter().enumerate() {
+                    if failed.contains(&i) {
+                        retry.push(r);
+                    } else {
+                        count(name, "delivered", 1);
+                        out.resolved.push((r, Resolution::Delivered));
+                    }
+                }
+                piece.records = retry;
+                let error = format!(
+                    "the function reported {} failed item(s)",
+                    piece.records.len()
+                );
+                self.retry_or_park(piece, Some(response), error, false)
+            }
+            Err(error) => self.retry_or_park(piece, Some(response), error, self.policy.bisect),
+        }
+    }
+
+    /// A piece the function failed on: split it (free), retry it (one retry spent), or
+    /// park it when retries are exhausted.
+    fn retry_or_park(
+        &self,
+        mut piece: Piece,
+        response: Option<Response>,
+        error: String,
+        bisect: bool,
+    ) -> Step {
+        if bisect && piece.records.len() > 1 {
+            return split(piece);
+        }
+        piece.failures += 1;
+        match self.policy.retries {
+            Some(max) if piece.failures > max => {
+                Step::Park(piece, Condition::RetryAttemptsExhausted, response, error)
+            }
+            _ => {
+                self.mapping.error(&error);
+                let delay = self.policy.backoff(piece.failures);
+                Step::Retry(piece, delay)
+            }
+        }
+    }
+
+    /// Writes the failure record, retrying the destination until it confirms; Err gives
+    /// the piece back unresolved when shutdown comes first.
+    async fn park(
+        &self,
+        piece: Piece,
+        condition: Condition,
+        response: Option<&Response>,
+        error: &str,
+        out: &mut Outcome,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Piece> {
+        let name = &self.mapping.name;
+        let Some(destination) = &self.destination else {
+            // Only a record too large for any invoke gets here (configuration requires a
+            // destination for limited retries): keep it in the source and say why.
+            let e = format!(
+                "{error}; no on_failure destination is configured, so it stays in the source"
+            );
+            tracing::error!(mapping = %name, condition = condition.as_str(), "{e}");
+            self.mapping.fail(e);
+            tokio::select! {
+                () = tokio::time::sleep(self.policy.backoff_max) => {}
+                () = shutdown.cancelled() => {}
+            }
+            return Err(piece);
+        };
+        let record = Failure {
+            function_arn: &self.function_arn,
+            condition,
+            invoke_count: piece.invokes,
+            response,
+            error: Some(error),
+            envelope: &self.envelope,
+            records: &piece.records,
+        }
+        .render();
+        let mut tries = 0;
+        loop {
+            match destination.write(&record).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tries += 1;
+                    tracing::error!(mapping = %name, error = %e, "on-failure destination unavailable; the mapping waits for it");
+                    self.mapping.fail(&e);
+                    tokio::select! {
+                        () = tokio::time::sleep(self.policy.backoff(tries)) => {}
+                        () = shutdown.cancelled() => return Err(piece),
+                    }
+                }
+            }
+        }
+        tracing::warn!(mapping = %name, condition = condition.as_str(), records = piece.records.len(),
+            destination = destination.kind(), "records parked in the on-failure destination");
+        count(name, "dead_lettered", piece.records.len());
+        out.resolved.extend(
+            piece
+                .records
+                .into_iter()
+                .map(|r| (r, Resolution::DeadLettered)),
+        );
+        Ok(())
+    }
+}
+
+fn count(mapping: &str, outcome: &'static str, n: usize) {
+    metrics::counter!("esm_gateway_records_total", "mapping" => mapping.to_owned(), "outcome" => outcome)
+        .increment(n as u64);
+}
+
+fn split(mut piece: Piece) -> Step {
+    let back = piece.records.split_off(piece.records.len() / 2);
+    let second = Piece {
+        records: back,
+        failures: piece.failures,
+        invokes: piece.invokes,
+    };
+    Step::Split(piece, second)
+}
+
+/// The `errorType: errorMessage` of a function error body, or the body itself.
+fn function_error_message(body: &[u8]) -> String {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) if v.get("errorMessage").is_some() => format!(
+            "{}: {}",
+            v["errorType"].as_str().unwrap_or("Error"),
+            v["errorMessage"].as_str().unwrap_or_default()
+        ),
+        _ => String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+    }
+}
+
+/// The indexes (into `records`) a partial batch response names. An item identifier is
+/// a record's message id (a JSON string) or its position in the event (a JSON number).
+/// AWS's rules: an empty body, null, or an empty or missing list is full success;
+/// invalid JSON or an empty, null or unknown identifier is full failure (Err).
+fn item_failures(body: &[u8], records: &[Record]) -> Result<Vec<usize>, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("the function's partial batch response is not JSON: {e}"))?;
+    let items = match v.get("batchItemFailures") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(other) => return Err(format!("batchItemFailures is not a list: {other}")),
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let id = item.get("itemIdentifier").unwrap_or(&Value::Null);
+        let index = match id {
+            Value::String(s) if !s.is_empty() => records
+                .iter()
+                .position(|r| r.id.as_deref() == Some(s.as_str())),
+            Value::Number(n) => n
+                .as_u64()
+                .map(|i| i as usize)
+                .filter(|&i| i < records.len()),
+            _ => None,
+        };
+        match index {
+            Some(i) => out.push(i),
+            None => return Err(format!("batchItemFailures names an unknown item: {item}")),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Ack;
+
+    fn recs(ids: &[&str]) -> Vec<Record> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| Record {
+                fragment: "{}".into(),
+                id: (!id.is_empty()).then(|| (*id).into()),
+                position: i as u64,
+                received: tokio::time::Instant::now(),
+                received_at: std::time::SystemTime::now(),
+                ack: Ack::None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn partial_batch_responses_follow_aws_rules() {
+        let r = recs(&["a", "b", "", "d"]);
+        for ok in [
+            "",
+            "  ",
+            "null",
+            "{}",
+            r#"{"batchItemFailures":[]}"#,
+            r#"{"batchItemFailures":null}"#,
+            "\"done\"",
+        ] {
+            assert_eq!(item_failures(ok.as_bytes(), &r), Ok(vec![]), "{ok}");
+        }
+        assert_eq!(
+            item_failures(
+                br#"{"batchItemFailures":[{"itemIdentifier":"d"},{"itemIdentifier":2}]}"#,
+                &r
+            ),
+            Ok(vec![3, 2])
+        );
+        for bad in [
+            "{not json",
+            r#"{"batchItemFailures":[{"itemIdentifier":""}]}"#,
+            r#"{"batchItemFailures":[{"itemIdentifier":null}]}"#,
+            r#"{"batchItemFailures":[{"itemIdentifier":"zz"}]}"#,
+            r#"{"batchItemFailures":[{"itemIdentifier":4}]}"#,
+            r#"{"batchItemFailures":[{"id":"a"}]}"#,
+            r#"{"batchItemFailures":"a"}"#,
+        ] {
+            assert!(item_failures(bad.as_bytes(), &r).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn function_errors_are_summarised() {
+        assert_eq!(
+            function_error_message(
+                br#"{"errorMessage":"boom","errorType":"ValueError","stackTrace":[]}"#
+            ),
+            "ValueError: boom"
+        );
+        assert_eq!(function_error_message(b"plain"), "plain");
+    }
+
+    #[test]
+    fn backoff_doubles_within_bounds() {
+        let p = Policy {
+            retries: None,
+            max_age: None,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            bisect: false,
+            report_item_failures: false,
+            max_payload: 1,
+        };
+        for (n, full) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1000),
+            (40, 1000),
+        ] {
+            let d = p.backoff(n).as_millis() as u64;
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {n}: {d}ms not in [{}, {full}]",
+                full / 2
+            );
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! What flows from a source through the pipeline: a [`Record`] and how it ends.
+//!
+//! A record is rendered into its element of the AWS event once, when it arrives, so the
+//! batcher can count bytes exactly and a retry or a bisection re-renders nothing but the
+//! envelope. Every record ends with one [`Resolution`]; a source acknowledges it only
+//! then, and a record dropped unresolved is left to the broker to redeliver.
+
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+
+/// One message from a source.
+#[derive(Debug)]
+pub struct Record {
+    /// This record's element of the function event, as JSON text.
+    pub fragment: Box<str>,
+    /// What a partial batch response names it by (message id), when it has one.
+    pub id: Option<Box<str>>,
+    /// Position in its stream (delivery tag, offset); used in failure records.
+    pub position: u64,
+    /// When the gateway received it: the clock max_record_age runs on.
+    pub received: Instant,
+    /// The same moment on the wall clock, for failure records.
+    pub received_at: SystemTime,
+    /// How the source acknowledges it.
+    pub ack: Ack,
+}
+
+/// The source's handle for acknowledging one record.
+#[derive(Debug)]
+pub enum Ack {
+    /// A RabbitMQ delivery on the channel it arrived on.
+    Rabbit(lapin::Acker),
+    /// Acknowledged by position alone (and records built by tests).
+    None,
+}
+
+impl Record {
+    /// Bytes the record adds to an event: its fragment and a separating comma.
+    pub fn weight(&self) -> usize {
+        self.fragment.len() + 1
+    }
+}
+
+/// How a record ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// The function succeeded on it.
+    Delivered,
+    /// Its failure record is confirmed in the on-failure destination.
+    DeadLettered,
+}

@@ -1,0 +1,134 @@
+//! Starts one task tree per enabled mapping and owns shutdown.
+//!
+//! Shutdown is a cancellation token: sources stop taking new batches, the batch in
+//! flight finishes (or is abandoned unacknowledged if it is still retrying), what
+//! finished is acknowledged, and the process exits. Past the grace period the remaining
+//! tasks are dropped, with nothing acknowledged that was not delivered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{Config, Mapping, Source};
+use crate::destination::Destination;
+use crate::invoke::event::Envelope;
+use crate::invoke::lambda::{FunctionRef, Invoker};
+use crate::pipeline::retry::{Deliverer, Policy};
+use crate::status::{MappingStatus, State};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "shutdown grace period of {0:?} expired with batches still in flight; they were not acknowledged and the broker will redeliver them"
+    )]
+    GraceExpired(Duration),
+    #[error("mapping task {0} panicked")]
+    Panicked(String),
+}
+
+/// Runs every enabled mapping of `config` until `shutdown` is cancelled.
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<Vec<Arc<MappingStatus>>, RuntimeError> {
+    let sdk = crate::invoke::lambda::sdk_config(&config.aws).await;
+    let region = sdk
+        .region()
+        .map_or_else(|| "us-east-1".to_owned(), ToString::to_string);
+    let mut tasks = JoinSet::new();
+    let mut statuses = Vec::new();
+    let account = config.account_id().to_owned();
+    for mapping in config.mappings {
+        let status = Arc::new(MappingStatus::new(&mapping.name));
+        statuses.push(status.clone());
+        if !mapping.enabled {
+            status.set(State::Disabled);
+            tracing::info!(mapping = %mapping.name, "mapping disabled");
+            continue;
+        }
+        let deliverer = deliverer(&mapping, &sdk, &region, &account, status);
+        let token = shutdown.clone();
+        let span =
+            tracing::info_span!("mapping", name = %mapping.name, source = mapping.source.kind());
+        tasks.spawn(run_mapping(mapping, deliverer, token).instrument(span));
+    }
+    tracing::info!(mappings = tasks.len(), "gateway running");
+    shutdown.cancelled().await;
+    tracing::info!(grace = ?config.gateway.shutdown_grace, "shutting down");
+    let drain = async {
+        while let Some(r) = tasks.join_next().await {
+            if let Err(e) = r {
+                return Err(RuntimeError::Panicked(e.to_string()));
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(config.gateway.shutdown_grace, drain).await {
+        Ok(r) => r.map(|()| statuses),
+        Err(_) => Err(RuntimeError::GraceExpired(config.gateway.shutdown_grace)),
+    }
+}
+
+fn deliverer(
+    mapping: &Mapping,
+    sdk: &aws_config::SdkConfig,
+    region: &str,
+    account: &str,
+    status: Arc<MappingStatus>,
+) -> Arc<Deliverer> {
+    let function = FunctionRef::parse(&mapping.function).expect("validated at load");
+    let envelope = match &mapping.source {
+        Source::Rabbitmq(s) => {
+            let (vhost, event_source_arn) =
+                crate::source::rabbitmq::vhost_and_arn(s, region, account);
+            Envelope::Rabbit {
+                event_source_arn,
+                queue: s.queue.clone(),
+                vhost,
+            }
+        }
+    };
+    let r = &mapping.retry;
+    Arc::new(Deliverer {
+        mapping: status,
+        invoker: Invoker::new(sdk, &mapping.function),
+        function_arn: function.arn(region, account),
+        envelope,
+        policy: Policy {
+            retries: mapping.retries(),
+            max_age: r.max_record_age.map(|a| a.0),
+            backoff_min: r.backoff_min,
+            backoff_max: r.backoff_max,
+            bisect: r.bisect_on_error,
+            report_item_failures: mapping.report_batch_item_failures,
+            max_payload: mapping.batch.max_bytes(),
+        },
+        destination: mapping
+            .on_failure
+            .as_ref()
+            .map(|d| Destination::new(d, &mapping.name)),
+    })
+}
+
+async fn run_mapping(mapping: Mapping, deliverer: Arc<Deliverer>, shutdown: CancellationToken) {
+    let max_bytes = mapping
+        .batch
+        .max_bytes()
+        .saturating_sub(deliverer.envelope.overhead());
+    match &mapping.source {
+        Source::Rabbitmq(s) => {
+            crate::source::rabbitmq::run(
+                s,
+                mapping.batch.size(),
+                mapping.batch.window(),
+                max_bytes,
+                deliverer,
+                shutdown,
+            )
+            .await
+        }
+    }
+}

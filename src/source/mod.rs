@@ -1,0 +1,5 @@
+//! Sources: where records come from. Each turns its broker's messages into
+//! [`Record`](crate::record::Record)s, runs them through the pipeline in its ordering
+//! unit (queue, partition, message group) and acknowledges what the pipeline resolved.
+
+pub mod rabbitmq;

@@ -1,0 +1,283 @@
+//! The RabbitMQ source: one queue drained in order into a function.
+//!
+//! Ordering: at most one batch is in flight per queue; the next batch waits (already
+//! prefetched) until every record of the current one is delivered or parked, and only
+//! then is the batch acknowledged, with one `multiple` ack of its last delivery tag.
+//! A dropped connection or channel ends the session: unacknowledged deliveries go back
+//! to the queue (`redelivered = true`) and the source reconnects with backoff. The only
+//! duplicates are therefore the batch that was in flight.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{RabbitSource, SecretUrl};
+use crate::pipeline::batcher::Batcher;
+use crate::pipeline::retry::{Deliverer, Outcome};
+use crate::record::{Ack, Record};
+use crate::status::State;
+
+/// Opens a connection, with a custom CA when `ca_file` is given. Errors never carry the
+/// password.
+pub async fn connect(
+    url: &SecretUrl,
+    ca_file: Option<&Path>,
+    name: &str,
+) -> Result<Connection, String> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let tls = match ca_file {
+        None => lapin::tcp::OwnedTLSConfig::default(),
+        Some(path) => lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain: Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?,
+            ),
+        },
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+    Connection::connect_with_config(url.expose(), props, tls, runtime)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot connect to {url}: {}",
+                e.to_string().replace(url.expose(), &url.to_string())
+            )
+        })
+}
+
+/// Why a session with the broker ended (other than shutdown).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Connect(String),
+    #[error("queue {queue:?} in vhost {vhost:?}: {message}")]
+    Queue {
+        queue: String,
+        vhost: String,
+        message: String,
+    },
+    #[error("the consumer of queue {0:?} stopped (connection or channel closed); reconnecting")]
+    ConsumerEnded(String),
+    #[error("acknowledging on queue {queue:?} failed, the broker will redeliver: {message}")]
+    Ack { queue: String, message: String },
+}
+
+/// The `rmqMessagesByQueue` vhost and the default ARN for a source.
+pub fn vhost_and_arn(source: &RabbitSource, region: &str, account: &str) -> (String, String) {
+    let uri = source.url.amqp().ok();
+    let vhost = uri
+        .as_ref()
+        .map_or_else(|| "/".to_owned(), |u| u.vhost.clone());
+    let arn = source.event_source_arn.clone().unwrap_or_else(|| {
+        let host = uri
+            .as_ref()
+            .map_or("unknown", |u| u.authority.host.as_str());
+        let port = uri.as_ref().map_or(5672, |u| u.authority.port);
+        format!("arn:aws:mq:{region}:{account}:broker:{host}:{port}")
+    });
+    (vhost, arn)
+}
+
+/// Runs the source until `shutdown`, reconnecting after every broken session.
+pub async fn run(
+    source: &RabbitSource,
+    batch_size: usize,
+    window: Duration,
+    max_bytes: usize,
+    deliverer: Arc<Deliverer>,
+    shutdown: CancellationToken,
+) {
+    let status = deliverer.mapping.clone();
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let started = tokio::time::Instant::now();
+        let result = session(source, batch_size, window, max_bytes, &deliverer, &shutdown).await;
+        let Err(e) = result else { break };
+        if started.elapsed() > Duration::from_secs(30) {
+            failures = 0;
+        }
+        failures += 1;
+        let delay =
+            Duration::from_millis(250 * (1 << failures.min(7))).min(Duration::from_secs(30));
+        tracing::warn!(mapping = %status.name, error = %e, retry_in = ?delay, "RabbitMQ session ended");
+        match e {
+            SessionError::Connect(_) | SessionError::Queue { .. } => status.fail(&e),
+            _ => status.error(&e),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => {}
+        }
+    }
+}
+
+async fn session(
+    source: &RabbitSource,
+    batch_size: usize,
+    window: Duration,
+    max_bytes: usize,
+    deliverer: &Deliverer,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let status = &deliverer.mapping;
+    let queue = source.queue.as_str();
+    let vhost = source.url.amqp().map(|u| u.vhost).unwrap_or_default();
+    let queue_error = |e: lapin::Error| SessionError::Queue {
+        queue: queue.to_owned(),
+        vhost: vhost.clone(),
+        message: e.to_string(),
+    };
+    let conn = connect(
+        &source.url,
+        source.ca_file.as_deref(),
+        &format!("esm-gateway {}", status.name),
+    )
+    .await
+    .map_err(SessionError::Connect)?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| SessionError::Connect(e.to_string()))?;
+    let prefetch = source
+        .prefetch
+        .unwrap_or_else(|| (batch_size * 2).clamp(100, 65_535) as u16);
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(queue_error)?;
+    let mut args = FieldTable::default();
+    if source.single_active_consumer {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    let options = QueueDeclareOptions {
+        passive: !source.declare,
+        durable: source.declare,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.into(), options, args)
+        .await
+        .map_err(queue_error)?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            format!("esm-gateway-{}", status.name).as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(queue_error)?;
+    status.set(State::Running);
+    tracing::info!(mapping = %status.name, queue, vhost, prefetch, "consuming");
+
+    // The reader renders each delivery into its event element while the previous batch
+    // is being invoked; the channel's bound is the prefetch, so it never blocks the
+    // connection for long.
+    let (tx, rx) = mpsc::channel(prefetch as usize);
+    let name = status.name.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(delivery) = consumer.next().await {
+            let d = match delivery {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(mapping = %name, error = %e, "consumer error");
+                    break;
+                }
+            };
+            let record = Record {
+                fragment: crate::invoke::event::rabbit_fragment(
+                    &d.properties,
+                    d.redelivered,
+                    &d.data,
+                )
+                .into_boxed_str(),
+                id: d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.as_str().into()),
+                position: d.delivery_tag,
+                received: tokio::time::Instant::now(),
+                received_at: SystemTime::now(),
+                ack: Ack::Rabbit(d.acker),
+            };
+            if tx.send(record).await.is_err() {
+                break;
+            }
+        }
+    });
+    let _reader_guard = AbortOnDrop(reader);
+
+    let mut batcher = Batcher::new(rx, batch_size, window, max_bytes);
+    loop {
+        // Shutdown first: a batch not yet started is left to the broker.
+        let batch = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(()),
+            b = batcher.next() => b,
+        };
+        let Some(batch) = batch else {
+            return Err(SessionError::ConsumerEnded(queue.to_owned()));
+        };
+        let outcome = deliverer.deliver(batch, shutdown).await;
+        let stopped = !outcome.unresolved.is_empty();
+        acknowledge(outcome)
+            .await
+            .map_err(|message| SessionError::Ack {
+                queue: queue.to_owned(),
+                message,
+            })?;
+        if stopped {
+            return Ok(());
+        }
+    }
+}
+
+/// Acks every resolved record: with one `multiple` ack of the highest tag when the whole
+/// batch is resolved (every earlier delivery on the channel is resolved too, since batches
+/// run one at a time), one by one otherwise. Unresolved records are left unacked.
+async fn acknowledge(outcome: Outcome) -> Result<(), String> {
+    let ackers: Vec<(u64, lapin::Acker)> = outcome
+        .resolved
+        .into_iter()
+        .filter_map(|(r, _)| match r.ack {
+            Ack::Rabbit(a) => Some((r.position, a)),
+            Ack::None => None,
+        })
+        .collect();
+    let ack = |a: lapin::Acker, multiple: bool| async move {
+        match a.ack(BasicAckOptions { multiple }).await {
+            Ok(true) => Ok(()),
+            // The channel was closed or recovered since the delivery: the broker redelivers.
+            Ok(false) => Err("the channel that delivered the batch is gone".to_owned()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    if outcome.unresolved.is_empty() {
+        if let Some((_, last)) = ackers.into_iter().max_by_key(|(tag, _)| *tag) {
+            ack(last, true).await?;
+        }
+    } else {
+        for (_, a) in ackers {
+            ack(a, false).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Stops the reader task with the session.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
