@@ -1,0 +1,381 @@
+//! Shared harness for the integration tests: the local stack's addresses, a Python test
+//! function deployed into MiniStack, the gateway binary run as a child process, and
+//! RabbitMQ helpers. Every wait is a bounded poll for an observable event.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::Value;
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn aws_endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".into())
+}
+
+/// A name unique to this test run.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+/// Polls `check` every 50 ms until it returns Some, or panics after `timeout` with `what`.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ------------------------------------------------------------------ the function
+
+/// A deployed copy of tests/functions/recorder.py with its own log and state.
+pub struct Function {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Function {
+    /// Deploys the recorder with these extra environment variables.
+    pub async fn deploy(prefix: &str, vars: &[(&str, &str)]) -> Function {
+        let name = unique(prefix);
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = aws_sdk_lambda::types::Environment::builder()
+            .variables("LOG_FILE", dir.path().join("log.jsonl").to_str().unwrap())
+            .variables("STATE_DIR", dir.path().to_str().unwrap());
+        for (k, v) in vars {
+            env = env.variables(*k, *v);
+        }
+        lambda_client()
+            .await
+            .create_function()
+            .function_name(&name)
+            .runtime(aws_sdk_lambda::types::Runtime::Python312)
+            .role("arn:aws:iam::000000000000:role/esm-gateway-test")
+            .handler("recorder.handler")
+            .timeout(30)
+            .environment(env.build())
+            .code(
+                aws_sdk_lambda::types::FunctionCode::builder()
+                    .zip_file(recorder_zip().into())
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("create the test function in MiniStack (is `scripts/stack up` running?)");
+        Function { name, dir }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("log.jsonl")
+    }
+
+    /// One entry per invoke, in order.
+    pub fn invocations(&self) -> Vec<Invocation> {
+        let Ok(text) = std::fs::read_to_string(self.log_path()) else {
+            return Vec::new();
+        };
+        text.lines()
+            .filter(|l| l.ends_with('}'))
+            .map(|l| serde_json::from_str(l).expect("log line"))
+            .collect()
+    }
+
+    /// Bodies of successful invokes, in delivery order.
+    pub fn delivered(&self) -> Vec<String> {
+        self.invocations()
+            .into_iter()
+            .filter(|i| i.ok)
+            .flat_map(|i| {
+                let failed = i.failed.clone();
+                i.bodies
+                    .into_iter()
+                    .filter(move |b| !failed.contains(&format!("id-{b}")))
+            })
+            .collect()
+    }
+
+    /// Waits until `n` bodies were delivered successfully.
+    pub async fn wait_delivered(&self, n: usize, timeout: Duration) -> Vec<String> {
+        wait_for(&format!("{n} delivered messages"), timeout, || {
+            let d = self.delivered();
+            (d.len() >= n).then_some(d)
+        })
+        .await
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Invocation {
+    pub bodies: Vec<String>,
+    pub redelivered: Vec<bool>,
+    pub ok: bool,
+    pub failed: Vec<String>,
+    pub event: Option<Value>,
+}
+
+fn recorder_zip() -> Vec<u8> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    let mut zip = zip::ZipWriter::new(&mut buf);
+    zip.start_file("recorder.py", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    zip.write_all(include_bytes!("../functions/recorder.py"))
+        .unwrap();
+    zip.finish().unwrap();
+    buf.into_inner()
+}
+
+pub async fn lambda_client() -> aws_sdk_lambda::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(aws_endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_lambda::config::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
+        .load()
+        .await;
+    aws_sdk_lambda::Client::new(&conf)
+}
+
+// ------------------------------------------------------------------ RabbitMQ
+
+pub struct Rabbit {
+    pub conn: Connection,
+    pub channel: Channel,
+}
+
+impl Rabbit {
+    pub async fn connect() -> Rabbit {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ (is `scripts/stack up` running?)");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Rabbit { conn, channel }
+    }
+
+    /// Declares a fresh durable queue and returns its name.
+    pub async fn queue(&self, prefix: &str) -> String {
+        let name = unique(prefix);
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        name
+    }
+
+    /// Publishes persistent messages with message id `id-<body>` and waits for confirms.
+    pub async fn publish(&self, queue: &str, bodies: impl IntoIterator<Item = Vec<u8>>) {
+        for body in bodies {
+            let id = format!(
+                "id-{}",
+                String::from_utf8_lossy(&body[..body.len().min(64)])
+            );
+            self.channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_priority(0)
+                        .with_message_id(id.as_str().into()),
+                )
+                .await
+                .unwrap();
+        }
+        let returned = self.channel.wait_for_confirms().await.unwrap();
+        assert!(returned.is_empty());
+    }
+
+    /// Ready (not unacknowledged) messages in `queue`.
+    pub async fn ready(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = ch.close(200, "done".into()).await;
+        q.message_count()
+    }
+
+    pub async fn delete(&self, queue: &str) {
+        let _ = self
+            .channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+/// `msg-0000` … as bodies.
+pub fn numbered(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| format!("msg-{i:04}").into_bytes()).collect()
+}
+
+pub fn numbered_strings(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("msg-{i:04}")).collect()
+}
+
+// ------------------------------------------------------------------ the gateway
+
+/// The gateway binary running on a config file, with its stderr collected.
+pub struct Gateway {
+    child: Child,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Gateway {
+    pub fn start(config: &str) -> Gateway {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(config.as_bytes()).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_esm-gateway"))
+            .args(["run", "--config"])
+            .arg(file.path())
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("RUST_LOG", "info,esm_gateway=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start esm-gateway");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("ESM_TEST_ECHO").is_some() {
+                    eprintln!("gateway: {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Gateway {
+            child,
+            logs,
+            _config: file,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        wait_for(
+            &format!("gateway log line containing {needle:?}"),
+            timeout,
+            || self.log_contains(needle).then_some(()),
+        )
+        .await;
+    }
+
+    /// SIGKILL: no chance to acknowledge anything.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status (bounded wait).
+    pub async fn terminate(mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let child = &mut self.child;
+        wait_for(
+            "the gateway to exit after SIGTERM",
+            Duration::from_secs(60),
+            || child.try_wait().unwrap(),
+        )
+        .await
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config for one RabbitMQ mapping; `extra` goes inside the mapping, before its source
+/// table (mapping keys first, then batch, retry and on_failure tables).
+pub fn rabbit_config(function: &str, queue: &str, extra: &str) -> String {
+    format!(
+        r#"
+[aws]
+region = "us-east-1"
+endpoint_url = "{endpoint}"
+
+[gateway]
+shutdown_grace = "20s"
+
+[[mapping]]
+name = "test"
+function = "{function}"
+
+{extra}
+
+[mapping.source]
+type = "rabbitmq"
+url = "{amqp}"
+queue = "{queue}"
+"#,
+        endpoint = aws_endpoint(),
+        amqp = amqp_url(),
+    )
+}
+
+/// Failure records in a JSON-lines destination file.
+pub fn failure_records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("failure record line"))
+        .collect()
+}

@@ -1,0 +1,67 @@
+"""Test function for esm-gateway's integration tests, run by MiniStack.
+
+It parses its event with Powertools' RabbitMQEvent (touching every field AWS sends, so a
+missing one fails the invoke), appends one JSON line per invoke to $LOG_FILE, and then
+behaves as its environment says:
+  POISON=b1,b2      raise if any of these bodies is in the batch
+  FAIL_ONCE=b1,b2   report these bodies as batchItemFailures (by messageId) the first
+                    time each is seen (marker files in $STATE_DIR)
+  SLEEP_MS=n        sleep this long per invoke
+"""
+
+import base64
+import json
+import os
+import time
+
+from aws_lambda_powertools.utilities.data_classes.rabbit_mq_event import RabbitMQEvent
+
+PROPS = ("content_type", "content_encoding", "headers", "delivery_mode", "priority",
+         "correlation_id", "reply_to", "expiration", "message_id", "timestamp",
+         "get_type", "user_id", "app_id", "cluster_id", "body_size")
+
+
+def _set(name):
+    return {b for b in os.environ.get(name, "").split(",") if b}
+
+
+def handler(event, context):
+    parsed = RabbitMQEvent(event)
+    assert parsed.event_source == "aws:rmq", parsed.event_source
+    assert parsed.event_source_arn.startswith("arn:aws:mq:"), parsed.event_source_arn
+    messages = []
+    for _queue, msgs in parsed.rmq_messages_by_queue.items():
+        for m in msgs:
+            props = m.basic_properties
+            for p in PROPS:
+                getattr(props, p)
+            raw = base64.b64decode(m.data)
+            assert len(raw) == props.body_size, (len(raw), props.body_size)
+            messages.append((raw.decode("utf-8", errors="replace"), props.message_id, m.redelivered))
+    bodies = [b for b, _, _ in messages]
+
+    poison = _set("POISON") & set(bodies)
+    failures = []
+    state = os.environ.get("STATE_DIR", "")
+    for body, message_id, _ in messages:
+        if body in _set("FAIL_ONCE"):
+            marker = os.path.join(state, "seen-" + body)
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                failures.append({"itemIdentifier": message_id})
+
+    time.sleep(int(os.environ.get("SLEEP_MS", "0")) / 1000)
+    line = {
+        "bodies": bodies,
+        "redelivered": [r for _, _, r in messages],
+        "ok": not poison,
+        "failed": [f["itemIdentifier"] for f in failures],
+        "event": event if os.environ.get("LOG_EVENT") else None,
+    }
+    with open(os.environ["LOG_FILE"], "a") as f:
+        f.write(json.dumps(line) + "\n")
+    # MiniStack waits for output after a silent invoke; a line keeps warm invokes fast.
+    print(f"{len(bodies)} message(s)")
+    if poison:
+        raise ValueError(f"poison message(s) {sorted(poison)}")
+    return {"batchItemFailures": failures}
