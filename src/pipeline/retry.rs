@@ -261,6 +261,7 @@ impl Deliverer {
         };
         match failed {
             Ok(failed) if failed.is_empty() => {
+                tracing::debug!(mapping = %name, records = n, "batch delivered");
                 count(name, "delivered", n);
                 out.resolved.extend(
                     piece
