@@ -66,6 +66,16 @@ impl MappingStatus {
         self.lock().last_error = Some(error.to_string());
     }
 
+    /// The function answered: a mapping that had failed is running again.
+    pub fn reachable(&self) {
+        let mut s = self.lock();
+        if s.state == State::Failed {
+            s.state = State::Running;
+            drop(s);
+            self.gauge(State::Running);
+        }
+    }
+
     /// A batch went through: the mapping is running.
     pub fn success(&self) {
         let mut s = self.lock();

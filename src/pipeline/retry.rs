@@ -248,7 +248,7 @@ impl Deliverer {
             }
         };
         *free_failures = 0;
-        self.mapping.success();
+        self.mapping.reachable();
 
         let failed = if let Some(kind) = &response.function_error {
             let message = function_error_message(&response.payload);
@@ -262,6 +262,7 @@ impl Deliverer {
         match failed {
             Ok(failed) if failed.is_empty() => {
                 tracing::debug!(mapping = %name, records = n, "batch delivered");
+                self.mapping.success();
                 count(name, "delivered", n);
                 out.resolved.extend(
                     piece
@@ -333,16 +334,14 @@ impl Deliverer {
         let name = &self.mapping.name;
         let Some(destination) = &self.destination else {
             // Only a record too large for any invoke gets here (configuration requires a
-            // destination for limited retries): keep it in the source and say why.
+            // destination for limited retries). It blocks the mapping until shutdown:
+            // skipping it would lose it.
             let e = format!(
-                "{error}; no on_failure destination is configured, so it stays in the source"
+                "{error}; no on_failure destination is configured, so it stays in the source and blocks the mapping"
             );
             tracing::error!(mapping = %name, condition = condition.as_str(), "{e}");
             self.mapping.fail(e);
-            tokio::select! {
-                () = tokio::time::sleep(self.policy.backoff_max) => {}
-                () = shutdown.cancelled() => {}
-            }
+            shutdown.cancelled().await;
             return Err(piece);
         };
         let record = Failure {

@@ -224,18 +224,20 @@ async fn session(
             () = shutdown.cancelled() => return Ok(()),
             b = batcher.next() => b,
         };
-        let Some(batch) = batch else {
+        // Records buffered from a channel that has since closed will be redelivered on
+        // the next one: invoking them now would only make duplicates.
+        let Some(batch) = batch.filter(|_| channel.status().connected()) else {
             return Err(SessionError::ConsumerEnded(queue.to_owned()));
         };
         let outcome = deliverer.deliver(batch, shutdown).await;
-        let stopped = !outcome.unresolved.is_empty();
         acknowledge(outcome)
             .await
             .map_err(|message| SessionError::Ack {
                 queue: queue.to_owned(),
                 message,
             })?;
-        if stopped {
+        // Only a shutdown leaves records unresolved; they stay unacknowledged.
+        if shutdown.is_cancelled() {
             return Ok(());
         }
     }
