@@ -16,6 +16,7 @@ use crate::config::{Config, Mapping, Source};
 use crate::destination::Destination;
 use crate::invoke::event::Envelope;
 use crate::invoke::lambda::{FunctionRef, Invoker};
+use crate::pipeline::batcher::BatchLimits;
 use crate::pipeline::retry::{Deliverer, Policy};
 use crate::status::{MappingStatus, State};
 
@@ -90,6 +91,12 @@ fn deliverer(
                 vhost,
             }
         }
+        // Each partition task sets its own topic and partition.
+        Source::Kafka(k) => Envelope::Kafka {
+            bootstrap_servers: k.bootstrap_servers.clone(),
+            topic: String::new(),
+            partition: -1,
+        },
     };
     let r = &mapping.retry;
     Arc::new(Deliverer {
@@ -109,26 +116,22 @@ fn deliverer(
         destination: mapping
             .on_failure
             .as_ref()
-            .map(|d| Destination::new(d, &mapping.name)),
+            .map(|d| Arc::new(Destination::new(d, &mapping.name))),
     })
 }
 
 async fn run_mapping(mapping: Mapping, deliverer: Arc<Deliverer>, shutdown: CancellationToken) {
-    let max_bytes = mapping
-        .batch
-        .max_bytes()
-        .saturating_sub(deliverer.envelope.overhead());
+    let limits = BatchLimits {
+        size: mapping.batch.size(),
+        window: mapping.batch.window(),
+        // The byte cap covers the whole event; the batcher counts only the records.
+        max_bytes: mapping
+            .batch
+            .max_bytes()
+            .saturating_sub(deliverer.envelope.overhead() + 256),
+    };
     match &mapping.source {
-        Source::Rabbitmq(s) => {
-            crate::source::rabbitmq::run(
-                s,
-                mapping.batch.size(),
-                mapping.batch.window(),
-                max_bytes,
-                deliverer,
-                shutdown,
-            )
-            .await
-        }
+        Source::Rabbitmq(s) => crate::source::rabbitmq::run(s, limits, deliverer, shutdown).await,
+        Source::Kafka(k) => crate::source::kafka::run(k, limits, deliverer, shutdown).await,
     }
 }

@@ -57,6 +57,38 @@ pub fn expand_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error>
     expand(d).map(PathBuf::from)
 }
 
+/// A string with `${NAME}` expanded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expanded(pub String);
+
+impl<'de> Deserialize<'de> for Expanded {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        expand(d).map(Expanded)
+    }
+}
+
+/// A secret (password) with `${NAME}` expanded; Debug never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        expand(d).map(Secret)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
 /// A URL that may carry a password. Debug and Display show it with the password
 /// replaced by `***`; only [`SecretUrl::expose`] gives the real text, for connecting.
 #[derive(Clone, PartialEq, Eq)]

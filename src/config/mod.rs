@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use env::SecretUrl;
+pub use env::{Expanded, Secret, SecretUrl};
 pub use types::{BatchSize, BatchWindow, ByteSize, MaxRecordAge, RetryAttempts};
 
 /// Why a configuration file was refused. Every message names the file.
@@ -124,15 +124,108 @@ fn yes() -> bool {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Source {
     Rabbitmq(RabbitSource),
+    Kafka(KafkaSource),
 }
 
 impl Source {
     pub fn kind(&self) -> &'static str {
         match self {
             Source::Rabbitmq(_) => "rabbitmq",
+            Source::Kafka(_) => "kafka",
         }
     }
 }
+
+/// `[mapping.source]` with `type = "kafka"`: a self-managed Kafka cluster.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSource {
+    /// "host1:9092,host2:9092".
+    pub bootstrap_servers: String,
+    /// Topics to consume.
+    pub topics: Vec<String>,
+    /// Consumer group. Default: "esm-gateway-<mapping name>". Changing it starts the
+    /// mapping over from `starting_position`: never change it lightly.
+    pub group_id: Option<String>,
+    /// Where a partition with no committed offset starts; committed offsets always win.
+    /// Default: "latest".
+    #[serde(default)]
+    pub starting_position: StartingPosition,
+    /// With `starting_position = "at_timestamp"`: RFC 3339 time to start from.
+    pub starting_timestamp: Option<String>,
+    /// SASL authentication. Default: none.
+    pub sasl: Option<KafkaSasl>,
+    /// TLS (`tls = {}` for the system's trust store). Default: plaintext.
+    pub tls: Option<KafkaTls>,
+    /// Batches of one partition in flight at once, 1–10, keeping order per record key.
+    /// Default: 1 (strict partition order, as AWS).
+    pub parallelization_factor: Option<u8>,
+    /// Most batches in flight across all partitions. Default: no limit.
+    pub max_concurrency: Option<u32>,
+    /// Extra librdkafka properties, passed through (`${ENV}` is expanded). The gateway
+    /// manages group.id, bootstrap.servers, offsets, commits and security itself.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, env::Expanded>,
+}
+
+/// Where a partition without a committed offset starts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartingPosition {
+    TrimHorizon,
+    #[default]
+    Latest,
+    AtTimestamp,
+}
+
+/// `sasl = { mechanism = "scram-sha-512", username = "…", password = "${PASS}" }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSasl {
+    /// "plain", "scram-sha-256" or "scram-sha-512".
+    pub mechanism: SaslMechanism,
+    pub username: env::Expanded,
+    /// `${ENV}` is expanded; never logged.
+    pub password: env::Secret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "plain")]
+    Plain,
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "scram-sha-512")]
+    ScramSha512,
+}
+
+/// `tls = { ca_file = "…", cert_file = "…", key_file = "…" }`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaTls {
+    /// PEM CA bundle. Default: the system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for mTLS.
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM), for mTLS.
+    pub key_file: Option<PathBuf>,
+    /// Password of the client key, if it is encrypted.
+    pub key_password: Option<env::Secret>,
+}
+
+/// librdkafka properties the gateway sets itself.
+const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.password",
+];
 
 /// `[mapping.source]` with `type = "rabbitmq"`.
 #[derive(Debug, Deserialize)]
@@ -319,6 +412,53 @@ impl Mapping {
                     out.push(format!(
                         "mapping {name:?}: source.url is not an AMQP URL: {e}"
                     ));
+                }
+            }
+            Source::Kafka(k) => {
+                if k.bootstrap_servers.trim().is_empty() {
+                    out.push(format!(
+                        "mapping {name:?}: source.bootstrap_servers is empty"
+                    ));
+                }
+                if k.topics.is_empty() || k.topics.iter().any(|t| t.is_empty()) {
+                    out.push(format!(
+                        "mapping {name:?}: source.topics must name at least one topic, none empty"
+                    ));
+                }
+                match (k.starting_position, &k.starting_timestamp) {
+                    (StartingPosition::AtTimestamp, None) => out.push(format!(
+                        "mapping {name:?}: source.starting_position = \"at_timestamp\" needs source.starting_timestamp"
+                    )),
+                    (StartingPosition::AtTimestamp, Some(t)) => {
+                        if let Err(e) = humantime::parse_rfc3339_weak(t) {
+                            out.push(format!(
+                                "mapping {name:?}: source.starting_timestamp {t:?} is not an RFC 3339 time: {e}"
+                            ));
+                        }
+                    }
+                    (_, Some(_)) => out.push(format!(
+                        "mapping {name:?}: source.starting_timestamp is only used with starting_position = \"at_timestamp\""
+                    )),
+                    (_, None) => {}
+                }
+                if let Some(p) = k.parallelization_factor
+                    && !(1..=10).contains(&p)
+                {
+                    out.push(format!(
+                        "mapping {name:?}: source.parallelization_factor must be between 1 and 10, got {p}"
+                    ));
+                }
+                if k.max_concurrency == Some(0) {
+                    out.push(format!(
+                        "mapping {name:?}: source.max_concurrency must be at least 1"
+                    ));
+                }
+                for key in k.properties.keys() {
+                    if MANAGED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                        out.push(format!(
+                            "mapping {name:?}: source.properties.\"{key}\" is set by the gateway; use the source's own settings"
+                        ));
+                    }
                 }
             }
         }

@@ -161,7 +161,9 @@ fn secrets_are_expanded_and_never_shown() {
     unsafe { std::env::set_var("ESM_TEST_RABBIT_PASSWORD", "hunter2") };
     let text = with("guest:guest@", "guest:${ESM_TEST_RABBIT_PASSWORD}@");
     let c = parse(&text).unwrap();
-    let Source::Rabbitmq(s) = &c.mappings[0].source;
+    let Source::Rabbitmq(s) = &c.mappings[0].source else {
+        panic!("rabbitmq source")
+    };
     assert_eq!(s.url.expose(), "amqp://guest:hunter2@127.0.0.1:5672/%2f");
     assert!(!format!("{c:?}").contains("hunter2"));
     // An error elsewhere in the file quotes raw text, never the expanded value.
@@ -172,4 +174,68 @@ fn secrets_are_expanded_and_never_shown() {
         err.contains("environment variable ESM_TEST_UNSET_VARIABLE is not set"),
         "{err}"
     );
+}
+
+const KAFKA: &str = r#"
+[[mapping]]
+name = "events"
+function = "f"
+
+[mapping.source]
+type = "kafka"
+bootstrap_servers = "127.0.0.1:9092"
+topics = ["events"]
+starting_position = "trim_horizon"
+sasl = { mechanism = "scram-sha-512", username = "app", password = "${ESM_TEST_KAFKA_PASSWORD}" }
+tls = { ca_file = "/etc/ca.pem" }
+parallelization_factor = 4
+properties = { "session.timeout.ms" = "6000" }
+"#;
+
+#[test]
+fn kafka_sources_parse_and_hide_their_password() {
+    // SAFETY: only this test uses this variable.
+    unsafe { std::env::set_var("ESM_TEST_KAFKA_PASSWORD", "kafka-secret") };
+    let c = parse(KAFKA).unwrap();
+    let Source::Kafka(k) = &c.mappings[0].source else {
+        panic!("kafka source")
+    };
+    assert_eq!(k.starting_position, StartingPosition::TrimHorizon);
+    assert_eq!(k.sasl.as_ref().unwrap().password.expose(), "kafka-secret");
+    assert!(!format!("{c:?}").contains("kafka-secret"));
+    let conf = crate::source::kafka::client_config(k, "events");
+    assert_eq!(conf.get("group.id"), Some("esm-gateway-events"));
+    assert_eq!(conf.get("security.protocol"), Some("sasl_ssl"));
+    assert_eq!(conf.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
+    assert_eq!(conf.get("enable.auto.commit"), Some("false"));
+    assert_eq!(conf.get("session.timeout.ms"), Some("6000"));
+}
+
+#[test]
+fn bad_kafka_sources_are_named() {
+    unsafe { std::env::set_var("ESM_TEST_KAFKA_PASSWORD", "x") };
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "parallelization_factor = 4",
+            "parallelization_factor = 11",
+            "between 1 and 10, got 11",
+        ),
+        (
+            "\"session.timeout.ms\"",
+            "\"group.id\"",
+            "source.properties.\"group.id\" is set by the gateway",
+        ),
+        (
+            "starting_position = \"trim_horizon\"",
+            "starting_position = \"at_timestamp\"",
+            "needs source.starting_timestamp",
+        ),
+        ("topics = [\"events\"]", "topics = []", "at least one topic"),
+        ("scram-sha-512", "gssapi", "unknown variant `gssapi`"),
+    ];
+    for (from, to, want) in cases {
+        assert!(KAFKA.contains(from), "{from}");
+        let err = parse(&KAFKA.replacen(from, to, 1)).unwrap_err();
+        assert!(err.contains(want), "{from} -> {to}: {err}");
+    }
 }

@@ -21,6 +21,13 @@ pub enum Envelope {
         queue: String,
         vhost: String,
     },
+    /// `{"eventSource":"SelfManagedKafka","bootstrapServers":…,"records":{"topic-0":[…]}}`,
+    /// one per partition: a batch never mixes partitions.
+    Kafka {
+        bootstrap_servers: String,
+        topic: String,
+        partition: i32,
+    },
 }
 
 impl Envelope {
@@ -28,6 +35,7 @@ impl Envelope {
     pub fn kind(&self) -> &'static str {
         match self {
             Envelope::Rabbit { .. } => "rabbitmq",
+            Envelope::Kafka { .. } => "kafka",
         }
     }
 
@@ -45,17 +53,61 @@ impl Envelope {
                 out.extend_from_slice(br#","rmqMessagesByQueue":{"#);
                 serde_json::to_writer(&mut out, &format!("{queue}::{vhost}"))
                     .expect("string to JSON");
-                out.extend_from_slice(b":[");
-                for (i, r) in records.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(r.fragment.as_bytes());
-                }
-                out.extend_from_slice(b"]}}");
+            }
+            Envelope::Kafka {
+                bootstrap_servers,
+                topic,
+                partition,
+            } => {
+                out.extend_from_slice(br#"{"eventSource":"SelfManagedKafka","bootstrapServers":"#);
+                serde_json::to_writer(&mut out, bootstrap_servers).expect("string to JSON");
+                out.extend_from_slice(br#","records":{"#);
+                serde_json::to_writer(&mut out, &format!("{topic}-{partition}"))
+                    .expect("string to JSON");
             }
         }
+        out.extend_from_slice(b":[");
+        for (i, r) in records.into_iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(r.fragment.as_bytes());
+        }
+        out.extend_from_slice(b"]}}");
         out
+    }
+
+    /// Which record a partial batch response's `itemIdentifier` names. RabbitMQ: a
+    /// message id (string) or a position in the event (number). Kafka: AWS's
+    /// `{"partition":"topic-0","offset":N}`.
+    pub fn item_index(&self, id: &Value, records: &[Record]) -> Option<usize> {
+        match (self, id) {
+            (Envelope::Rabbit { .. }, Value::String(s)) if !s.is_empty() => records
+                .iter()
+                .position(|r| r.id.as_deref() == Some(s.as_str())),
+            (Envelope::Rabbit { .. }, Value::Number(n)) => n
+                .as_u64()
+                .map(|i| i as usize)
+                .filter(|&i| i < records.len()),
+            (
+                Envelope::Kafka {
+                    topic, partition, ..
+                },
+                Value::Object(o),
+            ) => {
+                let key = o.get("partition")?.as_str()?;
+                let offset = o.get("offset")?.as_u64()?;
+                (key == format!("{topic}-{partition}"))
+                    .then(|| records.iter().position(|r| r.position == offset))?
+            }
+            _ => None,
+        }
+    }
+
+    /// Kafka retries everything from the lowest failed offset on (a stream checkpoints
+    /// at it); RabbitMQ retries just the failed messages.
+    pub fn retries_from_lowest_failure(&self) -> bool {
+        matches!(self, Envelope::Kafka { .. })
     }
 
     /// Bytes of an empty event: what a batch has before its first record.
@@ -81,6 +133,20 @@ impl Envelope {
                     "lastDeliveryTag": last.map(|r| r.position),
                     "firstReceivedTime": ts(first),
                     "lastReceivedTime": ts(last),
+                }),
+            ),
+            Envelope::Kafka {
+                topic, partition, ..
+            } => (
+                "KafkaBatchInfo",
+                json!({
+                    "batchSize": records.len(),
+                    "topic": topic,
+                    "partition": partition,
+                    "firstOffset": first.map(|r| r.position),
+                    "lastOffset": last.map(|r| r.position),
+                    "firstRecordTime": ts(first),
+                    "lastRecordTime": ts(last),
                 }),
             ),
         }
@@ -125,6 +191,54 @@ pub fn rabbit_fragment(
         "data": base64::engine::general_purpose::STANDARD.encode(body),
     });
     element.to_string()
+}
+
+/// One Kafka record as an element of `records`, as AWS's self-managed Kafka trigger
+/// sends it: key and value base64 (left out when null), headers as a list of one-key
+/// objects whose values are signed (Java) byte arrays.
+pub fn kafka_fragment<M: rdkafka::Message>(m: &M) -> String {
+    use rdkafka::message::{Headers, Timestamp};
+    use std::fmt::Write as _;
+    let (timestamp, kind) = match m.timestamp() {
+        Timestamp::CreateTime(t) => (t, "CREATE_TIME"),
+        Timestamp::LogAppendTime(t) => (t, "LOG_APPEND_TIME"),
+        Timestamp::NotAvailable => (-1, "NO_TIMESTAMP_TYPE"),
+    };
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let mut out = String::with_capacity(160 + m.payload().map_or(0, <[u8]>::len) * 4 / 3);
+    out.push_str(r#"{"topic":"#);
+    out.push_str(&Value::from(m.topic()).to_string());
+    let _ = write!(
+        out,
+        r#","partition":{},"offset":{},"timestamp":{timestamp},"timestampType":"{kind}""#,
+        m.partition(),
+        m.offset()
+    );
+    if let Some(k) = m.key() {
+        out.push_str(r#","key":""#);
+        b64.encode_string(k, &mut out);
+        out.push('"');
+    }
+    if let Some(v) = m.payload() {
+        out.push_str(r#","value":""#);
+        b64.encode_string(v, &mut out);
+        out.push('"');
+    }
+    out.push_str(r#","headers":["#);
+    if let Some(headers) = m.headers() {
+        for (i, h) in headers.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{{{}:[", Value::from(h.key));
+            for (j, b) in h.value.unwrap_or_default().iter().enumerate() {
+                let _ = write!(out, "{}{}", if j > 0 { "," } else { "" }, *b as i8);
+            }
+            out.push_str("]}");
+        }
+    }
+    out.push_str("]}");
+    out
 }
 
 fn table_json(t: &FieldTable) -> Value {
@@ -259,6 +373,59 @@ mod tests {
         // Every key of AWS's own example is present, no more and no fewer.
         let keys: Vec<_> = bp.as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys.len(), 15, "{keys:?}");
+    }
+
+    #[test]
+    fn kafka_records_match_aws_shape() {
+        use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "headerKey",
+                value: Some("headerValue"),
+            })
+            .insert(Header {
+                key: "accent",
+                value: Some("ë"),
+            });
+        let m = OwnedMessage::new(
+            Some(b"value".to_vec()),
+            None,
+            "AWSKafkaTopic".into(),
+            Timestamp::CreateTime(1_595_035_749_700),
+            0,
+            15,
+            Some(headers),
+        );
+        let v: Value = serde_json::from_str(&kafka_fragment(&m)).unwrap();
+        assert_eq!(
+            v,
+            json!({"topic":"AWSKafkaTopic","partition":0,"offset":15,"timestamp":1_595_035_749_700_i64,
+                   "timestampType":"CREATE_TIME","value":"dmFsdWU=",
+                   "headers":[{"headerKey":[104,101,97,100,101,114,86,97,108,117,101]},{"accent":[-61,-85]}]})
+        );
+        let r = Record {
+            fragment: kafka_fragment(&m).into(),
+            id: None,
+            position: 15,
+            received: tokio::time::Instant::now(),
+            received_at: SystemTime::now(),
+            ack: crate::record::Ack::None,
+        };
+        let env = Envelope::Kafka {
+            bootstrap_servers: "b1:9092,b2:9092".into(),
+            topic: "AWSKafkaTopic".into(),
+            partition: 0,
+        };
+        let e: aws_lambda_events::event::kafka::KafkaEvent =
+            serde_json::from_slice(&env.render([&r])).unwrap();
+        assert_eq!(e.event_source.as_deref(), Some("SelfManagedKafka"));
+        let recs = &e.records["AWSKafkaTopic-0"];
+        assert_eq!(recs[0].offset, 15);
+        assert_eq!(recs[0].key, None);
+        let id = json!({"partition":"AWSKafkaTopic-0","offset":15});
+        assert_eq!(env.item_index(&id, std::slice::from_ref(&r)), Some(0));
+        let wrong = json!({"partition":"AWSKafkaTopic-1","offset":15});
+        assert_eq!(env.item_index(&wrong, std::slice::from_ref(&r)), None);
     }
 
     #[test]

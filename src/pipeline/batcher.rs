@@ -9,6 +9,15 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::record::Record;
 
+/// When a batch closes: AWS's size, window and byte cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub size: usize,
+    pub window: Duration,
+    /// What the records may add to the event: the cap less the envelope.
+    pub max_bytes: usize,
+}
+
 pub struct Batcher {
     rx: mpsc::Receiver<Record>,
     /// A record that would have overflowed the previous batch's byte cap.
@@ -19,19 +28,13 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// `max_bytes` is what the records may add to the event: the cap less the envelope.
-    pub fn new(
-        rx: mpsc::Receiver<Record>,
-        size: usize,
-        window: Duration,
-        max_bytes: usize,
-    ) -> Self {
+    pub fn new(rx: mpsc::Receiver<Record>, limits: BatchLimits) -> Self {
         Batcher {
             rx,
             carry: None,
-            size,
-            window,
-            max_bytes,
+            size: limits.size,
+            window: limits.window,
+            max_bytes: limits.max_bytes,
         }
     }
 
@@ -76,6 +79,14 @@ mod tests {
     use crate::record::Ack;
     use proptest::prelude::*;
 
+    fn lim(size: usize, window: Duration, max_bytes: usize) -> BatchLimits {
+        BatchLimits {
+            size,
+            window,
+            max_bytes,
+        }
+    }
+
     fn rec(i: u64, len: usize) -> Record {
         Record {
             fragment: "x".repeat(len).into(),
@@ -90,7 +101,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn closes_on_size_then_on_window() {
         let (tx, rx) = mpsc::channel(100);
-        let mut b = Batcher::new(rx, 3, Duration::from_millis(500), 1 << 20);
+        let mut b = Batcher::new(rx, lim(3, Duration::from_millis(500), 1 << 20));
         for i in 0..4 {
             tx.send(rec(i, 1)).await.unwrap();
         }
@@ -108,7 +119,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_record_arriving_inside_the_window_joins_the_batch() {
         let (tx, rx) = mpsc::channel(100);
-        let mut b = Batcher::new(rx, 10, Duration::from_secs(1), 1 << 20);
+        let mut b = Batcher::new(rx, lim(10, Duration::from_secs(1), 1 << 20));
         tx.send(rec(0, 1)).await.unwrap();
         let late = tx.clone();
         tokio::spawn(async move {
@@ -122,7 +133,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn zero_window_takes_only_what_is_ready() {
         let (tx, rx) = mpsc::channel(100);
-        let mut b = Batcher::new(rx, 10, Duration::ZERO, 1 << 20);
+        let mut b = Batcher::new(rx, lim(10, Duration::ZERO, 1 << 20));
         tx.send(rec(0, 1)).await.unwrap();
         tx.send(rec(1, 1)).await.unwrap();
         assert_eq!(b.next().await.unwrap().len(), 2);
@@ -133,7 +144,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn byte_cap_carries_the_overflowing_record() {
         let (tx, rx) = mpsc::channel(100);
-        let mut b = Batcher::new(rx, 10, Duration::ZERO, 25);
+        let mut b = Batcher::new(rx, lim(10, Duration::ZERO, 25));
         for (i, len) in [(0, 10), (1, 10), (2, 10), (3, 100)] {
             tx.send(rec(i, len)).await.unwrap();
         }
@@ -161,7 +172,7 @@ mod tests {
                     tx.send(rec(i as u64, l)).await.unwrap();
                 }
                 drop(tx);
-                let mut b = Batcher::new(rx, size, Duration::from_millis(10), cap);
+                let mut b = Batcher::new(rx, lim(size, Duration::from_millis(10), cap));
                 let mut seen = Vec::new();
                 while let Some(batch) = b.next().await {
                     prop_assert!(!batch.is_empty() && batch.len() <= size);

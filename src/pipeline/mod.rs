@@ -3,4 +3,5 @@
 //! batch per ordering key through `Deliverer::deliver` at a time.
 
 pub mod batcher;
+pub mod offsets;
 pub mod retry;

@@ -58,14 +58,16 @@ pub struct Outcome {
     pub unresolved: Vec<Record>,
 }
 
-/// Everything needed to deliver a mapping's batches.
+/// Everything needed to deliver a mapping's batches (cheap to clone: a partitioned
+/// source clones it per partition with its own envelope).
+#[derive(Clone)]
 pub struct Deliverer {
     pub mapping: Arc<MappingStatus>,
     pub invoker: Invoker,
     pub function_arn: String,
     pub envelope: Envelope,
     pub policy: Policy,
-    pub destination: Option<Destination>,
+    pub destination: Option<Arc<Destination>>,
 }
 
 /// Part of a batch still to deliver, with the invokes already spent on its records.
@@ -255,7 +257,7 @@ impl Deliverer {
             tracing::warn!(mapping = %name, records = n, function_error = %kind, error = %message, "function failed on the batch");
             None.ok_or(message)
         } else if self.policy.report_item_failures {
-            item_failures(&response.payload, &piece.records)
+            item_failures(&response.payload, &self.envelope, &piece.records)
         } else {
             Ok(Vec::new())
         };
@@ -409,11 +411,14 @@ fn function_error_message(body: &[u8]) -> String {
     }
 }
 
-/// The indexes (into `records`) a partial batch response names. An item identifier is
-/// a record's message id (a JSON string) or its position in the event (a JSON number).
-/// AWS's rules: an empty body, null, or an empty or missing list is full success;
+/// The indexes (into `records`) a partial batch response names (see
+/// `Envelope::item_index` for what identifies an item in each source). AWS's rules: an empty body, null, or an empty or missing list is full success;
 /// invalid JSON or an empty, null or unknown identifier is full failure (Err).
-fn item_failures(body: &[u8], records: &[Record]) -> Result<Vec<usize>, String> {
+fn item_failures(
+    body: &[u8],
+    envelope: &Envelope,
+    records: &[Record],
+) -> Result<Vec<usize>, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Vec::new());
     }
@@ -427,20 +432,16 @@ fn item_failures(body: &[u8], records: &[Record]) -> Result<Vec<usize>, String> 
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         let id = item.get("itemIdentifier").unwrap_or(&Value::Null);
-        let index = match id {
-            Value::String(s) if !s.is_empty() => records
-                .iter()
-                .position(|r| r.id.as_deref() == Some(s.as_str())),
-            Value::Number(n) => n
-                .as_u64()
-                .map(|i| i as usize)
-                .filter(|&i| i < records.len()),
-            _ => None,
-        };
-        match index {
+        match envelope.item_index(id, records) {
             Some(i) => out.push(i),
             None => return Err(format!("batchItemFailures names an unknown item: {item}")),
         }
+    }
+    // A stream checkpoints at its lowest failure: everything after it is retried too.
+    if envelope.retries_from_lowest_failure()
+        && let Some(&lowest) = out.iter().min()
+    {
+        out = (lowest..records.len()).collect();
     }
     Ok(out)
 }
@@ -464,6 +465,14 @@ mod tests {
             .collect()
     }
 
+    fn rabbit() -> Envelope {
+        Envelope::Rabbit {
+            event_source_arn: "arn".into(),
+            queue: "q".into(),
+            vhost: "/".into(),
+        }
+    }
+
     #[test]
     fn partial_batch_responses_follow_aws_rules() {
         let r = recs(&["a", "b", "", "d"]);
@@ -476,14 +485,41 @@ mod tests {
             r#"{"batchItemFailures":null}"#,
             "\"done\"",
         ] {
-            assert_eq!(item_failures(ok.as_bytes(), &r), Ok(vec![]), "{ok}");
+            assert_eq!(
+                item_failures(ok.as_bytes(), &rabbit(), &r),
+                Ok(vec![]),
+                "{ok}"
+            );
         }
         assert_eq!(
             item_failures(
                 br#"{"batchItemFailures":[{"itemIdentifier":"d"},{"itemIdentifier":2}]}"#,
+                &rabbit(),
                 &r
             ),
             Ok(vec![3, 2])
+        );
+        // Kafka: everything from the lowest failed offset on is retried.
+        let kafka = Envelope::Kafka {
+            bootstrap_servers: "b:9092".into(),
+            topic: "t".into(),
+            partition: 3,
+        };
+        assert_eq!(
+            item_failures(
+                br#"{"batchItemFailures":[{"itemIdentifier":{"partition":"t-3","offset":2}}]}"#,
+                &kafka,
+                &r
+            ),
+            Ok(vec![2, 3])
+        );
+        assert!(
+            item_failures(
+                br#"{"batchItemFailures":[{"itemIdentifier":{"partition":"t-4","offset":2}}]}"#,
+                &kafka,
+                &r
+            )
+            .is_err()
         );
         for bad in [
             "{not json",
@@ -494,7 +530,10 @@ mod tests {
             r#"{"batchItemFailures":[{"id":"a"}]}"#,
             r#"{"batchItemFailures":"a"}"#,
         ] {
-            assert!(item_failures(bad.as_bytes(), &r).is_err(), "{bad}");
+            assert!(
+                item_failures(bad.as_bytes(), &rabbit(), &r).is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -2,4 +2,5 @@
 //! [`Record`](crate::record::Record)s, runs them through the pipeline in its ordering
 //! unit (queue, partition, message group) and acknowledges what the pipeline resolved.
 
+pub mod kafka;
 pub mod rabbitmq;

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{RabbitSource, SecretUrl};
-use crate::pipeline::batcher::Batcher;
+use crate::pipeline::batcher::{BatchLimits, Batcher};
 use crate::pipeline::retry::{Deliverer, Outcome};
 use crate::record::{Ack, Record};
 use crate::status::State;
@@ -89,9 +89,7 @@ pub fn vhost_and_arn(source: &RabbitSource, region: &str, account: &str) -> (Str
 /// Runs the source until `shutdown`, reconnecting after every broken session.
 pub async fn run(
     source: &RabbitSource,
-    batch_size: usize,
-    window: Duration,
-    max_bytes: usize,
+    limits: BatchLimits,
     deliverer: Arc<Deliverer>,
     shutdown: CancellationToken,
 ) {
@@ -99,7 +97,7 @@ pub async fn run(
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
         let started = tokio::time::Instant::now();
-        let result = session(source, batch_size, window, max_bytes, &deliverer, &shutdown).await;
+        let result = session(source, limits, &deliverer, &shutdown).await;
         let Err(e) = result else { break };
         if started.elapsed() > Duration::from_secs(30) {
             failures = 0;
@@ -121,9 +119,7 @@ pub async fn run(
 
 async fn session(
     source: &RabbitSource,
-    batch_size: usize,
-    window: Duration,
-    max_bytes: usize,
+    limits: BatchLimits,
     deliverer: &Deliverer,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
@@ -148,7 +144,7 @@ async fn session(
         .map_err(|e| SessionError::Connect(e.to_string()))?;
     let prefetch = source
         .prefetch
-        .unwrap_or_else(|| (batch_size * 2).clamp(100, 65_535) as u16);
+        .unwrap_or_else(|| (limits.size * 2).clamp(100, 65_535) as u16);
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
@@ -216,7 +212,7 @@ async fn session(
     });
     let _reader_guard = AbortOnDrop(reader);
 
-    let mut batcher = Batcher::new(rx, batch_size, window, max_bytes);
+    let mut batcher = Batcher::new(rx, limits);
     loop {
         // Shutdown first: a batch not yet started is left to the broker.
         let batch = tokio::select! {

@@ -1,7 +1,7 @@
 """Test function for esm-gateway's integration tests, run by MiniStack.
 
-It parses its event with Powertools' RabbitMQEvent (touching every field AWS sends, so a
-missing one fails the invoke), appends one JSON line per invoke to $LOG_FILE, and then
+It parses its event with Powertools (RabbitMQEvent, touching every field AWS sends, or
+the KafkaSelfManagedEventModel parser model), so a missing field fails the invoke; appends one JSON line per invoke to $LOG_FILE, and then
 behaves as its environment says:
   POISON=b1,b2      raise if any of these bodies is in the batch
   FAIL_ONCE=b1,b2   report these bodies as batchItemFailures (by messageId) the first
@@ -10,6 +10,7 @@ behaves as its environment says:
 """
 
 import base64
+import copy
 import json
 import os
 import time
@@ -25,7 +26,60 @@ def _set(name):
     return {b for b in os.environ.get(name, "").split(",") if b}
 
 
+def kafka(event):
+    """A self-managed Kafka event, validated by Powertools' parser model."""
+    from aws_lambda_powertools.utilities.parser import parse
+    from aws_lambda_powertools.utilities.parser.models import KafkaSelfManagedEventModel
+
+    # The parser decodes headers in place: give it a copy, keep the event as received.
+    model = parse(event=copy.deepcopy(event), model=KafkaSelfManagedEventModel)
+    assert event["eventSource"] == "SelfManagedKafka", event["eventSource"]
+    records = []
+    for key, recs in model.records.items():
+        for r in recs:
+            assert key == f"{r.topic}-{r.partition}", key
+            records.append(r)
+    return records
+
+
 def handler(event, context):
+    if "records" in event:
+        return kafka_handler(event)
+    return rabbit_handler(event)
+
+
+def kafka_handler(event):
+    records = kafka(event)
+    bodies = [r.value.decode("utf-8", errors="replace") if isinstance(r.value, bytes) else str(r.value)
+              for r in records]
+    poison = _set("POISON") & set(bodies)
+    failures = []
+    state = os.environ.get("STATE_DIR", "")
+    for body, r in zip(bodies, records):
+        if body in _set("FAIL_ONCE"):
+            marker = os.path.join(state, "seen-" + body)
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                failures.append({"itemIdentifier": {"partition": f"{r.topic}-{r.partition}", "offset": r.offset}})
+    time.sleep(int(os.environ.get("SLEEP_MS", "0")) / 1000)
+    line = {
+        "bodies": bodies,
+        "redelivered": [False for _ in records],
+        "ok": not poison,
+        "failed": [f"{f['itemIdentifier']['offset']}" for f in failures],
+        "partitions": [r.partition for r in records],
+        "offsets": [r.offset for r in records],
+        "event": event if os.environ.get("LOG_EVENT") else None,
+    }
+    with open(os.environ["LOG_FILE"], "a") as f:
+        f.write(json.dumps(line) + "\n")
+    print(f"{len(bodies)} record(s)")
+    if poison:
+        raise ValueError(f"poison record(s) {sorted(poison)}")
+    return {"batchItemFailures": failures}
+
+
+def rabbit_handler(event):
     parsed = RabbitMQEvent(event)
     assert parsed.event_source == "aws:rmq", parsed.event_source
     assert parsed.event_source_arn.startswith("arn:aws:mq:"), parsed.event_source_arn

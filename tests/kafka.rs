@@ -1,0 +1,344 @@
+//! End to end against the local stack's Kafka-protocol broker (Tansu): topics drained by
+//! the gateway binary into a Python function in MiniStack. Faults that need a broker to
+//! misbehave use librdkafka's own mock cluster.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use common::*;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const LONG: Duration = Duration::from_secs(180);
+
+fn bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+async fn create_topic(bootstrap: &str, prefix: &str, partitions: i32) -> String {
+    let name = unique(prefix);
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let r = admin
+        .create_topics(
+            &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topic (is `scripts/stack up` running?)");
+    assert!(r[0].is_ok(), "{r:?}");
+    name
+}
+
+/// One record to produce: partition, key, value, headers.
+struct Rec {
+    partition: i32,
+    key: Option<String>,
+    value: String,
+    headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+fn rec(partition: i32, key: &str, value: String) -> Rec {
+    Rec {
+        partition,
+        key: Some(key.to_owned()),
+        value,
+        headers: Vec::new(),
+    }
+}
+
+async fn produce(bootstrap: &str, topic: &str, records: Vec<Rec>) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "false")
+        .create()
+        .unwrap();
+    let mut pending = Vec::with_capacity(records.len());
+    for r in &records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_slice()),
+            });
+        }
+        let mut fr = FutureRecord::to(topic)
+            .partition(r.partition)
+            .payload(&r.value)
+            .headers(headers);
+        if let Some(k) = &r.key {
+            fr = fr.key(k);
+        }
+        pending.push(producer.send_result(fr).expect("queue record"));
+        if pending.len() >= 5_000 {
+            for f in pending.drain(..) {
+                f.await.unwrap().expect("record delivered");
+            }
+        }
+    }
+    for f in pending {
+        f.await.unwrap().expect("record delivered");
+    }
+}
+
+fn kafka_config(bootstrap: &str, function: &str, topic: &str, group: &str, extra: &str) -> String {
+    format!(
+        r#"
+[aws]
+region = "us-east-1"
+endpoint_url = "{endpoint}"
+
+[gateway]
+shutdown_grace = "20s"
+
+[[mapping]]
+name = "test"
+function = "{function}"
+
+{extra}
+
+[mapping.source]
+type = "kafka"
+bootstrap_servers = "{bootstrap}"
+topics = ["{topic}"]
+group_id = "{group}"
+starting_position = "trim_horizon"
+properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000" }}
+"#,
+        endpoint = aws_endpoint(),
+    )
+}
+
+/// The successful deliveries of each partition, in delivery order, as offsets.
+fn delivered_by_partition(f: &Function) -> BTreeMap<i64, Vec<i64>> {
+    let mut out: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for line in std::fs::read_to_string(f.log_path())
+        .unwrap_or_default()
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["ok"] != true {
+            continue;
+        }
+        let failed: Vec<String> = serde_json::from_value(v["failed"].clone()).unwrap();
+        for (p, o) in v["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(v["offsets"].as_array().unwrap())
+        {
+            if !failed.contains(&o.to_string()) {
+                out.entry(p.as_i64().unwrap())
+                    .or_default()
+                    .push(o.as_i64().unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn eight_partitions_of_keyed_records_arrive_in_partition_order() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "order", 8).await;
+    let records = (0..40_000)
+        .map(|i| rec(i % 8, &format!("key-{}", i % 97), format!("r-{i}")))
+        .collect();
+    produce(&b, &topic, records).await;
+    let f = Function::deploy("korder", &[]).await;
+    let gw = Gateway::start(&kafka_config(
+        &b,
+        &f.name,
+        &topic,
+        &unique("g"),
+        "[mapping.batch]\nsize = 100\nwindow = \"100ms\"",
+    ));
+    f.wait_delivered(40_000, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    let by_partition = delivered_by_partition(&f);
+    assert_eq!(by_partition.len(), 8);
+    for (p, offsets) in &by_partition {
+        // First deliveries in strictly increasing offset order, every offset present.
+        let mut firsts = offsets.clone();
+        let mut seen = std::collections::HashSet::new();
+        firsts.retain(|o| seen.insert(*o));
+        assert!(
+            firsts.windows(2).all(|w| w[0] < w[1]),
+            "partition {p} out of order"
+        );
+        assert_eq!(
+            firsts,
+            (0..5_000).collect::<Vec<_>>(),
+            "partition {p} incomplete"
+        );
+    }
+    assert!(f.invocations().iter().all(|i| i.bodies.len() <= 100));
+}
+
+#[tokio::test]
+async fn a_poison_record_stalls_only_its_partition_then_is_parked() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "poison", 4).await;
+    let records = (0..400)
+        .map(|i| rec(i % 4, "k", format!("p{}-{}", i % 4, i / 4)))
+        .collect();
+    produce(&b, &topic, records).await;
+    let f = Function::deploy("kpoison", &[("POISON", "p3-50")]).await;
+    let parked = f.dir.path().join("parked.jsonl");
+    let gw = Gateway::start(&kafka_config(
+        &b,
+        &f.name,
+        &topic,
+        &unique("g"),
+        &format!(
+            r#"
+[mapping.batch]
+size = 10
+window = "100ms"
+
+[mapping.retry]
+max_attempts = 3
+backoff_min = "300ms"
+backoff_max = "300ms"
+
+[mapping.on_failure]
+type = "file"
+path = "{}"
+"#,
+            parked.display()
+        ),
+    ));
+    wait_for("the parked batch", LONG, || {
+        let r = failure_records(&parked);
+        (!r.is_empty()).then_some(())
+    })
+    .await;
+    f.wait_delivered(390, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    let records = failure_records(&parked);
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(r["requestContext"]["condition"], "RetryAttemptsExhausted");
+    assert_eq!(r["requestContext"]["approximateInvokeCount"], 4);
+    assert_eq!(r["KafkaBatchInfo"]["partition"], 3);
+    assert_eq!(r["KafkaBatchInfo"]["firstOffset"], 50);
+    assert_eq!(r["KafkaBatchInfo"]["batchSize"], 10);
+    assert_eq!(
+        r["payload"]["records"][format!("{topic}-3")]
+            .as_array()
+            .unwrap()
+            .len(),
+        10
+    );
+
+    // The other partitions never waited: they were done before partition 3 gave up.
+    let inv = f.invocations();
+    let first_poison = inv.iter().position(|i| !i.ok).unwrap();
+    let last_poison = inv.iter().rposition(|i| !i.ok).unwrap();
+    let others_after = inv[last_poison..]
+        .iter()
+        .filter(|i| i.bodies.iter().any(|b| !b.starts_with("p3-")))
+        .count();
+    assert_eq!(
+        others_after, 0,
+        "partitions 0-2 were drained while 3 retried ({first_poison}..{last_poison})"
+    );
+    let by_partition = delivered_by_partition(&f);
+    assert_eq!(
+        by_partition[&3],
+        (0..50).chain(60..100).collect::<Vec<_>>(),
+        "partition 3 resumed after the parked batch"
+    );
+    for p in 0..3 {
+        assert_eq!(by_partition[&p], (0..100).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn kill_9_and_restart_loses_nothing() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "kill", 2).await;
+    let records = (0..2_000)
+        .map(|i| rec(i % 2, "k", format!("r-{i}")))
+        .collect();
+    produce(&b, &topic, records).await;
+    let f = Function::deploy("kkill", &[("SLEEP_MS", "20")]).await;
+    let group = unique("g");
+    let config = kafka_config(
+        &b,
+        &f.name,
+        &topic,
+        &group,
+        "[mapping.batch]\nsize = 20\nwindow = \"100ms\"",
+    );
+    let gw = Gateway::start(&config);
+    f.wait_delivered(300, LONG).await;
+    gw.kill9();
+    let gw = Gateway::start(&config);
+    let delivered = wait_for("every record at least once", LONG, || {
+        let d = f.delivered();
+        let mut u = d.clone();
+        u.sort();
+        u.dedup();
+        (u.len() == 2_000).then_some(d)
+    })
+    .await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for d in delivered {
+        *counts.entry(d).or_default() += 1;
+    }
+    let dups = counts.values().filter(|&&n| n > 1).count();
+    // At most the batch in flight on each partition, plus what was delivered after the
+    // last commit (commits follow every batch).
+    assert!(dups <= 2 * 20 * 2, "{dups} duplicates");
+}
+
+#[tokio::test]
+async fn headers_with_non_ascii_bytes_arrive_as_signed_byte_arrays() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "headers", 1).await;
+    produce(
+        &b,
+        &topic,
+        vec![Rec {
+            partition: 0,
+            key: None,
+            value: "with-headers".into(),
+            headers: vec![
+                ("accent", "ë".as_bytes().to_vec()),
+                ("raw", vec![0, 127, 128, 255]),
+            ],
+        }],
+    )
+    .await;
+    let f = Function::deploy("kheaders", &[("LOG_EVENT", "1")]).await;
+    let gw = Gateway::start(&kafka_config(&b, &f.name, &topic, &unique("g"), ""));
+    f.wait_delivered(1, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let event = f.invocations()[0].event.clone().unwrap();
+    let r = &event["records"][format!("{topic}-0")][0];
+    assert_eq!(
+        r["headers"],
+        serde_json::json!([{"accent": [-61, -85]}, {"raw": [0, 127, -128, -1]}])
+    );
+    assert!(r.get("key").is_none(), "a null key is left out: {r}");
+    assert_eq!(event["bootstrapServers"], b);
+    // And it parses as aws_lambda_events' type.
+    let parsed: aws_lambda_events::event::kafka::KafkaEvent =
+        serde_json::from_value(event).unwrap();
+    assert_eq!(
+        parsed.records[&format!("{topic}-0")][0].headers[0]["accent"],
+        vec![-61i8, -85]
+    );
+}
