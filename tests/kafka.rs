@@ -342,3 +342,99 @@ async fn headers_with_non_ascii_bytes_arrive_as_signed_byte_arrays() {
         vec![-61i8, -85]
     );
 }
+
+#[tokio::test]
+async fn two_gateways_split_the_partitions_and_one_takes_over_when_the_other_dies() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "group", 4).await;
+    let records = (0..2_000)
+        .map(|i| rec(i % 4, "k", format!("r-{i}")))
+        .collect();
+    produce(&b, &topic, records).await;
+    let f = Function::deploy("kgroup", &[("SLEEP_MS", "20")]).await;
+    let config = kafka_config(
+        &b,
+        &f.name,
+        &topic,
+        &unique("g"),
+        "[mapping.batch]\nsize = 10\nwindow = \"100ms\"",
+    );
+
+    let first = Gateway::start(&config);
+    first.wait_log("partition assigned", LONG).await;
+    let second = Gateway::start(&config);
+    // Cooperative rebalancing hands some partitions to the second member.
+    second.wait_log("partition assigned", LONG).await;
+    let assigned = |gw: &Gateway| {
+        gw.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("partition assigned"))
+            .count()
+    };
+    assert!(
+        assigned(&second) < 4,
+        "the second member took only part of the topic"
+    );
+    f.wait_delivered(400, LONG).await;
+
+    first.kill9();
+    // After the dead member's session times out, the survivor owns all four.
+    wait_for("the survivor to own every partition", LONG, || {
+        (assigned(&second) >= 4).then_some(())
+    })
+    .await;
+    wait_for("every record at least once", LONG, || {
+        let mut d = f.delivered();
+        d.sort();
+        d.dedup();
+        (d.len() == 2_000).then_some(())
+    })
+    .await;
+    assert_eq!(second.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn the_gateway_waits_out_a_broker_outage_and_resumes() {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let b = mock.bootstrap_servers();
+    let topic = unique("outage");
+    mock.create_topic(&topic, 1, 1).unwrap();
+    produce(
+        &b,
+        &topic,
+        (0..50)
+            .map(|i| rec(0, "k", format!("before-{i}")))
+            .collect(),
+    )
+    .await;
+    let f = Function::deploy("koutage", &[]).await;
+    let gw = Gateway::start(&kafka_config(
+        &b,
+        &f.name,
+        &topic,
+        &unique("g"),
+        "[mapping.batch]\nwindow = \"100ms\"",
+    ));
+    f.wait_delivered(50, LONG).await;
+
+    mock.broker_down(-1).unwrap();
+    // The outage itself is the scenario: thirty seconds without a broker.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    mock.broker_up(-1).unwrap();
+    produce(
+        &b,
+        &topic,
+        (0..50).map(|i| rec(0, "k", format!("after-{i}"))).collect(),
+    )
+    .await;
+
+    let delivered = f.wait_delivered(100, LONG).await;
+    let mut expected: Vec<String> = (0..50).map(|i| format!("before-{i}")).collect();
+    expected.extend((0..50).map(|i| format!("after-{i}")));
+    let mut unique_delivered = delivered.clone();
+    unique_delivered.dedup();
+    assert_eq!(unique_delivered, expected);
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}
