@@ -1,1 +1,517 @@
-fn main() {}
+//! RabbitMQ drain benchmark: how fast does esm-gateway empty a queue into Lambda, compared
+//! with a plain lapin consumer draining the same queue on the same broker?
+//!
+//! ```text
+//! cargo bench --bench rabbitmq
+//! BENCH_MESSAGES=200000 BENCH_SIZE=1024 BENCH_BATCH=100 AMQP_URL=amqp://… cargo bench --bench rabbitmq
+//! ```
+//!
+//! 1. Fills a fresh durable queue with `BENCH_MESSAGES` persistent messages of `BENCH_SIZE`
+//!    bytes, then times a raw lapin consumer (prefetch 1000, one `multiple` ack every 100
+//!    deliveries) draining it.
+//! 2. Fills it again and times the release `esm-gateway` binary draining it into an
+//!    in-process Lambda API stub (200 `null` at once), from process start until the stub
+//!    has counted every record.
+//! 3. Prints a Markdown table, the gateway's CPU time per record and peak RSS (from
+//!    `/proc`, read before SIGTERM), and deletes the queue.
+//!
+//! Needs a local RabbitMQ (`AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`)
+//! and Linux (`/proc`).
+
+mod support;
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use futures_util::{StreamExt, TryStreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use support::{lambda_stub, proc_stats};
+
+/// The gateway binary; cargo builds it (same profile) before any benchmark that names it.
+const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_esm-gateway");
+/// Prefetch of the raw consumer (and of the gateway, unless the batch is larger).
+const PREFETCH: u16 = 1000;
+/// The raw consumer acks (with `multiple`) every this many deliveries, and the last one.
+const ACK_EVERY: u64 = 100;
+/// Publisher confirms are awaited once per this many messages.
+const CONFIRM_CHUNK: u64 = 5000;
+/// Publishes in flight at once while filling the queue.
+const PUBLISH_CONCURRENCY: usize = 64;
+
+struct Params {
+    amqp_url: String,
+    messages: u64,
+    size: usize,
+    batch: u64,
+}
+
+impl Params {
+    fn from_env() -> Result<Params> {
+        fn num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .parse()
+                    .ok()
+                    .with_context(|| format!("{name}={v:?} is not a number")),
+                Err(_) => Ok(default),
+            }
+        }
+        let p = Params {
+            amqp_url: std::env::var("AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            messages: num("BENCH_MESSAGES", 200_000)?,
+            size: num("BENCH_SIZE", 1024)?,
+            batch: num("BENCH_BATCH", 100)?,
+        };
+        ensure!(p.messages > 0, "BENCH_MESSAGES must be positive");
+        ensure!(
+            (1..=10_000).contains(&p.batch),
+            "BENCH_BATCH must be between 1 and 10000"
+        );
+        Ok(p)
+    }
+}
+
+/// One timed drain.
+struct Drain {
+    records: u64,
+    elapsed: Duration,
+}
+
+impl Drain {
+    fn rate(&self) -> f64 {
+        self.records as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// What the gateway run measured besides its drain time.
+struct GatewayRun {
+    drain: Drain,
+    /// From the first invoke to the one that completed the count.
+    steady: Option<Drain>,
+    startup: Duration,
+    cpu: Duration,
+    peak_rss_kib: u64,
+    invokes: u64,
+    stub_cpu: Duration,
+    broker_cpu: Duration,
+}
+
+/// A multi-thread runtime, as a real consumer would use; the gateway runs in its own
+/// process, so during its drain this process only serves the Lambda stub.
+#[tokio::main]
+async fn main() -> Result<()> {
+    let params = Params::from_env()?;
+    let ticks = proc_stats::clock_ticks();
+    let conn = Connection::connect(&params.amqp_url, ConnectionProperties::default())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to RabbitMQ at {} (set AMQP_URL; is it running? \
+                 `rabbitmq-diagnostics -q ping`)",
+                params.amqp_url
+            )
+        })?;
+    let control = conn.create_channel().await?;
+    let queue = format!(
+        "esm-gateway-bench-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+    );
+    control
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .context("declaring the bench queue")?;
+    eprintln!(
+        "queue {queue}: {} messages of {} bytes, gateway batch {}",
+        params.messages, params.size, params.batch
+    );
+
+    let result = run(&params, &conn, &control, &queue, ticks).await;
+
+    // Always remove the queue, whatever happened.
+    if let Err(e) = control
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+    {
+        eprintln!("warning: could not delete queue {queue}: {e}");
+    }
+    let _ = conn.close(200, "bench done".into()).await;
+
+    let (raw, raw_cpu, raw_broker_cpu, gw) = result?;
+    print!("{}", report(&params, &raw, raw_cpu, raw_broker_cpu, &gw));
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+async fn run(
+    params: &Params,
+    conn: &Connection,
+    control: &Channel,
+    queue: &str,
+    ticks: u64,
+) -> Result<(Drain, Duration, Duration, GatewayRun)> {
+    let publisher = conn.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let broker = proc_stats::broker_pids();
+    if broker.is_empty() {
+        eprintln!("note: no local beam.smp process found; broker CPU will read 0");
+    }
+
+    // 1. Raw lapin consumer.
+    fill(&publisher, control, queue, params).await?;
+    let (self_before, broker_before) = (
+        proc_stats::cpu_time("self", ticks)?,
+        proc_stats::total_cpu_time(&broker, ticks),
+    );
+    let raw = raw_drain(conn, queue, params.messages).await?;
+    let raw_cpu = proc_stats::cpu_time("self", ticks)? - self_before;
+    let raw_broker_cpu = proc_stats::total_cpu_time(&broker, ticks) - broker_before;
+    eprintln!(
+        "raw consumer: {} records in {:.2?}",
+        raw.records, raw.elapsed
+    );
+
+    // 2. The gateway, timed against the raw drain (it gets 20 times as long, at least 60 s).
+    let (stub_addr, stats) = lambda_stub::start(params.messages).await?;
+    fill(&publisher, control, queue, params).await?;
+    let limit = (raw.elapsed * 20).max(Duration::from_secs(60));
+    let gw = gateway_drain(params, queue, stub_addr, &stats, &broker, ticks, limit).await?;
+    Ok((raw, raw_cpu, raw_broker_cpu, gw))
+}
+
+/// Publishes `params.messages` persistent messages with confirms, pipelined: confirms are
+/// awaited once per chunk, not per message. Checks the queue then holds exactly that many.
+async fn fill(publisher: &Channel, control: &Channel, queue: &str, params: &Params) -> Result<()> {
+    let started = Instant::now();
+    let payload: Vec<u8> = (0..params.size).map(|i| b'a' + (i % 26) as u8).collect();
+    let publish = |i: u64| {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/octet-stream".into())
+            .with_message_id(format!("m{i}").as_str().into());
+        publisher.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            &payload,
+            props,
+        )
+    };
+    let mut next = 0;
+    while next < params.messages {
+        let end = (next + CONFIRM_CHUNK).min(params.messages);
+        // Up to PUBLISH_CONCURRENCY publishes in flight; their confirms are left pending
+        // (dropping a PublisherConfirm does not cancel it) and awaited once per chunk.
+        futures_util::stream::iter(next..end)
+            .map(publish)
+            .buffered(PUBLISH_CONCURRENCY)
+            .try_for_each(|_confirm| async { Ok(()) })
+            .await
+            .context("publishing")?;
+        let returned = publisher.wait_for_confirms().await?;
+        ensure!(returned.is_empty(), "{} messages returned", returned.len());
+        next = end;
+    }
+    let depth = control
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count() as u64;
+    ensure!(
+        depth == params.messages,
+        "queue {queue} holds {depth} messages, expected {}",
+        params.messages
+    );
+    eprintln!(
+        "published {} messages in {:.2?}",
+        params.messages,
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Drains `n` messages with a plain consumer; times from basic.consume until the last
+/// delivery is received and acked.
+async fn raw_drain(conn: &Connection, queue: &str, n: u64) -> Result<Drain> {
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await?;
+    let started = Instant::now();
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bench-raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut received = 0u64;
+    while received < n {
+        let delivery = consumer
+            .next()
+            .await
+            .context("the consumer ended early")??;
+        std::hint::black_box(&delivery.data);
+        received += 1;
+        if received.is_multiple_of(ACK_EVERY) || received == n {
+            delivery
+                .acker
+                .ack(BasicAckOptions { multiple: true })
+                .await?;
+        }
+    }
+    let elapsed = started.elapsed();
+    channel
+        .basic_cancel("bench-raw".into(), BasicCancelOptions::default())
+        .await?;
+    channel.close(200, "drained".into()).await?;
+    Ok(Drain {
+        records: received,
+        elapsed,
+    })
+}
+
+/// Kills the gateway if the bench bails out before stopping it.
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+async fn gateway_drain(
+    params: &Params,
+    queue: &str,
+    stub: std::net::SocketAddr,
+    stats: &lambda_stub::Stats,
+    broker: &[String],
+    ticks: u64,
+    limit: Duration,
+) -> Result<GatewayRun> {
+    let mut config = tempfile::Builder::new()
+        .prefix("esm-gateway-bench-")
+        .suffix(".toml")
+        .tempfile()?;
+    config.write_all(gateway_config(params, queue, stub).as_bytes())?;
+    config.flush()?;
+
+    let (stub_before, broker_before) = (
+        proc_stats::cpu_time("self", ticks)?,
+        proc_stats::total_cpu_time(broker, ticks),
+    );
+    let started = Instant::now();
+    let mut gateway = Gateway(
+        Command::new(GATEWAY_BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(config.path())
+            // Dummy credentials: the SDK signs requests, the stub ignores the signature.
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {GATEWAY_BIN}"))?,
+    );
+    let pid = gateway.0.id().to_string();
+
+    // Wait for the stub to count every record, watching for an early exit of the gateway.
+    let done = stats.done();
+    tokio::pin!(done);
+    loop {
+        tokio::select! {
+            () = &mut done => break,
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                if let Some(status) = gateway.0.try_wait()? {
+                    bail!("the gateway exited early ({status}) after {} records", stats.records());
+                }
+                if started.elapsed() > limit {
+                    bail!(
+                        "timed out after {limit:?}: the stub saw {} of {} records",
+                        stats.records(),
+                        params.messages
+                    );
+                }
+            }
+        }
+    }
+    // Read the gateway's counters at once, before it starts shutting down.
+    let cpu = proc_stats::cpu_time(&pid, ticks)?;
+    let peak_rss_kib = proc_stats::peak_rss_kib(&pid)?;
+    let stub_cpu = proc_stats::cpu_time("self", ticks)? - stub_before;
+    let broker_cpu = proc_stats::total_cpu_time(broker, ticks) - broker_before;
+
+    let reached = stats
+        .target_reached()
+        .context("target reached without a time")?;
+    let (first, first_records) = stats.first_invoke().context("no invoke seen")?;
+    let records = stats.records();
+    if let Some(e) = stats.bad_event() {
+        bail!("the stub received a malformed event: {e}");
+    }
+    if records != params.messages {
+        eprintln!(
+            "warning: the stub counted {records} records for {} messages (redeliveries?)",
+            params.messages
+        );
+    }
+
+    // Stop the gateway the way an orchestrator would, and check it exits cleanly.
+    let status = Command::new("kill").args(["-TERM", &pid]).status()?;
+    ensure!(status.success(), "kill -TERM {pid} failed");
+    let stop_started = Instant::now();
+    let exit = loop {
+        if let Some(s) = gateway.0.try_wait()? {
+            break s;
+        }
+        ensure!(
+            stop_started.elapsed() < Duration::from_secs(15),
+            "the gateway did not stop within 15 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if !exit.success() {
+        eprintln!("warning: the gateway exited with {exit} after SIGTERM");
+    }
+
+    Ok(GatewayRun {
+        drain: Drain {
+            records,
+            elapsed: reached - started,
+        },
+        // The first invoke's records were all there at `first`: count the rest over the span.
+        steady: (reached > first).then(|| Drain {
+            records: records - first_records,
+            elapsed: reached - first,
+        }),
+        startup: first - started,
+        cpu,
+        peak_rss_kib,
+        invokes: stats.invokes(),
+        stub_cpu,
+        broker_cpu,
+    })
+}
+
+fn gateway_config(params: &Params, queue: &str, stub: std::net::SocketAddr) -> String {
+    // JSON strings are valid TOML basic strings.
+    let s = |v: &str| serde_json::to_string(v).expect("string to JSON");
+    let prefetch = u64::from(PREFETCH).max(params.batch);
+    format!(
+        r#"[aws]
+region = "us-east-1"
+endpoint_url = "http://{stub}"
+
+[gateway]
+shutdown_grace = "5s"
+
+[[mapping]]
+name = "bench"
+function = "bench-fn"
+
+[mapping.source]
+type = "rabbitmq"
+url = {url}
+queue = {queue}
+prefetch = {prefetch}
+
+[mapping.batch]
+size = {batch}
+window = "500ms"
+"#,
+        url = s(&params.amqp_url),
+        queue = s(queue),
+        batch = params.batch,
+    )
+}
+
+fn report(
+    params: &Params,
+    raw: &Drain,
+    raw_cpu: Duration,
+    raw_broker_cpu: Duration,
+    gw: &GatewayRun,
+) -> String {
+    let per_record = |d: Duration, n: u64| d.as_secs_f64() * 1e6 / n as f64;
+    let mut out = format!(
+        "\n{} messages × {} B\n\n| {:<40} | records | seconds | records/s | ratio |\n|{}|---------|---------|-----------|-------|\n",
+        params.messages,
+        params.size,
+        "path",
+        "-".repeat(42)
+    );
+    let mut row = |path: &str, d: &Drain| {
+        let _ = writeln!(
+            out,
+            "| {path:<40} | {:>7} | {:>7.2} | {:>9.0} | {:>5.2} |",
+            d.records,
+            d.elapsed.as_secs_f64(),
+            d.rate(),
+            d.rate() / raw.rate()
+        );
+    };
+    row("raw lapin consumer", raw);
+    row(&format!("esm-gateway (batch {})", params.batch), &gw.drain);
+    if let Some(steady) = &gw.steady {
+        row("esm-gateway, first→last invoke", steady);
+    }
+    let _ = writeln!(
+        out,
+        "\ngateway CPU: {:.1} µs/record, peak RSS: {:.1} MiB, invokes: {}",
+        per_record(gw.cpu, gw.drain.records),
+        gw.peak_rss_kib as f64 / 1024.0,
+        gw.invokes
+    );
+    let _ = writeln!(
+        out,
+        "gateway start → first invoke: {:.3} s",
+        gw.startup.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "raw consumer CPU: {:.1} µs/record; lambda stub CPU: {:.1} µs/record",
+        per_record(raw_cpu, raw.records),
+        per_record(gw.stub_cpu, gw.drain.records)
+    );
+    let _ = writeln!(
+        out,
+        "broker CPU: {:.1} µs/record (raw drain), {:.1} µs/record (gateway drain)",
+        per_record(raw_broker_cpu, raw.records),
+        per_record(gw.broker_cpu, gw.drain.records)
+    );
+    out
+}

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub struct Record {
     /// This record's element of the function event, as JSON text.
-    pub fragment: Box<str>,
+    pub fragment: String,
     /// What a partial batch response names it by (message id), when it has one.
     pub id: Option<Box<str>>,
     /// Position in its stream (delivery tag, offset); used in failure records.

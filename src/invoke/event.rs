@@ -40,8 +40,9 @@ impl Envelope {
     }
 
     /// Renders the event for `records`, in their order.
-    pub fn render<'a>(&self, records: impl IntoIterator<Item = &'a Record>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4096);
+    pub fn render(&self, records: &[Record]) -> Vec<u8> {
+        let bytes: usize = records.iter().map(Record::weight).sum();
+        let mut out = Vec::with_capacity(256 + bytes);
         match self {
             Envelope::Rabbit {
                 event_source_arn,
@@ -67,7 +68,7 @@ impl Envelope {
             }
         }
         out.extend_from_slice(b":[");
-        for (i, r) in records.into_iter().enumerate() {
+        for (i, r) in records.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
@@ -112,7 +113,7 @@ impl Envelope {
 
     /// Bytes of an empty event: what a batch has before its first record.
     pub fn overhead(&self) -> usize {
-        self.render(std::iter::empty()).len()
+        self.render(&[]).len()
     }
 
     /// The `…BatchInfo` member of a failure record: where the records came from.
@@ -166,31 +167,79 @@ pub fn rabbit_fragment(
     redelivered: bool,
     body: &[u8],
 ) -> String {
+    // Written straight into one buffer: this runs for every message, and building a
+    // serde_json map first costs more than the rest of the path together.
     let p = properties;
-    let s = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
-    let headers = p.headers().as_ref().map(table_json);
-    let element = json!({
-        "basicProperties": {
-            "contentType": s(p.content_type()),
-            "contentEncoding": s(p.content_encoding()),
-            "headers": headers,
-            "deliveryMode": p.delivery_mode(),
-            "priority": p.priority(),
-            "correlationId": s(p.correlation_id()),
-            "replyTo": s(p.reply_to()),
-            "expiration": s(p.expiration()),
-            "messageId": s(p.message_id()),
-            "timestamp": p.timestamp().map(java_date),
-            "type": s(p.kind()),
-            "userId": s(p.user_id()),
-            "appId": s(p.app_id()),
-            "clusterId": s(p.cluster_id()),
-            "bodySize": body.len(),
-        },
-        "redelivered": redelivered,
-        "data": base64::engine::general_purpose::STANDARD.encode(body),
-    });
-    element.to_string()
+    let mut out = String::with_capacity(420 + body.len().div_ceil(3) * 4);
+    let short = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    out.push_str(r#"{"basicProperties":{"contentType":"#);
+    push_opt_str(&mut out, short(p.content_type()).as_deref());
+    out.push_str(r#","contentEncoding":"#);
+    push_opt_str(&mut out, short(p.content_encoding()).as_deref());
+    out.push_str(r#","headers":"#);
+    match p.headers() {
+        Some(t) => out.push_str(&table_json(t).to_string()),
+        None => out.push_str("null"),
+    }
+    out.push_str(r#","deliveryMode":"#);
+    push_opt_num(&mut out, p.delivery_mode().map(u64::from));
+    out.push_str(r#","priority":"#);
+    push_opt_num(&mut out, p.priority().map(u64::from));
+    for (key, value) in [
+        ("correlationId", p.correlation_id()),
+        ("replyTo", p.reply_to()),
+        ("expiration", p.expiration()),
+        ("messageId", p.message_id()),
+    ] {
+        let _ = write!(out, r#","{key}":"#);
+        push_opt_str(&mut out, value.as_ref().map(|s| s.as_str()));
+    }
+    out.push_str(r#","timestamp":"#);
+    push_opt_str(&mut out, p.timestamp().map(java_date).as_deref());
+    for (key, value) in [
+        ("type", p.kind()),
+        ("userId", p.user_id()),
+        ("appId", p.app_id()),
+        ("clusterId", p.cluster_id()),
+    ] {
+        let _ = write!(out, r#","{key}":"#);
+        push_opt_str(&mut out, value.as_ref().map(|s| s.as_str()));
+    }
+    let _ = write!(
+        out,
+        r#","bodySize":{}}},"redelivered":{redelivered},"data":""#,
+        body.len()
+    );
+    base64::engine::general_purpose::STANDARD.encode_string(body, &mut out);
+    out.push_str("\"}");
+    out
+}
+
+/// Appends `s` as a JSON string.
+fn push_json_str(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&Value::from(s).to_string());
+    }
+}
+
+fn push_opt_str(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => push_json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+fn push_opt_num(out: &mut String, n: Option<u64>) {
+    match n {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None => out.push_str("null"),
+    }
 }
 
 /// One Kafka record as an element of `records`, as AWS's self-managed Kafka trigger
@@ -198,7 +247,6 @@ pub fn rabbit_fragment(
 /// objects whose values are signed (Java) byte arrays.
 pub fn kafka_fragment<M: rdkafka::Message>(m: &M) -> String {
     use rdkafka::message::{Headers, Timestamp};
-    use std::fmt::Write as _;
     let (timestamp, kind) = match m.timestamp() {
         Timestamp::CreateTime(t) => (t, "CREATE_TIME"),
         Timestamp::LogAppendTime(t) => (t, "LOG_APPEND_TIME"),
@@ -207,7 +255,7 @@ pub fn kafka_fragment<M: rdkafka::Message>(m: &M) -> String {
     let b64 = &base64::engine::general_purpose::STANDARD;
     let mut out = String::with_capacity(160 + m.payload().map_or(0, <[u8]>::len) * 4 / 3);
     out.push_str(r#"{"topic":"#);
-    out.push_str(&Value::from(m.topic()).to_string());
+    push_json_str(&mut out, m.topic());
     let _ = write!(
         out,
         r#","partition":{},"offset":{},"timestamp":{timestamp},"timestampType":"{kind}""#,
@@ -230,7 +278,9 @@ pub fn kafka_fragment<M: rdkafka::Message>(m: &M) -> String {
             if i > 0 {
                 out.push(',');
             }
-            let _ = write!(out, "{{{}:[", Value::from(h.key));
+            out.push('{');
+            push_json_str(&mut out, h.key);
+            out.push_str(":[");
             for (j, b) in h.value.unwrap_or_default().iter().enumerate() {
                 let _ = write!(out, "{}{}", if j > 0 { "," } else { "" }, *b as i8);
             }
@@ -347,7 +397,8 @@ mod tests {
             .with_priority(34)
             .with_expiration("60000".into())
             .with_timestamp(2021)
-            .with_user_id("AIDACKCEVSQ6C2EXAMPLE".into());
+            .with_user_id("AIDACKCEVSQ6C2EXAMPLE".into())
+            .with_correlation_id("needs \"escaping\"\n".into());
         let body = br#"{"timeout":0,"data":"CZrmf0Gw8Ov4bqLQxD4E"}"#;
         let v: Value = serde_json::from_str(&rabbit_fragment(&props, false, body)).unwrap();
         let bp = &v["basicProperties"];
@@ -362,6 +413,7 @@ mod tests {
         assert_eq!(bp["deliveryMode"], 1);
         assert_eq!(bp["priority"], 34);
         assert_eq!(bp["messageId"], Value::Null);
+        assert_eq!(bp["correlationId"], "needs \"escaping\"\n");
         assert_eq!(bp["timestamp"], "Jan 1, 1970, 12:33:41 AM");
         assert_eq!(bp["type"], Value::Null);
         assert_eq!(bp["bodySize"], body.len());
@@ -404,7 +456,7 @@ mod tests {
                    "headers":[{"headerKey":[104,101,97,100,101,114,86,97,108,117,101]},{"accent":[-61,-85]}]})
         );
         let r = Record {
-            fragment: kafka_fragment(&m).into(),
+            fragment: kafka_fragment(&m),
             id: None,
             position: 15,
             received: tokio::time::Instant::now(),
@@ -417,7 +469,7 @@ mod tests {
             partition: 0,
         };
         let e: aws_lambda_events::event::kafka::KafkaEvent =
-            serde_json::from_slice(&env.render([&r])).unwrap();
+            serde_json::from_slice(&env.render(std::slice::from_ref(&r))).unwrap();
         assert_eq!(e.event_source.as_deref(), Some("SelfManagedKafka"));
         let recs = &e.records["AWSKafkaTopic-0"];
         assert_eq!(recs[0].offset, 15);
@@ -434,8 +486,8 @@ mod tests {
             .with_delivery_mode(2)
             .with_priority(0)
             .with_message_id("m-1".into());
-        let r = Record {
-            fragment: rabbit_fragment(&props, true, b"hello").into(),
+        let record = || Record {
+            fragment: rabbit_fragment(&props, true, b"hello"),
             id: Some("m-1".into()),
             position: 1,
             received: tokio::time::Instant::now(),
@@ -447,7 +499,7 @@ mod tests {
             queue: "orders".into(),
             vhost: "/".into(),
         };
-        let bytes = env.render([&r, &r]);
+        let bytes = env.render(&[record(), record()]);
         let e: aws_lambda_events::event::rabbitmq::RabbitMqEvent =
             serde_json::from_slice(&bytes).unwrap();
         assert_eq!(e.event_source.as_deref(), Some("aws:rmq"));
@@ -455,6 +507,6 @@ mod tests {
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[0].basic_properties.message_id.as_deref(), Some("m-1"));
         assert!(msgs[0].redelivered);
-        assert_eq!(env.overhead(), env.render(std::iter::empty()).len());
+        assert_eq!(env.overhead(), env.render(&[]).len());
     }
 }

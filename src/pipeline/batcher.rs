@@ -89,7 +89,7 @@ mod tests {
 
     fn rec(i: u64, len: usize) -> Record {
         Record {
-            fragment: "x".repeat(len).into(),
+            fragment: "x".repeat(len),
             id: None,
             position: i,
             received: Instant::now(),

@@ -515,7 +515,7 @@ fn to_record<M: Message>(m: &M) -> Record {
         .unwrap_or_default();
     let received = tokio::time::Instant::now();
     Record {
-        fragment: kafka_fragment(m).into_boxed_str(),
+        fragment: kafka_fragment(m),
         id: None,
         position: m.offset() as u64,
         received: received.checked_sub(age).unwrap_or(received),

@@ -193,8 +193,7 @@ async fn session(
                     &d.properties,
                     d.redelivered,
                     &d.data,
-                )
-                .into_boxed_str(),
+                ),
                 id: d
                     .properties
                     .message_id()

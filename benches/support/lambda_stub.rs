@@ -1,0 +1,131 @@
+//! A minimal stand-in for the Lambda Invoke API: `POST /2015-03-31/functions/{name}/invocations`
+//! answers 200 with the body `null` at once and counts the records of each event.
+//!
+//! It shares the machine's cores with the broker and the gateway, so it does as little as
+//! possible: records are counted with one pass over the body (see [`count_records`]) and
+//! only the first event is parsed in full, to check that the count is right.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::post;
+use tokio::sync::Notify;
+
+/// What the stub has seen.
+pub struct Stats {
+    /// Records to wait for; [`Stats::done`] is notified once they have all arrived.
+    target: u64,
+    records: AtomicU64,
+    invokes: AtomicU64,
+    /// When the first invoke arrived, and its record count.
+    first_invoke: OnceLock<(Instant, u64)>,
+    target_reached: OnceLock<Instant>,
+    /// Set if the first event's record count disagrees with its parsed JSON.
+    bad_event: OnceLock<String>,
+    done: Notify,
+}
+
+impl Stats {
+    pub fn records(&self) -> u64 {
+        self.records.load(Ordering::Relaxed)
+    }
+    pub fn invokes(&self) -> u64 {
+        self.invokes.load(Ordering::Relaxed)
+    }
+    /// When the first invoke arrived, and how many records it carried.
+    pub fn first_invoke(&self) -> Option<(Instant, u64)> {
+        self.first_invoke.get().copied()
+    }
+    /// When the request that brought the total to the target was answered.
+    pub fn target_reached(&self) -> Option<Instant> {
+        self.target_reached.get().copied()
+    }
+    pub fn bad_event(&self) -> Option<&str> {
+        self.bad_event.get().map(String::as_str)
+    }
+    /// Resolves once the target is reached (at once if it already was).
+    pub async fn done(&self) {
+        self.done.notified().await;
+    }
+}
+
+/// Starts the stub on 127.0.0.1 with a free port, on the current tokio runtime.
+pub async fn start(target: u64) -> std::io::Result<(SocketAddr, Arc<Stats>)> {
+    let stats = Arc::new(Stats {
+        target,
+        records: AtomicU64::new(0),
+        invokes: AtomicU64::new(0),
+        first_invoke: OnceLock::new(),
+        target_reached: OnceLock::new(),
+        bad_event: OnceLock::new(),
+        done: Notify::new(),
+    });
+    let app = Router::new()
+        .route("/2015-03-31/functions/{name}/invocations", post(invoke))
+        // Events can be up to 6 MB (large batches); axum's default limit is 2 MB.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(stats.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("lambda stub stopped: {e}");
+        }
+    });
+    Ok((addr, stats))
+}
+
+async fn invoke(State(stats): State<Arc<Stats>>, body: Bytes) -> &'static str {
+    let arrived = Instant::now();
+    let n = count_records(&body);
+    if stats.first_invoke.set((arrived, n)).is_ok()
+        && let Err(e) = check_event(&body, n)
+    {
+        let _ = stats.bad_event.set(e);
+    }
+    stats.invokes.fetch_add(1, Ordering::Relaxed);
+    let total = stats.records.fetch_add(n, Ordering::Relaxed) + n;
+    if total >= stats.target && stats.target_reached.set(Instant::now()).is_ok() {
+        // notify_one keeps a permit if nobody is waiting yet, so the wake-up is not lost.
+        stats.done.notify_one();
+    }
+    "null"
+}
+
+/// Records in an `aws:rmq` event: each element of `rmqMessagesByQueue` has exactly one
+/// `"basicProperties"` key. Message bodies are base64 and contain no quotes, so splitting
+/// on quotes yields few pieces, and the key is the only piece equal to `basicProperties`
+/// (JSON punctuation between strings never is). One cheap pass, no parsing.
+pub fn count_records(body: &[u8]) -> u64 {
+    body.split(|&b| b == b'"')
+        .filter(|piece| *piece == b"basicProperties")
+        .count() as u64
+}
+
+/// Parses `body` in full and checks it is an `aws:rmq` event of `expected` records.
+fn check_event(body: &[u8], expected: u64) -> Result<(), String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("event is not JSON: {e}"))?;
+    if v["eventSource"] != "aws:rmq" {
+        return Err(format!("eventSource is {}", v["eventSource"]));
+    }
+    let queues = v["rmqMessagesByQueue"]
+        .as_object()
+        .ok_or("no rmqMessagesByQueue object")?;
+    let [(_, records)] = queues.iter().collect::<Vec<_>>()[..] else {
+        return Err(format!("{} queues in rmqMessagesByQueue", queues.len()));
+    };
+    let parsed = records.as_array().ok_or("records are not an array")?.len() as u64;
+    if parsed == expected {
+        Ok(())
+    } else {
+        Err(format!(
+            "first event: fast count {expected}, parsed {parsed} records"
+        ))
+    }
+}
