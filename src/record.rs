@@ -16,6 +16,8 @@ pub struct Record {
     pub fragment: String,
     /// What a partial batch response names it by (message id), when it has one.
     pub id: Option<Box<str>>,
+    /// Its ordering key within the source (Kafka key, SQS FIFO message group).
+    pub key: Option<Box<str>>,
     /// Position in its stream (delivery tag, offset); used in failure records.
     pub position: u64,
     /// When the gateway received it: the clock max_record_age runs on.
@@ -31,6 +33,8 @@ pub struct Record {
 pub enum Ack {
     /// A RabbitMQ delivery on the channel it arrived on.
     Rabbit(lapin::Acker),
+    /// An SQS receipt handle.
+    Sqs(String),
     /// Acknowledged by position alone (and records built by tests).
     None,
 }
@@ -49,4 +53,7 @@ pub enum Resolution {
     Delivered,
     /// Its failure record is confirmed in the on-failure destination.
     DeadLettered,
+    /// It failed and is left to the source to redeliver (SQS: after its visibility
+    /// timeout, subject to the queue's redrive policy).
+    Released,
 }

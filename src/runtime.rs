@@ -54,7 +54,9 @@ pub async fn run(
         let token = shutdown.clone();
         let span =
             tracing::info_span!("mapping", name = %mapping.name, source = mapping.source.kind());
-        tasks.spawn(run_mapping(mapping, deliverer, token).instrument(span));
+        tasks.spawn(
+            run_mapping(mapping, deliverer, sdk.clone(), region.clone(), token).instrument(span),
+        );
     }
     tracing::info!(mappings = tasks.len(), "gateway running");
     shutdown.cancelled().await;
@@ -91,6 +93,10 @@ fn deliverer(
                 vhost,
             }
         }
+        Source::Sqs(q) => Envelope::Sqs {
+            queue_url: q.queue_url.clone(),
+            fifo: q.is_fifo(),
+        },
         // Each partition task sets its own topic and partition.
         Source::Kafka(k) => Envelope::Kafka {
             bootstrap_servers: k.bootstrap_servers.clone(),
@@ -112,6 +118,7 @@ fn deliverer(
             bisect: r.bisect_on_error,
             report_item_failures: mapping.report_batch_item_failures,
             max_payload: mapping.batch.max_bytes(),
+            release_exhausted: matches!(mapping.source, Source::Sqs(_)),
         },
         destination: mapping
             .on_failure
@@ -120,10 +127,16 @@ fn deliverer(
     })
 }
 
-async fn run_mapping(mapping: Mapping, deliverer: Arc<Deliverer>, shutdown: CancellationToken) {
+async fn run_mapping(
+    mapping: Mapping,
+    deliverer: Arc<Deliverer>,
+    sdk: aws_config::SdkConfig,
+    region: String,
+    shutdown: CancellationToken,
+) {
     let limits = BatchLimits {
-        size: mapping.batch.size(),
-        window: mapping.batch.window(),
+        size: mapping.batch_size(),
+        window: mapping.batch_window(),
         // The byte cap covers the whole event; the batcher counts only the records.
         max_bytes: mapping
             .batch
@@ -133,5 +146,9 @@ async fn run_mapping(mapping: Mapping, deliverer: Arc<Deliverer>, shutdown: Canc
     match &mapping.source {
         Source::Rabbitmq(s) => crate::source::rabbitmq::run(s, limits, deliverer, shutdown).await,
         Source::Kafka(k) => crate::source::kafka::run(k, limits, deliverer, shutdown).await,
+        Source::Sqs(q) => {
+            let client = aws_sdk_sqs::Client::new(&sdk);
+            crate::source::sqs::run(q, client, region, limits, deliverer, shutdown).await
+        }
     }
 }

@@ -125,6 +125,7 @@ fn yes() -> bool {
 pub enum Source {
     Rabbitmq(RabbitSource),
     Kafka(KafkaSource),
+    Sqs(SqsSource),
 }
 
 impl Source {
@@ -132,6 +133,7 @@ impl Source {
         match self {
             Source::Rabbitmq(_) => "rabbitmq",
             Source::Kafka(_) => "kafka",
+            Source::Sqs(_) => "sqs",
         }
     }
 }
@@ -166,6 +168,27 @@ pub struct KafkaSource {
     /// manages group.id, bootstrap.servers, offsets, commits and security itself.
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, env::Expanded>,
+}
+
+/// `[mapping.source]` with `type = "sqs"`: a standard or FIFO queue.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsSource {
+    /// The queue URL (a FIFO queue's ends in ".fifo").
+    #[serde(deserialize_with = "env::expand")]
+    pub queue_url: String,
+    /// Most batches in flight at once, 2–1,000 (AWS's MaximumConcurrency). Default: 5.
+    pub max_concurrency: Option<u32>,
+    /// The function's timeout, if you want the gateway to check at start-up that the
+    /// queue's visibility timeout covers the batching window plus this. Default: no check.
+    #[serde(default, with = "humantime_serde")]
+    pub function_timeout: Option<Duration>,
+}
+
+impl SqsSource {
+    pub fn is_fifo(&self) -> bool {
+        self.queue_url.ends_with(".fifo")
+    }
 }
 
 /// Where a partition without a committed offset starts.
@@ -255,21 +278,15 @@ pub struct RabbitSource {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Batching {
-    /// Records per invoke, 1–10,000. Default: 100.
+    /// Records per invoke, 1–10,000 (SQS FIFO: 1–10). Default: 100 (SQS: 10).
     pub size: Option<BatchSize>,
-    /// Longest wait for a batch to fill, 0–300 s. Default: "500ms".
+    /// Longest wait for a batch to fill, 0–300 s. Default: "500ms" (SQS: 0).
     pub window: Option<BatchWindow>,
     /// Largest event in bytes, at most 6 MB (6,291,456). Default: 6 MB.
     pub max_bytes: Option<ByteSize>,
 }
 
 impl Batching {
-    pub fn size(&self) -> usize {
-        self.size.map_or(100, |s| s.0 as usize)
-    }
-    pub fn window(&self) -> Duration {
-        self.window.map_or(Duration::from_millis(500), |w| w.0)
-    }
     pub fn max_bytes(&self) -> usize {
         self.max_bytes.map_or(types::MAX_PAYLOAD, |b| b.0)
     }
@@ -279,10 +296,10 @@ impl Batching {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
-    /// Retries after the first attempt: -1 (forever) or 0–10,000. Default: -1; with an
-    /// on-failure destination, -1 means 10 (as AWS does for streams).
-    #[serde(default)]
-    pub max_attempts: RetryAttempts,
+    /// Retries after the first attempt: -1 (forever) or 0–10,000. Default: -1 (SQS: 0,
+    /// the queue redelivers); with an on-failure destination, -1 means 10 (as AWS does
+    /// for streams).
+    pub max_attempts: Option<RetryAttempts>,
     /// Oldest a record may be before it is parked, 60 s–7 days. Default: no limit.
     pub max_record_age: Option<MaxRecordAge>,
     /// First backoff after a failure. Default: "1s".
@@ -300,7 +317,7 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            max_attempts: RetryAttempts::default(),
+            max_attempts: None,
             max_record_age: None,
             backoff_min: default_backoff_min(),
             backoff_max: default_backoff_max(),
@@ -350,9 +367,34 @@ pub struct RabbitDestination {
 }
 
 impl Mapping {
+    /// Records per batch: the configured size or AWS's default for the source.
+    pub fn batch_size(&self) -> usize {
+        match (self.batch.size, &self.source) {
+            (Some(s), _) => s.0 as usize,
+            (None, Source::Sqs(_)) => 10,
+            (None, _) => 100,
+        }
+    }
+
+    /// The batching window: the configured one or AWS's default for the source.
+    pub fn batch_window(&self) -> Duration {
+        match (self.batch.window, &self.source) {
+            (Some(w), _) => w.0,
+            (None, Source::Sqs(_)) => Duration::ZERO,
+            (None, _) => Duration::from_millis(500),
+        }
+    }
+
     /// Retries allowed after the first attempt; None is forever.
     pub fn retries(&self) -> Option<u32> {
-        match self.retry.max_attempts.0 {
+        let attempts = match (self.retry.max_attempts, &self.source) {
+            (Some(a), _) => a.0,
+            // SQS, as on AWS: no retries inside the gateway unless asked for; a failed
+            // message waits out its visibility timeout in the queue.
+            (None, Source::Sqs(_)) => 0,
+            (None, _) => -1,
+        };
+        match attempts {
             -1 if self.on_failure.is_some() => Some(10),
             -1 => None,
             n => Some(n as u32),
@@ -382,8 +424,11 @@ impl Mapping {
                 humantime::format_duration(r.backoff_max)
             ));
         }
-        let limited = r.max_attempts.0 >= 0 || r.max_record_age.is_some();
-        if limited && self.on_failure.is_none() {
+        // An SQS message that runs out of retries goes back to its queue (and its redrive
+        // policy): nothing is lost without a destination.
+        let limited = r.max_attempts.is_some_and(|a| a.0 >= 0) || r.max_record_age.is_some();
+        let releases = matches!(self.source, Source::Sqs(_));
+        if limited && self.on_failure.is_none() && !releases {
             out.push(format!(
                 "mapping {name:?}: retry.max_attempts or retry.max_record_age limits retries but there is no on_failure destination; \
                  exhausted records would be lost, so set on_failure"
@@ -395,11 +440,11 @@ impl Mapping {
                     out.push(format!("mapping {name:?}: source.queue is empty"));
                 }
                 if let Some(p) = s.prefetch
-                    && (p as usize) < self.batch.size()
+                    && (p as usize) < self.batch_size()
                 {
                     out.push(format!(
                         "mapping {name:?}: source.prefetch ({p}) is smaller than batch.size ({}); a batch could never fill",
-                        self.batch.size()
+                        self.batch_size()
                     ));
                 }
                 if s.single_active_consumer && !s.declare {
@@ -411,6 +456,27 @@ impl Mapping {
                 if let Err(e) = s.url.amqp() {
                     out.push(format!(
                         "mapping {name:?}: source.url is not an AMQP URL: {e}"
+                    ));
+                }
+            }
+            Source::Sqs(q) => {
+                if !q.queue_url.starts_with("http://") && !q.queue_url.starts_with("https://") {
+                    out.push(format!(
+                        "mapping {name:?}: source.queue_url {:?} is not a queue URL (https://sqs.<region>.amazonaws.com/<account>/<queue>)",
+                        q.queue_url
+                    ));
+                }
+                if let Some(c) = q.max_concurrency
+                    && !(2..=1000).contains(&c)
+                {
+                    out.push(format!(
+                        "mapping {name:?}: source.max_concurrency must be between 2 and 1000, got {c}"
+                    ));
+                }
+                if q.is_fifo() && self.batch_size() > 10 {
+                    out.push(format!(
+                        "mapping {name:?}: batch.size must be at most 10 for a FIFO queue, got {}",
+                        self.batch_size()
                     ));
                 }
             }

@@ -43,8 +43,8 @@ fn with(replace: &str, by: &str) -> String {
 fn good_file_and_aws_defaults() {
     let c = parse(GOOD).unwrap();
     let m = &c.mappings[0];
-    assert_eq!(m.batch.size(), 50);
-    assert_eq!(m.batch.window(), Duration::from_secs(2));
+    assert_eq!(m.batch_size(), 50);
+    assert_eq!(m.batch_window(), Duration::from_secs(2));
     assert_eq!(m.retries(), Some(3));
     assert!(m.enabled);
 
@@ -58,8 +58,8 @@ source = { type = "rabbitmq", url = "amqp://h", queue = "q" }
     )
     .unwrap();
     let m = &minimal.mappings[0];
-    assert_eq!(m.batch.size(), 100);
-    assert_eq!(m.batch.window(), Duration::from_millis(500));
+    assert_eq!(m.batch_size(), 100);
+    assert_eq!(m.batch_window(), Duration::from_millis(500));
     assert_eq!(m.batch.max_bytes(), 6 * 1024 * 1024);
     assert_eq!(m.retries(), None);
     assert_eq!(m.retry.max_record_age, None);

@@ -21,6 +21,8 @@ pub enum Envelope {
         queue: String,
         vhost: String,
     },
+    /// `{"Records":[…]}`; each record carries its own queue ARN and region.
+    Sqs { queue_url: String, fifo: bool },
     /// `{"eventSource":"SelfManagedKafka","bootstrapServers":…,"records":{"topic-0":[…]}}`,
     /// one per partition: a batch never mixes partitions.
     Kafka {
@@ -36,6 +38,7 @@ impl Envelope {
         match self {
             Envelope::Rabbit { .. } => "rabbitmq",
             Envelope::Kafka { .. } => "kafka",
+            Envelope::Sqs { .. } => "sqs",
         }
     }
 
@@ -66,6 +69,7 @@ impl Envelope {
                 serde_json::to_writer(&mut out, &format!("{topic}-{partition}"))
                     .expect("string to JSON");
             }
+            Envelope::Sqs { .. } => out.extend_from_slice(br#"{"Records""#),
         }
         out.extend_from_slice(b":[");
         for (i, r) in records.iter().enumerate() {
@@ -74,7 +78,10 @@ impl Envelope {
             }
             out.extend_from_slice(r.fragment.as_bytes());
         }
-        out.extend_from_slice(b"]}}");
+        out.extend_from_slice(match self {
+            Envelope::Sqs { .. } => b"]}",
+            _ => b"]}}",
+        });
         out
     }
 
@@ -83,9 +90,11 @@ impl Envelope {
     /// `{"partition":"topic-0","offset":N}`.
     pub fn item_index(&self, id: &Value, records: &[Record]) -> Option<usize> {
         match (self, id) {
-            (Envelope::Rabbit { .. }, Value::String(s)) if !s.is_empty() => records
-                .iter()
-                .position(|r| r.id.as_deref() == Some(s.as_str())),
+            (Envelope::Rabbit { .. } | Envelope::Sqs { .. }, Value::String(s)) if !s.is_empty() => {
+                records
+                    .iter()
+                    .position(|r| r.id.as_deref() == Some(s.as_str()))
+            }
             (Envelope::Rabbit { .. }, Value::Number(n)) => n
                 .as_u64()
                 .map(|i| i as usize)
@@ -105,10 +114,37 @@ impl Envelope {
         }
     }
 
-    /// Kafka retries everything from the lowest failed offset on (a stream checkpoints
-    /// at it); RabbitMQ retries just the failed messages.
-    pub fn retries_from_lowest_failure(&self) -> bool {
-        matches!(self, Envelope::Kafka { .. })
+    /// What else fails with the records a function reported failed (indexes, sorted
+    /// and without duplicates on return). Kafka: everything from the lowest failed
+    /// offset on (a stream checkpoints at it). SQS FIFO: the later messages of each
+    /// failed message's group. Otherwise just the reported ones.
+    pub fn widen_failures(&self, mut failed: Vec<usize>, records: &[Record]) -> Vec<usize> {
+        failed.sort_unstable();
+        failed.dedup();
+        match self {
+            Envelope::Kafka { .. } => match failed.first() {
+                Some(&lowest) => (lowest..records.len()).collect(),
+                None => failed,
+            },
+            Envelope::Sqs { fifo: true, .. } => {
+                let Some(&first) = failed.first() else {
+                    return failed;
+                };
+                let mut groups = std::collections::HashSet::new();
+                (first..records.len())
+                    .filter(|&i| {
+                        let group = records[i].key.as_deref();
+                        if failed.binary_search(&i).is_ok() {
+                            groups.insert(group);
+                            true
+                        } else {
+                            groups.contains(&group)
+                        }
+                    })
+                    .collect()
+            }
+            _ => failed,
+        }
     }
 
     /// Bytes of an empty event: what a batch has before its first record.
@@ -132,6 +168,17 @@ impl Envelope {
                     "lastMessageId": last.and_then(|r| r.id.as_deref()),
                     "firstDeliveryTag": first.map(|r| r.position),
                     "lastDeliveryTag": last.map(|r| r.position),
+                    "firstReceivedTime": ts(first),
+                    "lastReceivedTime": ts(last),
+                }),
+            ),
+            Envelope::Sqs { queue_url, .. } => (
+                "SQSBatchInfo",
+                json!({
+                    "queueUrl": queue_url,
+                    "batchSize": records.len(),
+                    "firstMessageId": first.and_then(|r| r.id.as_deref()),
+                    "lastMessageId": last.and_then(|r| r.id.as_deref()),
                     "firstReceivedTime": ts(first),
                     "lastReceivedTime": ts(last),
                 }),
@@ -213,6 +260,51 @@ pub fn rabbit_fragment(
     base64::engine::general_purpose::STANDARD.encode_string(body, &mut out);
     out.push_str("\"}");
     out
+}
+
+/// One SQS message as an element of `Records`, exactly as Lambda's SQS trigger sends
+/// it: system attributes by name, message attributes with camelCase keys, binary values
+/// base64.
+pub fn sqs_fragment(
+    m: &aws_sdk_sqs::types::Message,
+    event_source_arn: &str,
+    region: &str,
+) -> String {
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let attributes: serde_json::Map<String, Value> = m
+        .attributes()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str().to_owned(), Value::from(v.as_str())))
+        .collect();
+    let message_attributes: serde_json::Map<String, Value> = m
+        .message_attributes()
+        .into_iter()
+        .flatten()
+        .map(|(k, a)| {
+            let v = json!({
+                "stringValue": a.string_value(),
+                "binaryValue": a.binary_value().map(|b| b64.encode(b.as_ref())),
+                "stringListValues": a.string_list_values(),
+                "binaryListValues": a.binary_list_values().iter().map(|b| b64.encode(b.as_ref())).collect::<Vec<_>>(),
+                "dataType": a.data_type(),
+            });
+            (k.clone(), v)
+        })
+        .collect();
+    json!({
+        "messageId": m.message_id(),
+        "receiptHandle": m.receipt_handle(),
+        "body": m.body().unwrap_or_default(),
+        "attributes": attributes,
+        "messageAttributes": message_attributes,
+        "md5OfBody": m.md5_of_body(),
+        "md5OfMessageAttributes": m.md5_of_message_attributes(),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": event_source_arn,
+        "awsRegion": region,
+    })
+    .to_string()
 }
 
 /// Appends `s` as a JSON string.
@@ -458,6 +550,7 @@ mod tests {
         let r = Record {
             fragment: kafka_fragment(&m),
             id: None,
+            key: None,
             position: 15,
             received: tokio::time::Instant::now(),
             received_at: SystemTime::now(),
@@ -489,6 +582,7 @@ mod tests {
         let record = || Record {
             fragment: rabbit_fragment(&props, true, b"hello"),
             id: Some("m-1".into()),
+            key: None,
             position: 1,
             received: tokio::time::Instant::now(),
             received_at: SystemTime::now(),

@@ -91,6 +91,7 @@ mod tests {
         Record {
             fragment: "x".repeat(len),
             id: None,
+            key: None,
             position: i,
             received: Instant::now(),
             received_at: std::time::SystemTime::now(),

@@ -36,6 +36,9 @@ pub struct Policy {
     pub report_item_failures: bool,
     /// Largest event the function accepts.
     pub max_payload: usize,
+    /// Without an on-failure destination, give exhausted records back to the source
+    /// (SQS: they reappear after their visibility timeout) instead of blocking on them.
+    pub release_exhausted: bool,
 }
 
 impl Policy {
@@ -335,6 +338,14 @@ impl Deliverer {
     ) -> Result<(), Piece> {
         let name = &self.mapping.name;
         let Some(destination) = &self.destination else {
+            if self.policy.release_exhausted {
+                tracing::warn!(mapping = %name, condition = condition.as_str(), records = piece.records.len(),
+                    error, "records released to the source for redelivery");
+                count(name, "released", piece.records.len());
+                out.resolved
+                    .extend(piece.records.into_iter().map(|r| (r, Resolution::Released)));
+                return Ok(());
+            }
             // Only a record too large for any invoke gets here (configuration requires a
             // destination for limited retries). It blocks the mapping until shutdown:
             // skipping it would lose it.
@@ -437,13 +448,7 @@ fn item_failures(
             None => return Err(format!("batchItemFailures names an unknown item: {item}")),
         }
     }
-    // A stream checkpoints at its lowest failure: everything after it is retried too.
-    if envelope.retries_from_lowest_failure()
-        && let Some(&lowest) = out.iter().min()
-    {
-        out = (lowest..records.len()).collect();
-    }
-    Ok(out)
+    Ok(envelope.widen_failures(out, records))
 }
 
 #[cfg(test)]
@@ -457,6 +462,7 @@ mod tests {
             .map(|(i, id)| Record {
                 fragment: "{}".into(),
                 id: (!id.is_empty()).then(|| (*id).into()),
+                key: None,
                 position: i as u64,
                 received: tokio::time::Instant::now(),
                 received_at: std::time::SystemTime::now(),
@@ -497,7 +503,7 @@ mod tests {
                 &rabbit(),
                 &r
             ),
-            Ok(vec![3, 2])
+            Ok(vec![2, 3])
         );
         // Kafka: everything from the lowest failed offset on is retried.
         let kafka = Envelope::Kafka {
@@ -505,6 +511,23 @@ mod tests {
             topic: "t".into(),
             partition: 3,
         };
+        // SQS FIFO: a failure fails the later messages of its group too.
+        let mut fifo = recs(&["a", "b", "c", "d"]);
+        for (r, g) in fifo.iter_mut().zip(["g1", "g2", "g1", "g2"]) {
+            r.key = Some(g.into());
+        }
+        let sqs = Envelope::Sqs {
+            queue_url: "q".into(),
+            fifo: true,
+        };
+        assert_eq!(
+            item_failures(
+                br#"{"batchItemFailures":[{"itemIdentifier":"a"}]}"#,
+                &sqs,
+                &fifo
+            ),
+            Ok(vec![0, 2])
+        );
         assert_eq!(
             item_failures(
                 br#"{"batchItemFailures":[{"itemIdentifier":{"partition":"t-3","offset":2}}]}"#,
@@ -558,6 +581,7 @@ mod tests {
             bisect: false,
             report_item_failures: false,
             max_payload: 1,
+            release_exhausted: false,
         };
         for (n, full) in [
             (1, 100),

@@ -517,6 +517,7 @@ fn to_record<M: Message>(m: &M) -> Record {
     Record {
         fragment: kafka_fragment(m),
         id: None,
+        key: m.key().map(|k| String::from_utf8_lossy(k).into()),
         position: m.offset() as u64,
         received: received.checked_sub(age).unwrap_or(received),
         received_at: now.checked_sub(age).unwrap_or(now),

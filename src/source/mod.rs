@@ -4,3 +4,4 @@
 
 pub mod kafka;
 pub mod rabbitmq;
+pub mod sqs;

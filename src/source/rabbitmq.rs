@@ -199,6 +199,7 @@ async fn session(
                     .message_id()
                     .as_ref()
                     .map(|m| m.as_str().into()),
+                key: None,
                 position: d.delivery_tag,
                 received: tokio::time::Instant::now(),
                 received_at: SystemTime::now(),
@@ -247,7 +248,7 @@ async fn acknowledge(outcome: Outcome) -> Result<(), String> {
         .into_iter()
         .filter_map(|(r, _)| match r.ack {
             Ack::Rabbit(a) => Some((r.position, a)),
-            Ack::None => None,
+            _ => None,
         })
         .collect();
     let ack = |a: lapin::Acker, multiple: bool| async move {

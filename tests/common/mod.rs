@@ -108,10 +108,19 @@ impl Function {
             .into_iter()
             .filter(|i| i.ok)
             .flat_map(|i| {
-                let failed = i.failed.clone();
+                // A failed item is named by its message id: SQS's own, or RabbitMQ's
+                // "id-<body>" that the harness publishes with.
+                let ids = if i.ids.is_empty() {
+                    i.bodies.iter().map(|b| format!("id-{b}")).collect()
+                } else {
+                    i.ids
+                };
+                let failed = i.failed;
                 i.bodies
                     .into_iter()
-                    .filter(move |b| !failed.contains(&format!("id-{b}")))
+                    .zip(ids)
+                    .filter(move |(_, id)| !failed.contains(id))
+                    .map(|(b, _)| b)
             })
             .collect()
     }
@@ -133,6 +142,11 @@ pub struct Invocation {
     pub ok: bool,
     pub failed: Vec<String>,
     pub event: Option<Value>,
+    /// SQS message ids and FIFO groups, in body order.
+    #[serde(default)]
+    pub ids: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<Option<String>>,
 }
 
 fn recorder_zip() -> Vec<u8> {

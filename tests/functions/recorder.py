@@ -45,7 +45,44 @@ def kafka(event):
 def handler(event, context):
     if "records" in event:
         return kafka_handler(event)
+    if "Records" in event:
+        return sqs_handler(event)
     return rabbit_handler(event)
+
+
+def sqs_handler(event):
+    """An SQS event, validated by Powertools' SqsModel."""
+    from aws_lambda_powertools.utilities.parser import parse
+    from aws_lambda_powertools.utilities.parser.models import SqsModel
+
+    model = parse(event=copy.deepcopy(event), model=SqsModel)
+    bodies = [r.body for r in model.Records]
+    poison = _set("POISON") & set(bodies)
+    failures = []
+    state = os.environ.get("STATE_DIR", "")
+    for r in model.Records:
+        assert r.eventSource == "aws:sqs" and r.eventSourceARN.startswith("arn:aws:sqs:"), r
+        if r.body in _set("FAIL_ONCE"):
+            marker = os.path.join(state, "seen-" + r.body)
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                failures.append({"itemIdentifier": r.messageId})
+    time.sleep(int(os.environ.get("SLEEP_MS", "0")) / 1000)
+    line = {
+        "bodies": bodies,
+        "redelivered": [int(r.attributes.ApproximateReceiveCount) > 1 for r in model.Records],
+        "ok": not poison,
+        "failed": [f["itemIdentifier"] for f in failures],
+        "ids": [r.messageId for r in model.Records],
+        "groups": [r.attributes.MessageGroupId for r in model.Records],
+        "event": event if os.environ.get("LOG_EVENT") else None,
+    }
+    with open(os.environ["LOG_FILE"], "a") as f:
+        f.write(json.dumps(line) + "\n")
+    print(f"{len(bodies)} message(s)")
+    if poison:
+        raise ValueError(f"poison message(s) {sorted(poison)}")
+    return {"batchItemFailures": failures}
 
 
 def kafka_handler(event):

@@ -1,0 +1,289 @@
+//! End to end against MiniStack's SQS and Lambda: queues drained by the gateway binary
+//! into a Python function that parses its event with Powertools' SqsModel.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
+use common::*;
+
+const LONG: Duration = Duration::from_secs(180);
+
+async fn sqs() -> aws_sdk_sqs::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(aws_endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
+        .load()
+        .await;
+    aws_sdk_sqs::Client::new(&conf)
+}
+
+async fn create_queue(
+    client: &aws_sdk_sqs::Client,
+    prefix: &str,
+    fifo: bool,
+    visibility: u32,
+) -> String {
+    let mut name = unique(prefix);
+    let mut req = client.create_queue().attributes(
+        QueueAttributeName::VisibilityTimeout,
+        visibility.to_string(),
+    );
+    if fifo {
+        name.push_str(".fifo");
+        req = req
+            .attributes(QueueAttributeName::FifoQueue, "true")
+            .attributes(QueueAttributeName::ContentBasedDeduplication, "true");
+    }
+    req.queue_name(name)
+        .send()
+        .await
+        .expect("create queue (is `scripts/stack up` running?)")
+        .queue_url
+        .unwrap()
+}
+
+/// Sends (group, body) messages in batches of ten, in order.
+async fn send(client: &aws_sdk_sqs::Client, url: &str, messages: &[(Option<String>, String)]) {
+    for chunk in messages.chunks(10) {
+        let entries = chunk.iter().enumerate().map(|(i, (group, body))| {
+            let mut e = SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(body)
+                .message_attributes(
+                    "origin",
+                    aws_sdk_sqs::types::MessageAttributeValue::builder()
+                        .data_type("String")
+                        .string_value("test")
+                        .build()
+                        .unwrap(),
+                );
+            if let Some(g) = group {
+                e = e.message_group_id(g).message_deduplication_id(body);
+            }
+            e.build().unwrap()
+        });
+        let out = client
+            .send_message_batch()
+            .queue_url(url)
+            .set_entries(Some(entries.collect()))
+            .send()
+            .await
+            .unwrap();
+        assert!(out.failed().is_empty(), "{:?}", out.failed());
+    }
+}
+
+async fn depth(client: &aws_sdk_sqs::Client, url: &str) -> (u64, u64) {
+    let out = client
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::All)
+        .send()
+        .await
+        .unwrap();
+    let a = out.attributes().unwrap();
+    let n = |k| a.get(&k).and_then(|v: &String| v.parse().ok()).unwrap_or(0);
+    (
+        n(QueueAttributeName::ApproximateNumberOfMessages),
+        n(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+    )
+}
+
+fn sqs_config(function: &str, url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[aws]
+region = "us-east-1"
+endpoint_url = "{endpoint}"
+
+[gateway]
+shutdown_grace = "20s"
+
+[[mapping]]
+name = "test"
+function = "{function}"
+
+{extra}
+
+[mapping.source]
+type = "sqs"
+queue_url = "{url}"
+"#,
+        endpoint = aws_endpoint(),
+    )
+}
+
+#[tokio::test]
+async fn five_thousand_messages_all_arrive_and_the_queue_ends_empty() {
+    let client = sqs().await;
+    let url = create_queue(&client, "std", false, 30).await;
+    let bodies: Vec<_> = (0..5_000).map(|i| (None, format!("m-{i}"))).collect();
+    send(&client, &url, &bodies).await;
+    let f = Function::deploy("sqsstd", &[("LOG_EVENT", "1")]).await;
+    let gw = Gateway::start(&sqs_config(
+        &f.name,
+        &url,
+        "[mapping.batch]\nsize = 100\nwindow = \"500ms\"",
+    ));
+    let delivered = f.wait_delivered(5_000, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let mut unique_bodies = delivered.clone();
+    unique_bodies.sort();
+    unique_bodies.dedup();
+    assert_eq!(unique_bodies.len(), 5_000);
+    assert_eq!(depth(&client, &url).await, (0, 0), "every message deleted");
+    let invocations = f.invocations();
+    assert!(invocations.iter().all(|i| i.bodies.len() <= 100));
+    // The event is AWS's, and parses as aws_lambda_events' type too.
+    let event = invocations[0].event.clone().unwrap();
+    let parsed: aws_lambda_events::event::sqs::SqsEvent =
+        serde_json::from_value(event.clone()).unwrap();
+    let r = &parsed.records[0];
+    assert_eq!(r.event_source.as_deref(), Some("aws:sqs"));
+    assert_eq!(r.aws_region.as_deref(), Some("us-east-1"));
+    assert!(r.md5_of_body.is_some());
+    assert_eq!(
+        event["Records"][0]["messageAttributes"]["origin"]["stringValue"],
+        "test"
+    );
+    assert_eq!(
+        event["Records"][0]["messageAttributes"]["origin"]["dataType"],
+        "String"
+    );
+    assert!(event["Records"][0]["attributes"]["SentTimestamp"].is_string());
+}
+
+#[tokio::test]
+async fn a_partial_batch_response_returns_exactly_the_reported_messages() {
+    let client = sqs().await;
+    let url = create_queue(&client, "partial", false, 3).await;
+    let bodies: Vec<_> = (0..10).map(|i| (None, format!("m-{i}"))).collect();
+    send(&client, &url, &bodies).await;
+    let f = Function::deploy("sqspartial", &[("FAIL_ONCE", "m-3,m-7")]).await;
+    let gw = Gateway::start(&sqs_config(
+        &f.name,
+        &url,
+        "report_batch_item_failures = true\n\n[mapping.batch]\nsize = 10\nwindow = \"200ms\"",
+    ));
+    f.wait_delivered(10, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let inv = f.invocations();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for i in &inv {
+        for b in &i.bodies {
+            *counts.entry(b.clone()).or_default() += 1;
+        }
+    }
+    for i in 0..10 {
+        let want = if i == 3 || i == 7 { 2 } else { 1 };
+        assert_eq!(counts[&format!("m-{i}")], want, "m-{i}: {inv:?}");
+    }
+    assert_eq!(depth(&client, &url).await, (0, 0));
+}
+
+#[tokio::test]
+async fn fifo_groups_keep_their_order_and_a_failure_holds_back_only_its_group() {
+    let client = sqs().await;
+    let url = create_queue(&client, "fifo", true, 3).await;
+    let mut messages = Vec::new();
+    for i in 0..200 {
+        for g in 0..10 {
+            messages.push((Some(format!("g{g}")), format!("g{g}-{i:03}")));
+        }
+    }
+    send(&client, &url, &messages).await;
+    let f = Function::deploy("sqsfifo", &[("FAIL_ONCE", "g3-050")]).await;
+    let gw = Gateway::start(&sqs_config(
+        &f.name,
+        &url,
+        "report_batch_item_failures = true\n\n[mapping.batch]\nsize = 10",
+    ));
+    f.wait_delivered(2_000, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    let delivered = f.delivered();
+    for g in 0..10 {
+        let prefix = format!("g{g}-");
+        let mut firsts: Vec<&String> = Vec::new();
+        for b in delivered.iter().filter(|b| b.starts_with(&prefix)) {
+            if !firsts.contains(&b) {
+                firsts.push(b);
+            }
+        }
+        let expected: Vec<String> = (0..200).map(|i| format!("g{g}-{i:03}")).collect();
+        assert_eq!(
+            firsts,
+            expected.iter().collect::<Vec<_>>(),
+            "group {g} in order"
+        );
+    }
+    // While g3-050 waited out its visibility timeout, other groups went on.
+    let inv = f.invocations();
+    let failed_at = inv.iter().position(|i| !i.failed.is_empty()).unwrap();
+    let retried_at = inv
+        .iter()
+        .rposition(|i| i.bodies.contains(&"g3-050".to_string()))
+        .unwrap();
+    assert!(retried_at > failed_at);
+    let others_between = inv[failed_at + 1..retried_at]
+        .iter()
+        .flat_map(|i| &i.bodies)
+        .filter(|b| !b.starts_with("g3-"))
+        .count();
+    assert!(others_between > 0, "other groups were held back too");
+    assert_eq!(depth(&client, &url).await, (0, 0));
+}
+
+#[tokio::test]
+async fn kill_9_mid_stream_loses_nothing() {
+    let client = sqs().await;
+    let url = create_queue(&client, "kill", false, 3).await;
+    let bodies: Vec<_> = (0..1_000).map(|i| (None, format!("m-{i}"))).collect();
+    send(&client, &url, &bodies).await;
+    let f = Function::deploy("sqskill", &[("SLEEP_MS", "20")]).await;
+    let config = sqs_config(&f.name, &url, "[mapping.batch]\nsize = 10");
+    let gw = Gateway::start(&config);
+    f.wait_delivered(200, LONG).await;
+    gw.kill9();
+    let gw = Gateway::start(&config);
+    wait_for("every message at least once", LONG, || {
+        let mut d = f.delivered();
+        d.sort();
+        d.dedup();
+        (d.len() == 1_000).then_some(())
+    })
+    .await;
+    // What the killed process had received comes back after its visibility timeout,
+    // is delivered again and deleted: the queue drains.
+    let deadline = std::time::Instant::now() + LONG;
+    while depth(&client, &url).await != (0, 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_visibility_timeout_shorter_than_window_plus_function_timeout_is_refused() {
+    let client = sqs().await;
+    let url = create_queue(&client, "vt", false, 5).await;
+    send(&client, &url, &[(None, "m-0".into())]).await;
+    let config = sqs_config("unused-function", &url, "").replace(
+        &format!("queue_url = \"{url}\""),
+        &format!("queue_url = \"{url}\"\nfunction_timeout = \"30s\""),
+    );
+    let gw = Gateway::start(&config);
+    gw.wait_log("SQS source not started", LONG).await;
+    assert!(gw.log_contains("its visibility timeout (5s) is shorter than the batching window plus the function timeout (30s)"));
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(depth(&client, &url).await, (1, 0), "nothing was received");
+}
