@@ -57,6 +57,33 @@ pub fn expand_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error>
     expand(d).map(PathBuf::from)
 }
 
+/// A secret string (a token): expanded from `${ENV}` like any value, shown as `***` by
+/// Debug so that it never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        expand(d).map(Secret)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
 /// A URL that may carry a password. Debug and Display show it with the password
 /// replaced by `***`; only [`SecretUrl::expose`] gives the real text, for connecting.
 #[derive(Clone, PartialEq, Eq)]
