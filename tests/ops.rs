@@ -190,6 +190,34 @@ async fn admin_state_changes_need_the_token() {
     // Reading needs no token.
     assert_eq!(gw.get("/mappings").0, 200);
     assert_eq!(gw.get("/metrics").0, 200);
+
+    // The CLI's view of the same API.
+    let admin = gw.admin.clone().unwrap();
+    gw.wait_ready_status(200).await;
+    let status = cli(&["status", "--admin", &admin]);
+    assert_eq!(status.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&status.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("LAST ERROR"),
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with("test ")
+            && lines[1].contains("rabbitmq")
+            && lines[1].contains("running"),
+        "{table}"
+    );
+    assert_eq!(cli(&["health", "--admin", &admin]).status.code(), Some(0));
+    assert_eq!(
+        cli(&["health", "--ready", "--admin", &admin]).status.code(),
+        Some(0)
+    );
+    let unreachable = format!("http://127.0.0.1:{}", free_port());
+    assert_eq!(
+        cli(&["health", "--admin", &unreachable]).status.code(),
+        Some(69)
+    );
     assert_eq!(gw.terminate().await.code(), Some(0));
 
     // Without a configured token, state changes are refused outright, token or not.
@@ -370,5 +398,68 @@ async fn sigterm_mid_stream_exits_0_within_the_grace_and_a_restart_delivers_the_
     assert_eq!(all, numbered_strings(0..200));
     assert_eq!(gw.terminate().await.code(), Some(0));
     assert_eq!(rabbit.ready(&queue).await, 0);
+    rabbit.delete(&queue).await;
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_esm-gateway"))
+        .args(args)
+        .output()
+        .expect("run esm-gateway")
+}
+
+#[tokio::test]
+async fn systemd_hears_ready_reloading_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("notify").await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("notify.sock");
+    let listener = UnixDatagram::bind(&socket).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let heard = std::cell::RefCell::new(Vec::<String>::new());
+    let hear = |what: &str| {
+        let mut buf = [0u8; 512];
+        while let Ok(n) = listener.recv(&mut buf) {
+            heard
+                .borrow_mut()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        heard.borrow().iter().filter(|m| m.contains(what)).count()
+    };
+    let gw = Gateway::start_with_env(
+        &rabbit_config("not-invoked", &queue, ""),
+        &[
+            ("NOTIFY_SOCKET", socket.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    wait_for("READY=1", LONG, || (hear("READY=1") == 1).then_some(())).await;
+    assert_eq!(
+        gw.mapping("test")["state"],
+        "running",
+        "ready after the mapping started"
+    );
+    wait_for("two WATCHDOG=1", LONG, || {
+        (hear("WATCHDOG=1") >= 2).then_some(())
+    })
+    .await;
+    gw.signal("HUP");
+    wait_for("RELOADING=1 then READY=1", LONG, || {
+        (hear("READY=1") == 2 && hear("RELOADING=1") == 1).then_some(())
+    })
+    .await;
+    let order: Vec<String> = heard
+        .borrow()
+        .iter()
+        .filter(|m| !m.contains("WATCHDOG"))
+        .cloned()
+        .collect();
+    assert!(
+        order[1].contains("RELOADING=1") && order[2].contains("READY=1"),
+        "{order:?}"
+    );
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(hear("STOPPING=1"), 1);
     rabbit.delete(&queue).await;
 }

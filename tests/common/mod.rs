@@ -281,6 +281,11 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(config: &str) -> Gateway {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts the gateway with extra environment variables.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Gateway {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(config.as_bytes()).unwrap();
         let admin = toml::from_str::<toml::Table>(config)
@@ -293,6 +298,7 @@ impl Gateway {
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("RUST_LOG", "info,esm_gateway=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
