@@ -14,14 +14,18 @@
 //!    -> ack | on-failure destination      destination/
 //! ```
 //!
+//! - `admin`: the admin API (health, readiness, metrics, mapping status and control).
 //! - `config`: the TOML model, defaults and validation (shared by `run` and `validate`).
-//! - `runtime`: one task tree per mapping; shutdown with a grace period.
+//! - `runtime`: one supervised task per mapping; enable/disable, reload, shutdown.
+//! - `notify`: systemd readiness, reload and watchdog notifications.
 //! - `status`: each mapping's observable state (running, failed and why).
 //! - `telemetry`: logging setup and the catalogue of metrics.
 
+pub mod admin;
 pub mod config;
 pub mod destination;
 pub mod invoke;
+pub mod notify;
 pub mod pipeline;
 pub mod record;
 pub mod runtime;

@@ -5,13 +5,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use esm_gateway::admin::{self, MappingView, client};
 use esm_gateway::config::Config;
+use esm_gateway::runtime;
 use esm_gateway::telemetry::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 /// Exit codes (also in the README).
 const EXIT_CONFIG: u8 = 78; // EX_CONFIG: the configuration file is unreadable or invalid.
 const EXIT_RUNTIME: u8 = 70; // EX_SOFTWARE: failure while running (e.g. shutdown grace expired).
+const EXIT_UNAVAILABLE: u8 = 69; // EX_UNAVAILABLE: `status`/`health` cannot reach the admin API.
+
+/// Where `status` and `health` find the admin API by default (`[admin] listen`'s default).
+const DEFAULT_ADMIN: &str = "http://127.0.0.1:9900";
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +51,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the mappings of a running gateway (its admin API's /mappings) as a table.
+    Status {
+        /// Base URL of the admin API.
+        #[arg(long, env = "ESM_GATEWAY_ADMIN", default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
+    /// Probe a running gateway: exit 0 if /healthz (or with --ready, /readyz) answers 200,
+    /// 1 if it answers otherwise, 69 if it cannot be reached. For container health checks.
+    Health {
+        /// Base URL of the admin API.
+        #[arg(long, env = "ESM_GATEWAY_ADMIN", default_value = DEFAULT_ADMIN)]
+        admin: String,
+        /// Check readiness (every enabled mapping running) instead of liveness.
+        #[arg(long)]
+        ready: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -72,21 +94,52 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => {
+        Command::Status { admin } => status(&admin),
+        Command::Health { admin, ready } => {
+            let path = if ready { "/readyz" } else { "/healthz" };
+            match client::get(&admin, path) {
+                Ok(r) if r.status == 200 => ExitCode::SUCCESS,
+                Ok(r) => {
+                    eprintln!("{path}: HTTP {}: {}", r.status, r.body.trim_end());
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+            }
+        }
+        Command::Run { config: path } => {
+            let _ = *telemetry::PROCESS_START;
             telemetry::init(cli.log_format);
-            let config = match Config::load(&config) {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "invalid configuration");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            let metrics = telemetry::install_metrics();
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(on_signal(shutdown.clone()));
-                match esm_gateway::runtime::run(config, shutdown).await {
-                    Ok(_) => {
+                let (handle, controls) = runtime::handle(&config);
+                // Signals are handled before anything else starts: SIGHUP's default
+                // action would otherwise kill the process.
+                tokio::spawn(on_signal(shutdown.clone(), handle.clone()));
+                if config.admin.enabled {
+                    let listener = match tokio::net::TcpListener::bind(config.admin.listen).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(listen = %config.admin.listen, error = %e, "cannot start the admin listener");
+                            return ExitCode::from(EXIT_RUNTIME);
+                        }
+                    };
+                    tracing::info!(listen = %config.admin.listen, "admin API listening");
+                    tokio::spawn(admin::serve(listener, handle.clone(), metrics));
+                }
+                match runtime::run(config, path, handle, controls, shutdown).await {
+                    Ok(()) => {
                         tracing::info!("stopped");
                         ExitCode::SUCCESS
                     }
@@ -100,14 +153,100 @@ fn main() -> ExitCode {
     }
 }
 
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
-async fn on_signal(shutdown: CancellationToken) {
+/// Cancels `shutdown` on the first SIGTERM or SIGINT; reloads the configuration on
+/// every SIGHUP (the outcome is logged by the runtime).
+async fn on_signal(shutdown: CancellationToken, handle: runtime::Handle) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received; reloading the configuration");
+                let _ = handle.reload().await;
+                continue;
+            }
+        }
+        break;
     }
     shutdown.cancel();
+}
+
+/// `esm-gateway status`: /mappings as a table.
+fn status(admin: &str) -> ExitCode {
+    let reply = match client::get(admin, "/mappings") {
+        Ok(r) if r.status == 200 => r,
+        Ok(r) => {
+            eprintln!("error: /mappings: HTTP {}: {}", r.status, r.body.trim_end());
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let rows: Vec<MappingView> = match serde_json::from_str(&reply.body) {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("error: /mappings is not the expected JSON: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let table: Vec<[String; 7]> = rows
+        .into_iter()
+        .map(|m| {
+            [
+                m.name,
+                m.source,
+                m.state,
+                if m.enabled { "yes" } else { "no" }.to_owned(),
+                m.depth.map_or("-".into(), |d| d.to_string()),
+                m.last_success.unwrap_or_else(|| "-".into()),
+                m.last_error.unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print!("{}", format_table(&table));
+    ExitCode::SUCCESS
+}
+
+/// Left-aligned columns under a header; the last column (the error) is not padded.
+fn format_table(rows: &[[String; 7]]) -> String {
+    let header = [
+        "NAME",
+        "SOURCE",
+        "STATE",
+        "ENABLED",
+        "DEPTH",
+        "LAST SUCCESS",
+        "LAST ERROR",
+    ]
+    .map(String::from);
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i == 6 {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }

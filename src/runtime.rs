@@ -1,21 +1,37 @@
-//! Starts one task tree per enabled mapping and owns shutdown.
+//! Runs the mappings of a configuration and owns their lifecycle: start, enable and
+//! disable, reload, and shutdown.
 //!
-//! Shutdown is a cancellation token: sources stop taking new batches, the batch in
-//! flight finishes (or is abandoned unacknowledged if it is still retrying), what
-//! finished is acknowledged, and the process exits. Past the grace period the remaining
-//! tasks are dropped, with nothing acknowledged that was not delivered.
+//! Each mapping has a supervisor task, kept here by name with the mapping's config. The
+//! supervisor runs the mapping's source under its own child of the shutdown token and
+//! takes commands one at a time, so that a mapping never has two consumers: to disable,
+//! restart (its config changed) or stop it, the supervisor cancels the child token and
+//! waits for the source to drain, that is to finish and acknowledge the batch in flight
+//! (a batch waiting in a retry backoff is abandoned unacknowledged, and the broker
+//! redelivers it), before it does anything else. Nothing is lost either way.
+//!
+//! Shutdown cancels the root token: every mapping drains at once. Past the grace period
+//! the remaining tasks are dropped, with nothing acknowledged that was not delivered.
+//!
+//! A reload (SIGHUP) reads the file through [`Config::load`], like start-up. An invalid
+//! file is refused and the running configuration stays. Otherwise mappings whose config
+//! changed restart with the new one, removed ones stop, added ones start, and unchanged
+//! ones are not touched (an admin API enable/disable on them stays in force).
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{Config, Mapping, Source};
+use crate::config::{AdminConfig, Config, Mapping, Secret, Source};
 use crate::destination::Destination;
 use crate::invoke::event::Envelope;
 use crate::invoke::lambda::{FunctionRef, Invoker};
+use crate::notify::notify;
 use crate::pipeline::batcher::BatchLimits;
 use crate::pipeline::retry::{Deliverer, Policy};
 use crate::status::{MappingStatus, State};
@@ -30,58 +46,474 @@ pub enum RuntimeError {
     Panicked(String),
 }
 
-/// Runs every enabled mapping of `config` until `shutdown` is cancelled.
-pub async fn run(
-    config: Config,
-    shutdown: CancellationToken,
-) -> Result<Vec<Arc<MappingStatus>>, RuntimeError> {
-    let sdk = crate::invoke::lambda::sdk_config(&config.aws).await;
-    let region = sdk
-        .region()
-        .map_or_else(|| "us-east-1".to_owned(), ToString::to_string);
-    let mut tasks = JoinSet::new();
-    let mut statuses = Vec::new();
-    let account = config.account_id().to_owned();
-    for mapping in config.mappings {
-        let status = Arc::new(MappingStatus::new(&mapping.name));
-        statuses.push(status.clone());
-        if !mapping.enabled {
-            status.set(State::Disabled);
-            tracing::info!(mapping = %mapping.name, "mapping disabled");
-            continue;
-        }
-        let deliverer = deliverer(&mapping, &sdk, &region, &account, status);
-        let token = shutdown.clone();
-        let span =
-            tracing::info_span!("mapping", name = %mapping.name, source = mapping.source.kind());
-        tasks.spawn(
-            run_mapping(mapping, deliverer, sdk.clone(), region.clone(), token).instrument(span),
-        );
-    }
-    tracing::info!(mappings = tasks.len(), "gateway running");
-    shutdown.cancelled().await;
-    tracing::info!(grace = ?config.gateway.shutdown_grace, "shutting down");
-    let drain = async {
-        while let Some(r) = tasks.join_next().await {
-            if let Err(e) = r {
-                return Err(RuntimeError::Panicked(e.to_string()));
+/// Why a control request (admin API, SIGHUP) was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("there is no mapping named {0:?}")]
+    NotFound(String),
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    InvalidConfig(String),
+}
+
+/// What the admin API and the signal handler can ask of a running gateway.
+enum Control {
+    SetEnabled {
+        name: String,
+        enabled: bool,
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    Reload {
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+}
+
+/// A running gateway as seen from outside: its mappings' status and a way to control
+/// them. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    mappings: Arc<RwLock<BTreeMap<String, Arc<MappingStatus>>>>,
+    admin_token: Arc<RwLock<Option<Secret>>>,
+    control: mpsc::Sender<Control>,
+}
+
+/// The receiving end of a [`Handle`], consumed by [`run`].
+pub struct Controls(mpsc::Receiver<Control>);
+
+/// A handle for the gateway that [`run`] will run with `controls`. The mappings are
+/// registered at once, so that the admin API never reports an empty (and so "ready")
+/// gateway while it starts. Install the metrics recorder first.
+pub fn handle(config: &Config) -> (Handle, Controls) {
+    let (tx, rx) = mpsc::channel(16);
+    let mappings = config
+        .mappings
+        .iter()
+        .map(|m| {
+            let status = Arc::new(MappingStatus::new(&m.name, m.source.kind()));
+            status.set_enabled(m.enabled);
+            if !m.enabled {
+                status.set(State::Disabled);
             }
-        }
-        Ok(())
+            (m.name.clone(), status)
+        })
+        .collect();
+    let handle = Handle {
+        mappings: Arc::new(RwLock::new(mappings)),
+        admin_token: Arc::new(RwLock::new(config.admin.token.clone())),
+        control: tx,
     };
-    match tokio::time::timeout(config.gateway.shutdown_grace, drain).await {
-        Ok(r) => r.map(|()| statuses),
-        Err(_) => Err(RuntimeError::GraceExpired(config.gateway.shutdown_grace)),
+    (handle, Controls(rx))
+}
+
+impl Handle {
+    /// Every configured mapping's status, by name.
+    pub fn mappings(&self) -> Vec<Arc<MappingStatus>> {
+        read(&self.mappings).values().cloned().collect()
+    }
+
+    /// The admin token currently configured (it follows reloads).
+    pub fn admin_token(&self) -> Option<Secret> {
+        read(&self.admin_token).clone()
+    }
+
+    /// AWS's Enabled flag, at run time only (the file is not written). Returns once the
+    /// change is made: a disabled mapping has drained its batch in flight.
+    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.request(Control::SetEnabled {
+            name: name.to_owned(),
+            enabled,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| ControlError::ShuttingDown)?
+    }
+
+    /// Re-reads the configuration file (what SIGHUP does).
+    pub async fn reload(&self) -> Result<(), ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.request(Control::Reload { reply }).await?;
+        rx.await.map_err(|_| ControlError::ShuttingDown)?
+    }
+
+    async fn request(&self, c: Control) -> Result<(), ControlError> {
+        self.control
+            .send(c)
+            .await
+            .map_err(|_| ControlError::ShuttingDown)
     }
 }
 
-fn deliverer(
-    mapping: &Mapping,
-    sdk: &aws_config::SdkConfig,
-    region: &str,
-    account: &str,
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What every mapping's deliverer is built from; rebuilt when `[aws]` changes.
+struct Env {
+    sdk: aws_config::SdkConfig,
+    region: String,
+    account: String,
+}
+
+impl Env {
+    async fn new(config: &Config) -> Arc<Env> {
+        let sdk = crate::invoke::lambda::sdk_config(&config.aws).await;
+        let region = sdk
+            .region()
+            .map_or_else(|| "us-east-1".to_owned(), ToString::to_string);
+        Arc::new(Env {
+            sdk,
+            region,
+            account: config.account_id().to_owned(),
+        })
+    }
+}
+
+/// A supervisor's commands, worked one at a time.
+enum Command {
+    SetEnabled(bool, oneshot::Sender<Result<(), ControlError>>),
+    Replace(Box<Mapping>, Arc<Env>),
+}
+
+/// A running mapping: its config (to compare on reload) and its supervisor. Dropping
+/// `commands` tells the supervisor to drain and stop.
+struct Slot {
+    config: Mapping,
+    commands: mpsc::UnboundedSender<Command>,
+    task: JoinHandle<Result<(), String>>,
+}
+
+/// Runs every mapping of `config` until `shutdown` is cancelled, taking enable, disable
+/// and reload requests from `controls` (`path` is re-read on reload).
+pub async fn run(
+    config: Config,
+    path: PathBuf,
+    handle: Handle,
+    controls: Controls,
+    shutdown: CancellationToken,
+) -> Result<(), RuntimeError> {
+    let mut controls = controls.0;
+    let mut env = Env::new(&config).await;
+    let mut gateway = Gateway {
+        slots: BTreeMap::new(),
+        stopping: HashMap::new(),
+        handle: handle.clone(),
+        shutdown: shutdown.clone(),
+    };
+    for m in config.mappings.clone() {
+        gateway.start(m, &env);
+    }
+    let mut current = config;
+    tracing::info!(mappings = gateway.slots.len(), "gateway running");
+    tokio::spawn(notify_ready(handle.clone(), shutdown.clone()));
+
+    let mut watchdog = crate::notify::watchdog_interval().map(tokio::time::interval);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(c) = controls.recv() => match c {
+                Control::SetEnabled { name, enabled, reply } => match gateway.slots.get(&name) {
+                    // The supervisor replies once the mapping has drained or started.
+                    Some(slot) => {
+                        if let Err(e) = slot.commands.send(Command::SetEnabled(enabled, reply)) {
+                            let Command::SetEnabled(_, reply) = e.0 else { unreachable!() };
+                            let _ = reply.send(Err(ControlError::ShuttingDown));
+                        }
+                    }
+                    None => {
+                        let _ = reply.send(Err(ControlError::NotFound(name)));
+                    }
+                },
+                Control::Reload { reply } => {
+                    notify("RELOADING=1");
+                    let r = gateway.reload(&path, &mut current, &mut env).await;
+                    let outcome = if r.is_ok() { "success" } else { "failure" };
+                    metrics::counter!("esm_gateway_config_reloads_total", "outcome" => outcome)
+                        .increment(1);
+                    notify("READY=1");
+                    let _ = reply.send(r);
+                }
+            },
+            // Sent from this loop, so a wedged control loop stops the pings and systemd
+            // restarts the service.
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                notify("WATCHDOG=1");
+            }
+        }
+    }
+
+    notify("STOPPING=1");
+    let grace = current.gateway.shutdown_grace;
+    tracing::info!(grace = ?grace, "shutting down");
+    let tasks: Vec<_> = gateway
+        .slots
+        .into_values()
+        .map(|s| s.task)
+        .chain(gateway.stopping.into_values())
+        .collect();
+    let drain = async {
+        let mut panicked = None;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(())) => {}
+                Ok(Err(name)) => panicked = Some(name),
+                Err(e) => panicked = Some(e.to_string()),
+            }
+        }
+        panicked.map_or(Ok(()), |p| Err(RuntimeError::Panicked(p)))
+    };
+    match tokio::time::timeout(grace, drain).await {
+        Ok(r) => r,
+        Err(_) => Err(RuntimeError::GraceExpired(grace)),
+    }
+}
+
+/// Sends READY=1 once every enabled mapping has made its first connection attempt
+/// (it is running or failed), or after 10 s: a broker that is down at boot must not keep
+/// the unit in "activating" (readiness is `/readyz`'s job).
+async fn notify_ready(handle: Handle, shutdown: CancellationToken) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting = handle
+            .mappings()
+            .iter()
+            .filter(|m| {
+                let s = m.snapshot();
+                s.enabled && matches!(s.state, State::Starting | State::Draining)
+            })
+            .count();
+        if waiting == 0 || tokio::time::Instant::now() >= deadline {
+            let n = handle.mappings().len();
+            notify(&format!(
+                "READY=1\nSTATUS=running {n} mapping(s), {waiting} still connecting"
+            ));
+            tracing::info!(mappings = n, connecting = waiting, "started");
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The control loop's state: the mappings by name.
+struct Gateway {
+    slots: BTreeMap<String, Slot>,
+    /// Supervisors of removed mappings, still draining; a mapping added back under the
+    /// same name waits for its predecessor so that there is never a second consumer.
+    stopping: HashMap<String, JoinHandle<Result<(), String>>>,
+    handle: Handle,
+    shutdown: CancellationToken,
+}
+
+impl Gateway {
+    fn start(&mut self, mapping: Mapping, env: &Arc<Env>) {
+        let name = mapping.name.clone();
+        let kind = mapping.source.kind();
+        let status = write(&self.handle.mappings)
+            .entry(name.clone())
+            .or_insert_with(|| Arc::new(MappingStatus::new(&name, kind)))
+            .clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let previous = self.stopping.remove(&name);
+        let task = tokio::spawn(supervise(
+            mapping.clone(),
+            env.clone(),
+            status,
+            rx,
+            previous,
+            self.shutdown.clone(),
+        ));
+        self.slots.insert(
+            name,
+            Slot {
+                config: mapping,
+                commands: tx,
+                task,
+            },
+        );
+    }
+
+    fn stop(&mut self, name: &str) {
+        if let Some(slot) = self.slots.remove(name) {
+            write(&self.handle.mappings).remove(name);
+            // Dropping the sender is the stop command.
+            drop(slot.commands);
+            self.stopping.insert(name.to_owned(), slot.task);
+        }
+    }
+
+    async fn reload(
+        &mut self,
+        path: &std::path::Path,
+        current: &mut Config,
+        env: &mut Arc<Env>,
+    ) -> Result<(), ControlError> {
+        let new = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload refused; the running configuration stays");
+                return Err(ControlError::InvalidConfig(e.to_string()));
+            }
+        };
+        // Drop the handles of removed mappings that have finished draining.
+        self.stopping.retain(|_, t| !t.is_finished());
+        let aws_changed = new.aws != current.aws;
+        if aws_changed {
+            tracing::info!("[aws] changed; every mapping restarts with the new settings");
+            *env = Env::new(&new).await;
+        }
+        if new.admin.listen != current.admin.listen || new.admin.enabled != current.admin.enabled {
+            tracing::warn!(
+                "[admin] listen and enabled take effect at the next start, not on reload"
+            );
+        }
+        *write(&self.handle.admin_token) = new.admin.token.clone();
+
+        let (mut added, mut changed, mut removed, mut unchanged) = (0, 0, 0, 0);
+        let names: Vec<String> = self.slots.keys().cloned().collect();
+        for name in names {
+            if !new.mappings.iter().any(|m| m.name == name) {
+                tracing::info!(mapping = %name, "mapping removed; draining it");
+                self.stop(&name);
+                removed += 1;
+            }
+        }
+        for m in &new.mappings {
+            match self.slots.get_mut(&m.name) {
+                None => {
+                    tracing::info!(mapping = %m.name, "mapping added");
+                    self.start(m.clone(), env);
+                    added += 1;
+                }
+                Some(slot) if slot.config.source.kind() != m.source.kind() => {
+                    tracing::info!(mapping = %m.name, "mapping changed its source kind; replacing it");
+                    let name = m.name.clone();
+                    self.stop(&name);
+                    self.start(m.clone(), env);
+                    changed += 1;
+                }
+                Some(slot) if slot.config != *m || aws_changed => {
+                    tracing::info!(mapping = %m.name, "mapping changed; draining it and restarting with the new configuration");
+                    slot.config = m.clone();
+                    let _ = slot
+                        .commands
+                        .send(Command::Replace(Box::new(m.clone()), env.clone()));
+                    changed += 1;
+                }
+                Some(_) => unchanged += 1,
+            }
+        }
+        current.aws = new.aws;
+        current.gateway = new.gateway;
+        current.admin = AdminConfig {
+            // The listener itself is not rebound (see the warning above).
+            listen: current.admin.listen,
+            enabled: current.admin.enabled,
+            token: new.admin.token,
+        };
+        tracing::info!(added, changed, removed, unchanged, "configuration reloaded");
+        Ok(())
+    }
+}
+
+/// Runs one mapping: its source task while enabled, commands one at a time, each change
+/// preceded by a drain. Returns when its command channel closes (removed) or on
+/// shutdown; Err names a source task that panicked.
+async fn supervise(
+    mut mapping: Mapping,
+    mut env: Arc<Env>,
     status: Arc<MappingStatus>,
-) -> Arc<Deliverer> {
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    previous: Option<JoinHandle<Result<(), String>>>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    if let Some(p) = previous {
+        let _ = p.await;
+    }
+    let mut enabled = mapping.enabled;
+    let mut panicked = None;
+    loop {
+        status.set_enabled(enabled);
+        let token = shutdown.child_token();
+        let mut task = if enabled {
+            status.set(State::Starting);
+            let deliverer = deliverer(&mapping, &env, status.clone());
+            let span = tracing::info_span!("mapping", name = %mapping.name, source = mapping.source.kind());
+            Some(tokio::spawn(
+                run_mapping(mapping.clone(), deliverer, env.clone(), token.clone())
+                    .instrument(span),
+            ))
+        } else {
+            tracing::info!(mapping = %mapping.name, "mapping disabled");
+            status.set(State::Disabled);
+            None
+        };
+
+        // Wait for a command that changes something (or shutdown).
+        let (next, reply) = loop {
+            let command = tokio::select! {
+                () = shutdown.cancelled() => None,
+                c = commands.recv() => c,
+                // A source runs until cancelled; ending on its own means it panicked.
+                r = async { task.as_mut().expect("guarded").await }, if task.is_some() => {
+                    task = None;
+                    let e = r.err().map_or_else(|| "the source task ended".to_owned(), |e| e.to_string());
+                    tracing::error!(mapping = %mapping.name, error = %e, "mapping task ended unexpectedly");
+                    status.fail(format!("mapping task ended unexpectedly: {e}"));
+                    panicked = Some(mapping.name.clone());
+                    continue;
+                }
+            };
+            match command {
+                None => break (None, None),
+                Some(Command::SetEnabled(e, reply)) if e == enabled => {
+                    let _ = reply.send(Ok(()));
+                }
+                Some(Command::SetEnabled(e, reply)) => break (Some(Err(e)), Some(reply)),
+                Some(Command::Replace(m, new_env)) => break (Some(Ok((m, new_env))), None),
+            }
+        };
+
+        // Drain: stop taking batches, finish and acknowledge the one in flight.
+        token.cancel();
+        if let Some(task) = task {
+            status.set(State::Draining);
+            if let Err(e) = task.await {
+                tracing::error!(mapping = %mapping.name, error = %e, "mapping task panicked");
+                panicked = Some(mapping.name.clone());
+            }
+        }
+        match next {
+            None => {
+                status.set(State::Disabled);
+                status.metrics.in_flight.set(0.0);
+                return panicked.map_or(Ok(()), Err);
+            }
+            Some(Err(e)) => {
+                tracing::info!(mapping = %mapping.name, enabled = e, "mapping {} through the admin API", if e { "enabled" } else { "disabled" });
+                enabled = e;
+            }
+            Some(Ok((m, new_env))) => {
+                enabled = m.enabled;
+                mapping = *m;
+                env = new_env;
+            }
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(Ok(()));
+        }
+    }
+}
+
+fn deliverer(mapping: &Mapping, env: &Env, status: Arc<MappingStatus>) -> Arc<Deliverer> {
+    let (region, account) = (env.region.as_str(), env.account.as_str());
     let function = FunctionRef::parse(&mapping.function).expect("validated at load");
     let envelope = match &mapping.source {
         Source::Rabbitmq(s) => {
@@ -107,7 +539,7 @@ fn deliverer(
     let r = &mapping.retry;
     Arc::new(Deliverer {
         mapping: status,
-        invoker: Invoker::new(sdk, &mapping.function),
+        invoker: Invoker::new(&env.sdk, &mapping.function),
         function_arn: function.arn(region, account),
         envelope,
         policy: Policy {
@@ -130,8 +562,7 @@ fn deliverer(
 async fn run_mapping(
     mapping: Mapping,
     deliverer: Arc<Deliverer>,
-    sdk: aws_config::SdkConfig,
-    region: String,
+    env: Arc<Env>,
     shutdown: CancellationToken,
 ) {
     let limits = BatchLimits {
@@ -147,8 +578,9 @@ async fn run_mapping(
         Source::Rabbitmq(s) => crate::source::rabbitmq::run(s, limits, deliverer, shutdown).await,
         Source::Kafka(k) => crate::source::kafka::run(k, limits, deliverer, shutdown).await,
         Source::Sqs(q) => {
-            let client = aws_sdk_sqs::Client::new(&sdk);
-            crate::source::sqs::run(q, client, region, limits, deliverer, shutdown).await
+            let client = aws_sdk_sqs::Client::new(&env.sdk);
+            crate::source::sqs::run(q, client, env.region.clone(), limits, deliverer, shutdown)
+                .await
         }
     }
 }

@@ -1,46 +1,80 @@
 //! The observable state of each mapping: what `/readyz`, `/mappings`, logs and the
-//! `esm_gateway_mapping_failed` gauge report. Written by the pipeline, read by anyone.
+//! per-mapping gauges report. Written by the runtime, the source and the pipeline; read
+//! by anyone.
 
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use serde::Serialize;
+
+use crate::telemetry::MappingMetrics;
+
 /// Where a mapping stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum State {
-    /// Connecting to its source.
+    /// Connecting to its source (or restarting after a reload or an enable).
     Starting,
     /// Connected and invoking.
     Running,
     /// Cannot make progress (function missing, permission denied, source unreachable):
     /// it keeps retrying slowly and acknowledges nothing meanwhile.
     Failed,
-    /// `enabled = false`.
+    /// Not polling or invoking: `enabled = false`, or disabled through the admin API.
     Disabled,
+    /// Finishing its batch in flight before it stops, restarts or is disabled.
+    Draining,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Failed => "failed",
+            State::Disabled => "disabled",
+            State::Draining => "draining",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub state: State,
+    /// Whether the mapping should poll and invoke (the file's `enabled`, or the admin
+    /// API's override).
+    pub enabled: bool,
     pub last_error: Option<String>,
     pub last_success: Option<SystemTime>,
+    /// Messages waiting in the source, when the source reports it.
+    pub depth: Option<u64>,
 }
 
 #[derive(Debug)]
 pub struct MappingStatus {
     pub name: String,
+    /// The source kind (`rabbitmq`), a metric label.
+    pub kind: &'static str,
+    pub metrics: MappingMetrics,
     inner: Mutex<Snapshot>,
 }
 
 impl MappingStatus {
-    pub fn new(name: &str) -> MappingStatus {
-        MappingStatus {
+    pub fn new(name: &str, kind: &'static str) -> MappingStatus {
+        let status = MappingStatus {
             name: name.to_owned(),
+            kind,
+            metrics: MappingMetrics::new(name, kind),
             inner: Mutex::new(Snapshot {
                 state: State::Starting,
+                enabled: true,
                 last_error: None,
                 last_success: None,
+                depth: None,
             }),
-        }
+        };
+        status.gauges(State::Starting, true);
+        status
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -48,8 +82,20 @@ impl MappingStatus {
     }
 
     pub fn set(&self, state: State) {
-        self.lock().state = state;
-        self.gauge(state);
+        let mut s = self.lock();
+        s.state = state;
+        let enabled = s.enabled;
+        drop(s);
+        self.gauges(state, enabled);
+    }
+
+    /// Records whether the mapping should run; the state follows when it starts or stops.
+    pub fn set_enabled(&self, enabled: bool) {
+        let mut s = self.lock();
+        s.enabled = enabled;
+        let state = s.state;
+        drop(s);
+        self.gauges(state, enabled);
     }
 
     /// Marks the mapping failed with the reason an operator needs to fix it.
@@ -57,8 +103,9 @@ impl MappingStatus {
         let mut s = self.lock();
         s.state = State::Failed;
         s.last_error = Some(error.to_string());
+        let enabled = s.enabled;
         drop(s);
-        self.gauge(State::Failed);
+        self.gauges(State::Failed, enabled);
     }
 
     /// Records an error that does not stop the mapping (a retried batch, a reconnect).
@@ -71,23 +118,35 @@ impl MappingStatus {
         let mut s = self.lock();
         if s.state == State::Failed {
             s.state = State::Running;
+            let enabled = s.enabled;
             drop(s);
-            self.gauge(State::Running);
+            self.gauges(State::Running, enabled);
         }
     }
 
-    /// A batch went through: the mapping is running.
+    /// A batch went through: the mapping is running (unless it is being drained).
     pub fn success(&self) {
         let mut s = self.lock();
-        s.state = State::Running;
+        if s.state != State::Draining {
+            s.state = State::Running;
+        }
         s.last_success = Some(SystemTime::now());
+        let (state, enabled) = (s.state, s.enabled);
         drop(s);
-        self.gauge(State::Running);
+        self.gauges(state, enabled);
     }
 
-    fn gauge(&self, state: State) {
-        metrics::gauge!("esm_gateway_mapping_failed", "mapping" => self.name.clone())
+    /// The source reported how many messages wait in it.
+    pub fn depth(&self, messages: u64) {
+        self.lock().depth = Some(messages);
+        self.metrics.depth.set(messages as f64);
+    }
+
+    fn gauges(&self, state: State, enabled: bool) {
+        self.metrics
+            .failed_state
             .set(if state == State::Failed { 1.0 } else { 0.0 });
+        self.metrics.enabled.set(if enabled { 1.0 } else { 0.0 });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {

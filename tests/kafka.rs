@@ -90,15 +90,9 @@ async fn produce(bootstrap: &str, topic: &str, records: Vec<Rec>) {
 }
 
 fn kafka_config(bootstrap: &str, function: &str, topic: &str, group: &str, extra: &str) -> String {
-    format!(
-        r#"
-[aws]
-region = "us-east-1"
-endpoint_url = "{endpoint}"
-
-[gateway]
-shutdown_grace = "20s"
-
+    gateway_header()
+        + &format!(
+            r#"
 [[mapping]]
 name = "test"
 function = "{function}"
@@ -113,8 +107,7 @@ group_id = "{group}"
 starting_position = "trim_horizon"
 properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000" }}
 "#,
-        endpoint = aws_endpoint(),
-    )
+        )
 }
 
 /// The successful deliveries of each partition, in delivery order, as offsets.

@@ -96,15 +96,9 @@ async fn depth(client: &aws_sdk_sqs::Client, url: &str) -> (u64, u64) {
 }
 
 fn sqs_config(function: &str, url: &str, extra: &str) -> String {
-    format!(
-        r#"
-[aws]
-region = "us-east-1"
-endpoint_url = "{endpoint}"
-
-[gateway]
-shutdown_grace = "20s"
-
+    gateway_header()
+        + &format!(
+            r#"
 [[mapping]]
 name = "test"
 function = "{function}"
@@ -115,8 +109,7 @@ function = "{function}"
 type = "sqs"
 queue_url = "{url}"
 "#,
-        endpoint = aws_endpoint(),
-    )
+        )
 }
 
 #[tokio::test]

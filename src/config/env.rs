@@ -67,11 +67,16 @@ impl<'de> Deserialize<'de> for Expanded {
     }
 }
 
-/// A secret (password) with `${NAME}` expanded; Debug never shows it.
+/// A secret (password, token): expanded from `${ENV}` like any value, shown as `***`
+/// by Debug so that it never reaches a log.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }

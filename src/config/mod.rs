@@ -10,6 +10,7 @@ mod env;
 mod types;
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -36,7 +37,7 @@ pub enum ConfigError {
 }
 
 /// The whole file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// How to reach AWS (or an emulator). Credentials come from the SDK's standard chain.
@@ -45,13 +46,16 @@ pub struct Config {
     /// Process-wide settings.
     #[serde(default)]
     pub gateway: GatewayConfig,
+    /// `[admin]`: the HTTP listener for health, metrics and mapping control.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// The event source mappings, each `[[mapping]]` one.
     #[serde(default, rename = "mapping")]
     pub mappings: Vec<Mapping>,
 }
 
 /// `[aws]`
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
     /// AWS region. Default: the SDK's chain (AWS_REGION, profile), else us-east-1.
@@ -68,7 +72,7 @@ pub struct AwsConfig {
 }
 
 /// `[gateway]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// How long shutdown waits for in-flight invokes before giving up. Default: "30s".
@@ -88,8 +92,38 @@ fn default_grace() -> Duration {
     Duration::from_secs(30)
 }
 
+/// `[admin]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve the admin API at all. Default: true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Address and port to listen on. Default: "127.0.0.1:9900" (loopback only: the API
+    /// is not meant to face a network without a proxy in front).
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token required by the endpoints that change state; `${ENV}` is expanded.
+    /// Default: none, and those endpoints are refused.
+    pub token: Option<Secret>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_admin_listen(),
+            token: None,
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9900))
+}
+
 /// One `[[mapping]]`: a source drained into a function.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mapping {
     /// Unique name; used in logs, metrics, the default consumer tag and synthetic ARNs.
@@ -120,7 +154,7 @@ fn yes() -> bool {
 }
 
 /// The closed set of sources.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Source {
     Rabbitmq(RabbitSource),
@@ -139,7 +173,7 @@ impl Source {
 }
 
 /// `[mapping.source]` with `type = "kafka"`: a self-managed Kafka cluster.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSource {
     /// "host1:9092,host2:9092".
@@ -171,7 +205,7 @@ pub struct KafkaSource {
 }
 
 /// `[mapping.source]` with `type = "sqs"`: a standard or FIFO queue.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqsSource {
     /// The queue URL (a FIFO queue's ends in ".fifo").
@@ -202,7 +236,7 @@ pub enum StartingPosition {
 }
 
 /// `sasl = { mechanism = "scram-sha-512", username = "…", password = "${PASS}" }`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSasl {
     /// "plain", "scram-sha-256" or "scram-sha-512".
@@ -223,7 +257,7 @@ pub enum SaslMechanism {
 }
 
 /// `tls = { ca_file = "…", cert_file = "…", key_file = "…" }`
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaTls {
     /// PEM CA bundle. Default: the system's trust store.
@@ -251,7 +285,7 @@ const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
 ];
 
 /// `[mapping.source]` with `type = "rabbitmq"`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitSource {
     /// `amqp://user:pass@host:5672/vhost` or `amqps://…`; `${ENV}` is expanded.
@@ -275,7 +309,7 @@ pub struct RabbitSource {
 }
 
 /// `[mapping.batch]`
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Batching {
     /// Records per invoke, 1–10,000 (SQS FIFO: 1–10). Default: 100 (SQS: 10).
@@ -293,7 +327,7 @@ impl Batching {
 }
 
 /// `[mapping.retry]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Retries after the first attempt: -1 (forever) or 0–10,000. Default: -1 (SQS: 0,
@@ -334,7 +368,7 @@ fn default_backoff_max() -> Duration {
 }
 
 /// The closed set of on-failure destinations.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum DestinationConfig {
     /// Append one JSON failure record per line, fsynced before the source is acked.
@@ -344,7 +378,7 @@ pub enum DestinationConfig {
 }
 
 /// `on_failure = { type = "file", … }`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileDestination {
     /// The JSON-lines file; created if missing (its directory must exist).
@@ -353,7 +387,7 @@ pub struct FileDestination {
 }
 
 /// `on_failure = { type = "rabbitmq", … }`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitDestination {
     /// Broker URL; `${ENV}` is expanded.
@@ -555,6 +589,13 @@ impl Config {
             message: e.to_string().trim_end().to_owned(),
         })?;
         let mut problems = Vec::new();
+        if let Some(t) = &config.admin.token
+            && t.expose().len() < 16
+        {
+            problems.push(
+                "admin.token is shorter than 16 characters; use a long random string".to_owned(),
+            );
+        }
         let mut names = HashSet::new();
         for m in &config.mappings {
             if !names.insert(m.name.as_str()) {

@@ -239,3 +239,37 @@ fn bad_kafka_sources_are_named() {
         assert!(err.contains(want), "{from} -> {to}: {err}");
     }
 }
+
+#[test]
+fn the_admin_listener_defaults_to_loopback_without_a_token() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.admin, AdminConfig::default());
+    assert!(c.admin.enabled);
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9900");
+    assert!(c.admin.token.is_none());
+}
+
+#[test]
+fn the_admin_token_is_expanded_checked_and_never_shown() {
+    let text = format!(
+        "[admin]\nlisten = \"0.0.0.0:9901\"\ntoken = \"${{PATH}}-and-some-padding\"\n{GOOD}"
+    );
+    let c = parse(&text).unwrap();
+    let token = c.admin.token.as_ref().unwrap();
+    assert!(token.expose().starts_with(&std::env::var("PATH").unwrap()));
+    assert!(!format!("{c:?}").contains("and-some-padding"));
+    let short = parse(&format!("[admin]\ntoken = \"short\"\n{GOOD}")).unwrap_err();
+    assert!(short.contains("admin.token is shorter than 16"), "{short}");
+    let bad = parse(&format!("[admin]\nlisten = \"localhost\"\n{GOOD}")).unwrap_err();
+    assert!(bad.contains("listen"), "{bad}");
+}
+
+#[test]
+fn reload_compares_mappings_by_value() {
+    let a = parse(GOOD).unwrap();
+    let b = parse(GOOD).unwrap();
+    assert_eq!(a.mappings, b.mappings);
+    let c = parse(&with("size = 50", "size = 51")).unwrap();
+    assert_ne!(a.mappings[0], c.mappings[0]);
+    assert_eq!(a.mappings[0].source, c.mappings[0].source);
+}

@@ -119,8 +119,7 @@ impl Deliverer {
                     work.push_front(a);
                 }
                 Step::Retry(piece, delay) => {
-                    metrics::counter!("esm_gateway_retries_total", "mapping" => self.mapping.name.clone())
-                        .increment(1);
+                    self.mapping.metrics.retries.increment(1);
                     tokio::select! {
                         () = tokio::time::sleep(delay) => work.push_front(piece),
                         () = shutdown.cancelled() => {
@@ -202,12 +201,11 @@ impl Deliverer {
             })
         } else {
             piece.invokes += 1;
-            metrics::histogram!("esm_gateway_batch_records", "mapping" => name.clone())
-                .record(n as f64);
+            let m = &self.mapping.metrics;
+            m.batch_records.record(n as f64);
             let started = tokio::time::Instant::now();
             let r = self.invoker.invoke(event).await;
-            metrics::histogram!("esm_gateway_invoke_duration_seconds", "mapping" => name.clone())
-                .record(started.elapsed().as_secs_f64());
+            m.invoke_seconds.record(started.elapsed().as_secs_f64());
             r
         };
         let outcome = match &result {
@@ -218,8 +216,10 @@ impl Deliverer {
             Err(InvokeError::TooLarge { .. }) => "too_large",
             Err(InvokeError::Fatal { .. }) => "fatal_error",
         };
-        metrics::counter!("esm_gateway_invocations_total", "mapping" => name.clone(), "outcome" => outcome)
-            .increment(1);
+        self.mapping.metrics.invocation(outcome).increment(1);
+        if outcome == "throttled" {
+            self.mapping.metrics.throttles.increment(1);
+        }
 
         let response = match result {
             Ok(r) => r,
@@ -258,6 +258,7 @@ impl Deliverer {
         let failed = if let Some(kind) = &response.function_error {
             let message = function_error_message(&response.payload);
             tracing::warn!(mapping = %name, records = n, function_error = %kind, error = %message, "function failed on the batch");
+            self.mapping.metrics.failed.increment(n as u64);
             None.ok_or(message)
         } else if self.policy.report_item_failures {
             item_failures(&response.payload, &self.envelope, &piece.records)
@@ -268,7 +269,7 @@ impl Deliverer {
             Ok(failed) if failed.is_empty() => {
                 tracing::debug!(mapping = %name, records = n, "batch delivered");
                 self.mapping.success();
-                count(name, "delivered", n);
+                self.mapping.metrics.delivered.increment(n as u64);
                 out.resolved.extend(
                     piece
                         .records
@@ -285,11 +286,15 @@ impl Deliverer {
                     if failed.contains(&i) {
                         retry.push(r);
                     } else {
-                        count(name, "delivered", 1);
+                        self.mapping.metrics.delivered.increment(1);
                         out.resolved.push((r, Resolution::Delivered));
                     }
                 }
                 piece.records = retry;
+                self.mapping
+                    .metrics
+                    .failed
+                    .increment(piece.records.len() as u64);
                 let error = format!(
                     "the function reported {} failed item(s)",
                     piece.records.len()
@@ -341,7 +346,10 @@ impl Deliverer {
             if self.policy.release_exhausted {
                 tracing::warn!(mapping = %name, condition = condition.as_str(), records = piece.records.len(),
                     error, "records released to the source for redelivery");
-                count(name, "released", piece.records.len());
+                self.mapping
+                    .metrics
+                    .released
+                    .increment(piece.records.len() as u64);
                 out.resolved
                     .extend(piece.records.into_iter().map(|r| (r, Resolution::Released)));
                 return Ok(());
@@ -384,7 +392,10 @@ impl Deliverer {
         }
         tracing::warn!(mapping = %name, condition = condition.as_str(), records = piece.records.len(),
             destination = destination.kind(), "records parked in the on-failure destination");
-        count(name, "dead_lettered", piece.records.len());
+        self.mapping
+            .metrics
+            .dead_lettered(condition.as_str())
+            .increment(piece.records.len() as u64);
         out.resolved.extend(
             piece
                 .records
@@ -393,11 +404,6 @@ impl Deliverer {
         );
         Ok(())
     }
-}
-
-fn count(mapping: &str, outcome: &'static str, n: usize) {
-    metrics::counter!("esm_gateway_records_total", "mapping" => mapping.to_owned(), "outcome" => outcome)
-        .increment(n as u64);
 }
 
 fn split(mut piece: Piece) -> Step {

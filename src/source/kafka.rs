@@ -136,15 +136,20 @@ struct Context {
 impl ClientContext for Context {
     fn stats(&self, stats: Statistics) {
         let mapping = &self.shared.deliverer.mapping.name;
+        let mut total = 0;
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
                 if *partition >= 0 && p.consumer_lag >= 0 {
+                    total += p.consumer_lag as u64;
                     metrics::gauge!("esm_gateway_kafka_consumer_lag_records",
                         "mapping" => mapping.clone(), "topic" => topic.clone(), "partition" => partition.to_string())
                     .set(p.consumer_lag as f64);
                 }
             }
         }
+        // The mapping's depth (in /mappings and esm_gateway_source_depth_messages) is
+        // its total lag over the partitions it owns.
+        self.shared.deliverer.mapping.depth(total);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -484,6 +489,7 @@ async fn partition_task(
             }
         };
         let record = to_record(&m);
+        shared.deliverer.mapping.metrics.received.increment(1);
         tracker
             .lock()
             .expect("tracker lock")

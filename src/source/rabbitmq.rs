@@ -173,12 +173,18 @@ async fn session(
         .map_err(queue_error)?;
     status.set(State::Running);
     tracing::info!(mapping = %status.name, queue, vhost, prefetch, "consuming");
+    let _depth_guard = AbortOnDrop(tokio::spawn(poll_depth(
+        channel.clone(),
+        queue.to_owned(),
+        deliverer.mapping.clone(),
+    )));
 
     // The reader renders each delivery into its event element while the previous batch
     // is being invoked; the channel's bound is the prefetch, so it never blocks the
     // connection for long.
     let (tx, rx) = mpsc::channel(prefetch as usize);
     let name = status.name.clone();
+    let received = status.metrics.received.clone();
     let reader = tokio::spawn(async move {
         while let Some(delivery) = consumer.next().await {
             let d = match delivery {
@@ -188,6 +194,7 @@ async fn session(
                     break;
                 }
             };
+            received.increment(1);
             let record = Record {
                 fragment: crate::invoke::event::rabbit_fragment(
                     &d.properties,
@@ -217,7 +224,7 @@ async fn session(
         // Shutdown first: a batch not yet started is left to the broker.
         let batch = tokio::select! {
             biased;
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => break,
             b = batcher.next() => b,
         };
         // Records buffered from a channel that has since closed will be redelivered on
@@ -225,16 +232,59 @@ async fn session(
         let Some(batch) = batch.filter(|_| channel.status().connected()) else {
             return Err(SessionError::ConsumerEnded(queue.to_owned()));
         };
+        let in_flight = &status.metrics.in_flight;
+        in_flight.increment(1.0);
         let outcome = deliverer.deliver(batch, shutdown).await;
-        acknowledge(outcome)
-            .await
-            .map_err(|message| SessionError::Ack {
-                queue: queue.to_owned(),
-                message,
-            })?;
+        let acked = acknowledge(outcome).await;
+        in_flight.decrement(1.0);
+        acked.map_err(|message| SessionError::Ack {
+            queue: queue.to_owned(),
+            message,
+        })?;
         // Only a shutdown leaves records unresolved; they stay unacknowledged.
         if shutdown.is_cancelled() {
-            return Ok(());
+            break;
+        }
+    }
+    // Closing (rather than dropping) the connection hands the prefetched, unacknowledged
+    // deliveries back to the queue at once, in order: a disabled or restarting mapping
+    // must not sit on them.
+    drop(batcher);
+    if let Err(e) = conn.close(200, "esm-gateway mapping stopped".into()).await {
+        tracing::debug!(mapping = %status.name, error = %e, "closing the connection");
+    }
+    Ok(())
+}
+
+/// How often the queue's depth is asked for.
+const DEPTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Reports the queue's ready messages (a passive `queue.declare`'s message count) every
+/// [`DEPTH_INTERVAL`], on the session's channel, until the session ends. The count
+/// excludes the messages delivered to consumers and not yet acknowledged.
+async fn poll_depth(
+    channel: lapin::Channel,
+    queue: String,
+    status: Arc<crate::status::MappingStatus>,
+) {
+    let mut tick = tokio::time::interval(DEPTH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(q) => status.depth(q.message_count().into()),
+            // The channel is gone (the session is ending and will report why).
+            Err(e) => {
+                tracing::debug!(mapping = %status.name, error = %e, "cannot read the queue depth");
+                return;
+            }
         }
     }
 }

@@ -139,6 +139,7 @@ pub async fn run(
         active: Arc::new(AtomicUsize::new(0)),
         max_pollers: concurrency,
         shutdown: shutdown.clone(),
+        status: status.clone(),
     };
     let (tx, rx) = mpsc::channel::<Vec<Record>>(concurrency * 2);
     tokio::spawn(receiver.clone().poll(tx, true));
@@ -226,6 +227,7 @@ struct Receiver {
     active: Arc<AtomicUsize>,
     max_pollers: usize,
     shutdown: CancellationToken,
+    status: Arc<crate::status::MappingStatus>,
 }
 
 impl Receiver {
@@ -298,6 +300,10 @@ impl Receiver {
                     }
                 })
                 .collect();
+            self.status
+                .metrics
+                .received
+                .increment(messages.len() as u64);
             if tx.send(records).await.is_err() {
                 break;
             }

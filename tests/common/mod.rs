@@ -33,6 +33,19 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A TCP port that was free a moment ago (bound to :0, read, released), for a gateway's
+/// admin listener: the config cannot ask for port 0.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The admin token of [`rabbit_config`]'s gateways.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// Polls `check` every 50 ms until it returns Some, or panics after `timeout` with `what`.
 pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -275,19 +288,31 @@ pub fn numbered_strings(range: std::ops::Range<usize>) -> Vec<String> {
 pub struct Gateway {
     child: Child,
     pub logs: Arc<Mutex<Vec<String>>>,
-    _config: tempfile::NamedTempFile,
+    config: tempfile::NamedTempFile,
+    /// `http://127.0.0.1:PORT` of its admin API, when the config has `[admin] listen`.
+    pub admin: Option<String>,
 }
 
 impl Gateway {
     pub fn start(config: &str) -> Gateway {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts the gateway with extra environment variables.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Gateway {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(config.as_bytes()).unwrap();
+        let admin = toml::from_str::<toml::Table>(config)
+            .ok()
+            .and_then(|t| t.get("admin")?.get("listen")?.as_str().map(String::from))
+            .map(|listen| format!("http://{listen}"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_esm-gateway"))
             .args(["run", "--config"])
             .arg(file.path())
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("RUST_LOG", "info,esm_gateway=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -306,8 +331,107 @@ impl Gateway {
         Gateway {
             child,
             logs,
-            _config: file,
+            config: file,
+            admin,
         }
+    }
+
+    /// Rewrites the config file (the gateway reads it again on SIGHUP).
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(self.config.path(), config).unwrap();
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Log lines containing `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until the `n`th log line containing `needle` appears.
+    pub async fn wait_log_count(&self, needle: &str, n: usize, timeout: Duration) {
+        wait_for(
+            &format!("{n} gateway log line(s) containing {needle:?}"),
+            timeout,
+            || (self.log_count(needle) >= n).then_some(()),
+        )
+        .await;
+    }
+
+    fn admin_url(&self) -> &str {
+        self.admin
+            .as_deref()
+            .expect("the gateway's config has no [admin] listen")
+    }
+
+    /// `GET` on the admin API: status and body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let r = esm_gateway::admin::client::get(self.admin_url(), path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        (r.status, r.body)
+    }
+
+    /// `POST` on the admin API with an optional bearer token: status and body.
+    pub fn post(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let r = esm_gateway::admin::client::post(self.admin_url(), path, token)
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        (r.status, r.body)
+    }
+
+    /// Waits until the admin API answers `/healthz`.
+    pub async fn wait_admin(&self) {
+        let url = self.admin_url().to_owned();
+        wait_for("the admin API to answer", LONG_WAIT, || {
+            esm_gateway::admin::client::get(&url, "/healthz")
+                .ok()
+                .filter(|r| r.status == 200)
+        })
+        .await;
+    }
+
+    /// Waits until `/readyz` answers `status`; returns its body.
+    pub async fn wait_ready_status(&self, status: u16) -> Value {
+        let url = self.admin_url().to_owned();
+        wait_for(&format!("/readyz to answer {status}"), LONG_WAIT, || {
+            esm_gateway::admin::client::get(&url, "/readyz")
+                .ok()
+                .filter(|r| r.status == status)
+                .map(|r| serde_json::from_str(&r.body).unwrap())
+        })
+        .await
+    }
+
+    /// `GET /mappings` parsed.
+    pub fn mappings(&self) -> Vec<Value> {
+        let (status, body) = self.get("/mappings");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// One mapping's row of `/mappings`.
+    pub fn mapping(&self, name: &str) -> Value {
+        self.mappings()
+            .into_iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("no mapping {name} in /mappings"))
+    }
+
+    /// A scrape of `/metrics`.
+    pub fn metrics(&self) -> Metrics {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        Metrics(body)
     }
 
     pub fn pid(&self) -> u32 {
@@ -331,6 +455,13 @@ impl Gateway {
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status and how long the exit took (bounded wait).
+    pub async fn terminate_timed(self) -> (ExitStatus, Duration) {
+        let started = Instant::now();
+        let status = self.terminate().await;
+        (status, started.elapsed())
     }
 
     /// SIGTERM, then the exit status (bounded wait).
@@ -357,9 +488,40 @@ impl Drop for Gateway {
     }
 }
 
-/// A config for one RabbitMQ mapping; `extra` goes inside the mapping, before its source
-/// table (mapping keys first, then batch, retry and on_failure tables).
-pub fn rabbit_config(function: &str, queue: &str, extra: &str) -> String {
+const LONG_WAIT: Duration = Duration::from_secs(60);
+
+/// A scrape of `/metrics` in Prometheus' text format.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The value of the series `name` whose labels include every `labels` pair; panics
+    /// if there is none.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.find(name, labels)
+            .unwrap_or_else(|| panic!("no series {name} with {labels:?} in:\n{}", self.0))
+    }
+
+    pub fn find(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0.lines().find_map(|line| {
+            if line.starts_with('#') {
+                return None;
+            }
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if n != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse().ok())?
+        })
+    }
+}
+
+/// A gateway config header: `[aws]`, `[gateway]` and `[admin]` on a free port with
+/// [`ADMIN_TOKEN`]; add `[[mapping]]`s with [`rabbit_mapping`].
+pub fn gateway_header() -> String {
     format!(
         r#"
 [aws]
@@ -369,8 +531,22 @@ endpoint_url = "{endpoint}"
 [gateway]
 shutdown_grace = "20s"
 
+[admin]
+listen = "127.0.0.1:{port}"
+token = "{ADMIN_TOKEN}"
+"#,
+        endpoint = aws_endpoint(),
+        port = free_port(),
+    )
+}
+
+/// One `[[mapping]]` on a RabbitMQ queue; `extra` goes inside the mapping, before its
+/// source table (mapping keys first, then batch, retry and on_failure tables).
+pub fn rabbit_mapping(name: &str, function: &str, queue: &str, extra: &str) -> String {
+    format!(
+        r#"
 [[mapping]]
-name = "test"
+name = "{name}"
 function = "{function}"
 
 {extra}
@@ -380,9 +556,13 @@ type = "rabbitmq"
 url = "{amqp}"
 queue = "{queue}"
 "#,
-        endpoint = aws_endpoint(),
         amqp = amqp_url(),
     )
+}
+
+/// A config for one RabbitMQ mapping named "test"; see [`rabbit_mapping`] for `extra`.
+pub fn rabbit_config(function: &str, queue: &str, extra: &str) -> String {
+    gateway_header() + &rabbit_mapping("test", function, queue, extra)
 }
 
 /// Failure records in a JSON-lines destination file.
