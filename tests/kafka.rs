@@ -345,17 +345,21 @@ async fn two_gateways_split_the_partitions_and_one_takes_over_when_the_other_die
         .collect();
     produce(&b, &topic, records).await;
     let f = Function::deploy("kgroup", &[("SLEEP_MS", "20")]).await;
-    let config = kafka_config(
-        &b,
-        &f.name,
-        &topic,
-        &unique("g"),
-        "[mapping.batch]\nsize = 10\nwindow = \"100ms\"",
-    );
+    let group = unique("g");
+    // Each gateway gets its own config, and so its own admin port.
+    let config = || {
+        kafka_config(
+            &b,
+            &f.name,
+            &topic,
+            &group,
+            "[mapping.batch]\nsize = 10\nwindow = \"100ms\"",
+        )
+    };
 
-    let first = Gateway::start(&config);
+    let first = Gateway::start(&config());
     first.wait_log("partition assigned", LONG).await;
-    let second = Gateway::start(&config);
+    let second = Gateway::start(&config());
     // Cooperative rebalancing hands some partitions to the second member.
     second.wait_log("partition assigned", LONG).await;
     let assigned = |gw: &Gateway| {
