@@ -53,6 +53,8 @@ pub enum Resolution {
     Delivered,
     /// Its failure record is confirmed in the on-failure destination.
     DeadLettered,
+    /// No filter pattern matched it: acknowledged without an invoke.
+    Filtered,
     /// It failed and is left to the source to redeliver (SQS: after its visibility
     /// timeout, subject to the queue's redrive policy).
     Released,

@@ -33,6 +33,7 @@ use crate::invoke::event::Envelope;
 use crate::invoke::lambda::{FunctionRef, Invoker};
 use crate::notify::notify;
 use crate::pipeline::batcher::BatchLimits;
+use crate::pipeline::filter::Filter;
 use crate::pipeline::retry::{Deliverer, Policy};
 use crate::status::{MappingStatus, State};
 
@@ -556,6 +557,8 @@ fn deliverer(mapping: &Mapping, env: &Env, status: Arc<MappingStatus>) -> Arc<De
             .on_failure
             .as_ref()
             .map(|d| Arc::new(Destination::new(d, &mapping.name))),
+        filter: (!mapping.filters.is_empty())
+            .then(|| Arc::new(Filter::parse(&mapping.filters).expect("validated at load"))),
     })
 }
 

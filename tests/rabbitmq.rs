@@ -388,3 +388,37 @@ async fn a_missing_function_fails_the_mapping_and_acknowledges_nothing() {
     assert_eq!(gw.terminate().await.code(), Some(0));
     rabbit.delete(&queue).await;
 }
+
+#[tokio::test]
+async fn records_no_filter_matches_are_acknowledged_without_an_invoke() {
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("filter").await;
+    let f = Function::deploy("filter", &[]).await;
+    let bodies = (0..40).map(|i| {
+        let kind = if i % 4 == 0 { "order" } else { "noise" };
+        format!(r#"{{"kind":"{kind}","n":{i}}}"#).into_bytes()
+    });
+    rabbit.publish(&queue, bodies).await;
+    let gw = Gateway::start(&rabbit_config(
+        &f.name,
+        &queue,
+        r#"filters = ['{"data":{"kind":["order"],"n":[{"numeric":[">=",8]}]}}']
+
+[mapping.batch]
+size = 10
+window = "100ms""#,
+    ));
+    let expected: Vec<String> = (8..40)
+        .step_by(4)
+        .map(|i| format!(r#"{{"kind":"order","n":{i}}}"#))
+        .collect();
+    let delivered = f.wait_delivered(expected.len(), LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(delivered, expected);
+    assert_eq!(
+        rabbit.ready(&queue).await,
+        0,
+        "filtered messages were acknowledged too"
+    );
+    rabbit.delete(&queue).await;
+}

@@ -147,6 +147,11 @@ pub struct Mapping {
     pub report_batch_item_failures: bool,
     /// Where records go when they cannot be delivered. Default: none.
     pub on_failure: Option<DestinationConfig>,
+    /// Up to five AWS FilterCriteria patterns (JSON text); a record passes if any
+    /// matches, and one that none matches is acknowledged without an invoke. Default:
+    /// none (everything passes).
+    #[serde(default)]
+    pub filters: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -449,6 +454,9 @@ impl Mapping {
         }
         if let Err(e) = crate::invoke::lambda::FunctionRef::parse(&self.function) {
             out.push(format!("mapping {name:?}: function: {e}"));
+        }
+        if let Err(e) = crate::pipeline::filter::Filter::parse(&self.filters) {
+            out.push(format!("mapping {name:?}: {e}"));
         }
         let r = &self.retry;
         if r.backoff_min.is_zero() || r.backoff_min > r.backoff_max {

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::destination::{Condition, Destination, Failure};
 use crate::invoke::event::Envelope;
 use crate::invoke::lambda::{InvokeError, Invoker, Response};
+use crate::pipeline::filter::{self, Filter};
 use crate::record::{Record, Resolution};
 use crate::status::MappingStatus;
 
@@ -71,6 +72,8 @@ pub struct Deliverer {
     pub envelope: Envelope,
     pub policy: Policy,
     pub destination: Option<Arc<Destination>>,
+    /// The mapping's filter criteria, if it has any.
+    pub filter: Option<Arc<Filter>>,
 }
 
 /// Part of a batch still to deliver, with the invokes already spent on its records.
@@ -94,6 +97,21 @@ enum Step {
 impl Deliverer {
     pub async fn deliver(&self, batch: Vec<Record>, shutdown: &CancellationToken) -> Outcome {
         let mut out = Outcome::default();
+        let batch = match &self.filter {
+            None => batch,
+            Some(filter) => {
+                let (pass, drop): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .partition(|r| filter.matches(&filter::view(&r.fragment)));
+                self.mapping.metrics.filtered.increment(drop.len() as u64);
+                out.resolved
+                    .extend(drop.into_iter().map(|r| (r, Resolution::Filtered)));
+                if pass.is_empty() {
+                    return out;
+                }
+                pass
+            }
+        };
         let mut work = VecDeque::from([Piece {
             records: batch,
             failures: 0,
