@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{AdminConfig, Config, Mapping, Secret, Source};
+use crate::config::{AdminConfig, Config, InvocationType, Mapping, Secret, Source};
 use crate::destination::Destination;
 use crate::invoke::event::Envelope;
 use crate::invoke::lambda::{FunctionRef, Invoker};
@@ -514,6 +514,7 @@ async fn supervise(
 }
 
 fn deliverer(mapping: &Mapping, env: &Env, status: Arc<MappingStatus>) -> Arc<Deliverer> {
+    let asynchronous = mapping.invocation_type == InvocationType::Event;
     let (region, account) = (env.region.as_str(), env.account.as_str());
     let function = FunctionRef::parse(&mapping.function).expect("validated at load");
     let envelope = match &mapping.source {
@@ -540,7 +541,7 @@ fn deliverer(mapping: &Mapping, env: &Env, status: Arc<MappingStatus>) -> Arc<De
     let r = &mapping.retry;
     Arc::new(Deliverer {
         mapping: status,
-        invoker: Invoker::new(&env.sdk, &mapping.function),
+        invoker: Invoker::new(&env.sdk, &mapping.function, asynchronous),
         function_arn: function.arn(region, account),
         envelope,
         policy: Policy {
@@ -550,7 +551,7 @@ fn deliverer(mapping: &Mapping, env: &Env, status: Arc<MappingStatus>) -> Arc<De
             backoff_max: r.backoff_max,
             bisect: r.bisect_on_error,
             report_item_failures: mapping.report_batch_item_failures,
-            max_payload: mapping.batch.max_bytes(),
+            max_payload: mapping.max_payload(),
             release_exhausted: matches!(mapping.source, Source::Sqs(_)),
         },
         destination: mapping
@@ -573,8 +574,7 @@ async fn run_mapping(
         window: mapping.batch_window(),
         // The byte cap covers the whole event; the batcher counts only the records.
         max_bytes: mapping
-            .batch
-            .max_bytes()
+            .max_payload()
             .saturating_sub(deliverer.envelope.overhead() + 256),
     };
     match &mapping.source {

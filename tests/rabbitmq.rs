@@ -422,3 +422,23 @@ window = "100ms""#,
     );
     rabbit.delete(&queue).await;
 }
+
+#[tokio::test]
+async fn asynchronous_invokes_count_as_delivered_once_lambda_accepts_them() {
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("async").await;
+    let f = Function::deploy("async", &[]).await;
+    rabbit.publish(&queue, numbered(30)).await;
+    let gw = Gateway::start(&rabbit_config(
+        &f.name,
+        &queue,
+        "invocation_type = \"event\"\n\n[mapping.batch]\nsize = 10\nwindow = \"100ms\"",
+    ));
+    // Lambda runs the function after accepting the event; its log shows every message.
+    let mut delivered = f.wait_delivered(30, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    delivered.sort();
+    assert_eq!(delivered, numbered_strings(0..30));
+    assert_eq!(rabbit.ready(&queue).await, 0);
+    rabbit.delete(&queue).await;
+}

@@ -142,6 +142,11 @@ pub struct Mapping {
     /// `[mapping.retry]`: what happens to a failed batch.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// "request_response" (synchronous: the function's result decides the batch) or
+    /// "event" (asynchronous: Lambda accepting the event counts as delivered; 1 MB cap).
+    /// Default: "request_response".
+    #[serde(default)]
+    pub invocation_type: InvocationType,
     /// Parse `{"batchItemFailures":[...]}` from the function's result. Default: false.
     #[serde(default)]
     pub report_batch_item_failures: bool,
@@ -156,6 +161,15 @@ pub struct Mapping {
 
 fn yes() -> bool {
     true
+}
+
+/// How the function is invoked.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvocationType {
+    #[default]
+    RequestResponse,
+    Event,
 }
 
 /// The closed set of sources.
@@ -325,12 +339,6 @@ pub struct Batching {
     pub max_bytes: Option<ByteSize>,
 }
 
-impl Batching {
-    pub fn max_bytes(&self) -> usize {
-        self.max_bytes.map_or(types::MAX_PAYLOAD, |b| b.0)
-    }
-}
-
 /// `[mapping.retry]`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -406,6 +414,16 @@ pub struct RabbitDestination {
 }
 
 impl Mapping {
+    /// The largest event: batch.max_bytes, else Lambda's limit for the invocation type
+    /// (6 MB synchronous, 1 MB asynchronous).
+    pub fn max_payload(&self) -> usize {
+        match (self.batch.max_bytes, self.invocation_type) {
+            (Some(b), _) => b.0,
+            (None, InvocationType::Event) => crate::invoke::lambda::MAX_ASYNC_PAYLOAD,
+            (None, InvocationType::RequestResponse) => types::MAX_PAYLOAD,
+        }
+    }
+
     /// Records per batch: the configured size or AWS's default for the source.
     pub fn batch_size(&self) -> usize {
         match (self.batch.size, &self.source) {
@@ -454,6 +472,21 @@ impl Mapping {
         }
         if let Err(e) = crate::invoke::lambda::FunctionRef::parse(&self.function) {
             out.push(format!("mapping {name:?}: function: {e}"));
+        }
+        if self.invocation_type == InvocationType::Event {
+            if self.report_batch_item_failures {
+                out.push(format!(
+                    "mapping {name:?}: report_batch_item_failures needs invocation_type = \"request_response\": an asynchronous invoke returns no result"
+                ));
+            }
+            if let Some(b) = self.batch.max_bytes
+                && b.0 > crate::invoke::lambda::MAX_ASYNC_PAYLOAD
+            {
+                out.push(format!(
+                    "mapping {name:?}: batch.max_bytes ({}) is above the 1 MB limit of asynchronous invokes",
+                    b.0
+                ));
+            }
         }
         if let Err(e) = crate::pipeline::filter::Filter::parse(&self.filters) {
             out.push(format!("mapping {name:?}: {e}"));

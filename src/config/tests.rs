@@ -60,7 +60,7 @@ source = { type = "rabbitmq", url = "amqp://h", queue = "q" }
     let m = &minimal.mappings[0];
     assert_eq!(m.batch_size(), 100);
     assert_eq!(m.batch_window(), Duration::from_millis(500));
-    assert_eq!(m.batch.max_bytes(), 6 * 1024 * 1024);
+    assert_eq!(m.max_payload(), 6 * 1024 * 1024);
     assert_eq!(m.retries(), None);
     assert_eq!(m.retry.max_record_age, None);
     assert!(!m.retry.bisect_on_error && !m.report_batch_item_failures);
@@ -272,4 +272,23 @@ fn reload_compares_mappings_by_value() {
     let c = parse(&with("size = 50", "size = 51")).unwrap();
     assert_ne!(a.mappings[0], c.mappings[0]);
     assert_eq!(a.mappings[0].source, c.mappings[0].source);
+}
+
+#[test]
+fn asynchronous_invokes_cap_events_at_one_megabyte_and_return_no_result() {
+    let c = parse(&with(
+        "name = \"orders\"",
+        "name = \"orders\"\ninvocation_type = \"event\"",
+    ))
+    .unwrap();
+    assert_eq!(c.mappings[0].max_payload(), 1024 * 1024);
+    let err = parse(&with(
+        "name = \"orders\"",
+        "name = \"orders\"\ninvocation_type = \"event\"\nreport_batch_item_failures = true",
+    ))
+    .unwrap_err();
+    assert!(
+        err.contains("report_batch_item_failures needs invocation_type"),
+        "{err}"
+    );
 }

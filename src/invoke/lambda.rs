@@ -153,18 +153,25 @@ pub enum InvokeError {
     Fatal { function: String, message: String },
 }
 
-/// Invokes one function synchronously (RequestResponse).
+/// Lambda's asynchronous invoke payload limit: 1 MB.
+pub const MAX_ASYNC_PAYLOAD: usize = 1024 * 1024;
+
+/// Invokes one function: synchronously (RequestResponse: the function's result decides
+/// the batch) or asynchronously (Event: Lambda's 202 accepting it counts as delivered,
+/// and Lambda's own async retries and destinations take over).
 #[derive(Clone, Debug)]
 pub struct Invoker {
     client: Client,
     function: String,
+    asynchronous: bool,
 }
 
 impl Invoker {
-    pub fn new(sdk: &aws_config::SdkConfig, function: &str) -> Invoker {
+    pub fn new(sdk: &aws_config::SdkConfig, function: &str, asynchronous: bool) -> Invoker {
         Invoker {
             client: Client::new(sdk),
             function: function.to_owned(),
+            asynchronous,
         }
     }
 
@@ -178,7 +185,11 @@ impl Invoker {
             .client
             .invoke()
             .function_name(&self.function)
-            .invocation_type(InvocationType::RequestResponse)
+            .invocation_type(if self.asynchronous {
+                InvocationType::Event
+            } else {
+                InvocationType::RequestResponse
+            })
             .payload(Blob::new(event))
             .send()
             .await;
