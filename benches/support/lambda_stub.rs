@@ -1,5 +1,6 @@
 //! A minimal stand-in for the Lambda Invoke API: `POST /2015-03-31/functions/{name}/invocations`
-//! answers 200 with the body `null` at once and counts the records of each event.
+//! answers 200 with the body `null` (at once, or after a configurable delay) and counts the
+//! records of each event.
 //!
 //! It shares the machine's cores with the broker and the gateway, so it does as little as
 //! possible: records are counted with one pass over the body (see [`count_records`]) and
@@ -8,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -16,12 +17,37 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::post;
 use tokio::sync::Notify;
 
+/// The kind of event the stub expects, which decides how it counts records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `aws:rmq`: one `"basicProperties"` key per record.
+    RabbitMq,
+    /// `SelfManagedKafka`: one `"offset"` key per record.
+    Kafka,
+}
+
+/// How the stub behaves.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Records to wait for; [`Stats::done`] is notified once they have all arrived.
+    pub target: u64,
+    pub kind: EventKind,
+    /// How long each invoke takes before it is answered (an async sleep: concurrent
+    /// invokes overlap). Zero answers at once, without touching the timer.
+    pub delay: Duration,
+}
+
 /// What the stub has seen.
 pub struct Stats {
     /// Records to wait for; [`Stats::done`] is notified once they have all arrived.
     target: u64,
+    kind: EventKind,
+    delay: Duration,
     records: AtomicU64,
     invokes: AtomicU64,
+    /// Invokes being answered now, and the most seen at once.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     /// When the first invoke arrived, and its record count.
     first_invoke: OnceLock<(Instant, u64)>,
     target_reached: OnceLock<Instant>,
@@ -36,6 +62,10 @@ impl Stats {
     }
     pub fn invokes(&self) -> u64 {
         self.invokes.load(Ordering::Relaxed)
+    }
+    /// The most invokes the stub was answering at once.
+    pub fn max_in_flight(&self) -> u64 {
+        self.max_in_flight.load(Ordering::Relaxed)
     }
     /// When the first invoke arrived, and how many records it carried.
     pub fn first_invoke(&self) -> Option<(Instant, u64)> {
@@ -54,12 +84,27 @@ impl Stats {
     }
 }
 
-/// Starts the stub on 127.0.0.1 with a free port, on the current tokio runtime.
+/// Starts an `aws:rmq` stub that answers at once, on 127.0.0.1 with a free port, on the
+/// current tokio runtime.
 pub async fn start(target: u64) -> std::io::Result<(SocketAddr, Arc<Stats>)> {
-    let stats = Arc::new(Stats {
+    start_with(Options {
         target,
+        kind: EventKind::RabbitMq,
+        delay: Duration::ZERO,
+    })
+    .await
+}
+
+/// Starts a stub on 127.0.0.1 with a free port, on the current tokio runtime.
+pub async fn start_with(options: Options) -> std::io::Result<(SocketAddr, Arc<Stats>)> {
+    let stats = Arc::new(Stats {
+        target: options.target,
+        kind: options.kind,
+        delay: options.delay,
         records: AtomicU64::new(0),
         invokes: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
+        max_in_flight: AtomicU64::new(0),
         first_invoke: OnceLock::new(),
         target_reached: OnceLock::new(),
         bad_event: OnceLock::new(),
@@ -82,11 +127,25 @@ pub async fn start(target: u64) -> std::io::Result<(SocketAddr, Arc<Stats>)> {
 
 async fn invoke(State(stats): State<Arc<Stats>>, body: Bytes) -> &'static str {
     let arrived = Instant::now();
-    let n = count_records(&body);
-    if stats.first_invoke.set((arrived, n)).is_ok()
-        && let Err(e) = check_event(&body, n)
-    {
-        let _ = stats.bad_event.set(e);
+    let n = match stats.kind {
+        EventKind::RabbitMq => count_records(&body),
+        EventKind::Kafka => count_kafka_records(&body),
+    };
+    if stats.first_invoke.set((arrived, n)).is_ok() {
+        let checked = match stats.kind {
+            EventKind::RabbitMq => check_event(&body, n),
+            EventKind::Kafka => check_kafka_event(&body, n),
+        };
+        if let Err(e) = checked {
+            let _ = stats.bad_event.set(e);
+        }
+    }
+    if !stats.delay.is_zero() {
+        // The records count once the invoke is answered, as the gateway sees it.
+        let now = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        tokio::time::sleep(stats.delay).await;
+        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
     stats.invokes.fetch_add(1, Ordering::Relaxed);
     let total = stats.records.fetch_add(n, Ordering::Relaxed) + n;
@@ -119,6 +178,38 @@ fn check_event(body: &[u8], expected: u64) -> Result<(), String> {
         .ok_or("no rmqMessagesByQueue object")?;
     let [(_, records)] = queues.iter().collect::<Vec<_>>()[..] else {
         return Err(format!("{} queues in rmqMessagesByQueue", queues.len()));
+    };
+    let parsed = records.as_array().ok_or("records are not an array")?.len() as u64;
+    if parsed == expected {
+        Ok(())
+    } else {
+        Err(format!(
+            "first event: fast count {expected}, parsed {parsed} records"
+        ))
+    }
+}
+
+/// Records in a `SelfManagedKafka` event: each record has exactly one `"offset"` key. Keys
+/// and values are base64 (no quotes) and header values are arrays of numbers, so, as in
+/// [`count_records`], the key is the only piece between quotes equal to `offset` (as long
+/// as no topic or header is named `offset`).
+pub fn count_kafka_records(body: &[u8]) -> u64 {
+    body.split(|&b| b == b'"')
+        .filter(|piece| *piece == b"offset")
+        .count() as u64
+}
+
+/// Parses `body` in full and checks it is a `SelfManagedKafka` event of `expected` records,
+/// all of one partition (the gateway sends one partition per event).
+fn check_kafka_event(body: &[u8], expected: u64) -> Result<(), String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("event is not JSON: {e}"))?;
+    if v["eventSource"] != "SelfManagedKafka" {
+        return Err(format!("eventSource is {}", v["eventSource"]));
+    }
+    let partitions = v["records"].as_object().ok_or("no records object")?;
+    let [(_, records)] = partitions.iter().collect::<Vec<_>>()[..] else {
+        return Err(format!("{} partitions in records", partitions.len()));
     };
     let parsed = records.as_array().ok_or("records are not an array")?.len() as u64;
     if parsed == expected {

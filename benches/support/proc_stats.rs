@@ -51,6 +51,11 @@ pub fn peak_rss_kib(pid: &str) -> Result<u64> {
 
 /// Pids of the local RabbitMQ node (the Erlang VM, `beam.smp`); empty if it runs elsewhere.
 pub fn broker_pids() -> Vec<String> {
+    pids_named("beam.smp")
+}
+
+/// Pids of the local processes whose command name (`/proc/PID/comm`) is `comm`.
+pub fn pids_named(comm: &str) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -58,8 +63,7 @@ pub fn broker_pids() -> Vec<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
         .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "beam.smp")
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
         })
         .collect()
 }
