@@ -557,7 +557,7 @@ fn deliverer(mapping: &Mapping, env: &Env, status: Arc<MappingStatus>) -> Arc<De
         destination: mapping
             .on_failure
             .as_ref()
-            .map(|d| Arc::new(Destination::new(d, &mapping.name))),
+            .map(|d| Arc::new(Destination::new(d, &mapping.name, &env.sdk))),
         filter: (!mapping.filters.is_empty())
             .then(|| Arc::new(Filter::parse(&mapping.filters).expect("validated at load"))),
     })

@@ -388,6 +388,47 @@ pub enum DestinationConfig {
     File(FileDestination),
     /// Publish to an exchange with publisher confirms (and `mandatory`).
     Rabbitmq(RabbitDestination),
+    /// Send to an SQS queue.
+    Sqs(SqsDestination),
+    /// Produce to a Kafka topic, keyed by the original record's key.
+    Kafka(KafkaDestination),
+    /// Invoke another function asynchronously with the failure record.
+    Lambda(LambdaDestination),
+}
+
+/// `on_failure = { type = "sqs", queue_url = "…" }`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsDestination {
+    #[serde(deserialize_with = "env::expand")]
+    pub queue_url: String,
+    /// Largest message the queue takes. Default: 262,144 (256 KiB).
+    pub max_message_bytes: Option<usize>,
+    /// Where a failure record too large for a message is kept; the message then carries
+    /// its metadata and `payloadLocation`. Default: /var/lib/esm-gateway/payloads.
+    pub payload_dir: Option<PathBuf>,
+}
+
+/// `on_failure = { type = "kafka", bootstrap_servers = "…", topic = "…" }`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaDestination {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    /// Extra librdkafka producer properties (`${ENV}` is expanded).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, env::Expanded>,
+}
+
+/// `on_failure = { type = "lambda", function = "…" }`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LambdaDestination {
+    #[serde(deserialize_with = "env::expand")]
+    pub function: String,
+    /// Where a failure record above the 1 MB asynchronous limit is kept; the function then
+    /// gets its metadata and `payloadLocation`. Default: /var/lib/esm-gateway/payloads.
+    pub payload_dir: Option<PathBuf>,
 }
 
 /// `on_failure = { type = "file", … }`
@@ -397,6 +438,11 @@ pub struct FileDestination {
     /// The JSON-lines file; created if missing (its directory must exist).
     #[serde(deserialize_with = "env::expand_path")]
     pub path: PathBuf,
+    /// Rotate when the file reaches this many bytes: it becomes `<path>.1`, older ones
+    /// shift to `.2` … and the oldest beyond `keep` is removed. Default: no rotation.
+    pub rotate_bytes: Option<u64>,
+    /// Rotated files to keep. Default: 5.
+    pub keep: Option<u32>,
 }
 
 /// `on_failure = { type = "rabbitmq", … }`

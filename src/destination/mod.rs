@@ -6,7 +6,13 @@
 //! write with backoff for as long as it takes, acknowledging nothing meanwhile.
 
 mod file;
+mod kafka;
+mod lambda;
 mod rabbitmq;
+mod sqs;
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
 
 use std::time::SystemTime;
 
@@ -24,6 +30,17 @@ pub enum DestinationError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot send failure record to {kind} {target}: {message}")]
+    Service {
+        kind: &'static str,
+        target: String,
+        message: String,
+    },
+    #[error("cannot keep an oversized failure record in {dir}: {source}")]
+    PayloadDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot publish failure record to RabbitMQ exchange {exchange:?} at {url}: {message}")]
     Rabbit {
         url: String,
@@ -37,23 +54,38 @@ pub enum DestinationError {
 pub enum Destination {
     File(file::FileDestination),
     Rabbit(Box<rabbitmq::RabbitDestination>),
+    Sqs(sqs::SqsDestination),
+    Kafka(kafka::KafkaDestination),
+    Lambda(lambda::LambdaDestination),
 }
 
 impl Destination {
-    pub fn new(config: &DestinationConfig, mapping: &str) -> Destination {
+    pub fn new(
+        config: &DestinationConfig,
+        mapping: &str,
+        sdk: &aws_config::SdkConfig,
+    ) -> Destination {
         match config {
             DestinationConfig::File(c) => Destination::File(file::FileDestination::new(c)),
             DestinationConfig::Rabbitmq(c) => {
                 Destination::Rabbit(Box::new(rabbitmq::RabbitDestination::new(c, mapping)))
             }
+            DestinationConfig::Sqs(c) => Destination::Sqs(sqs::SqsDestination::new(c, sdk)),
+            DestinationConfig::Kafka(c) => Destination::Kafka(kafka::KafkaDestination::new(c)),
+            DestinationConfig::Lambda(c) => {
+                Destination::Lambda(lambda::LambdaDestination::new(c, sdk))
+            }
         }
     }
 
-    /// Writes one failure record durably.
-    pub async fn write(&self, record: &[u8]) -> Result<(), DestinationError> {
+    /// Writes one failure record durably; `key` is the original record's key (Kafka).
+    pub async fn write(&self, record: &[u8], key: Option<&str>) -> Result<(), DestinationError> {
         match self {
             Destination::File(d) => d.write(record).await,
             Destination::Rabbit(d) => d.write(record).await,
+            Destination::Sqs(d) => d.write(record).await,
+            Destination::Kafka(d) => d.write(record, key).await,
+            Destination::Lambda(d) => d.write(record).await,
         }
     }
 
@@ -61,8 +93,55 @@ impl Destination {
         match self {
             Destination::File(_) => "file",
             Destination::Rabbit(_) => "rabbitmq",
+            Destination::Sqs(_) => "sqs",
+            Destination::Kafka(_) => "kafka",
+            Destination::Lambda(_) => "lambda",
         }
     }
+}
+
+pub fn default_payload_dir() -> PathBuf {
+    PathBuf::from("/var/lib/esm-gateway/payloads")
+}
+
+/// The record as it can be sent to a destination that takes at most `limit` bytes: as
+/// is, or, when larger, its metadata with `payloadLocation` naming a file in `dir` that
+/// holds the whole record (written and fsynced first, so nothing is lost).
+pub async fn within_limit<'a>(
+    record: &'a [u8],
+    limit: usize,
+    dir: &Path,
+) -> Result<Cow<'a, [u8]>, DestinationError> {
+    if record.len() <= limit {
+        return Ok(Cow::Borrowed(record));
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_slice(record).expect("failure records are JSON");
+    let id = v["requestContext"]["requestId"]
+        .as_str()
+        .unwrap_or("record")
+        .to_owned();
+    let path = dir.join(format!("{id}.json"));
+    let io = |source| DestinationError::PayloadDir {
+        dir: dir.to_owned(),
+        source,
+    };
+    tokio::fs::create_dir_all(dir).await.map_err(io)?;
+    let mut f = tokio::fs::File::create(&path).await.map_err(io)?;
+    tokio::io::AsyncWriteExt::write_all(&mut f, record)
+        .await
+        .map_err(io)?;
+    f.sync_all().await.map_err(io)?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("payload");
+        o.insert(
+            "payloadLocation".into(),
+            format!("file://{}", path.display()).into(),
+        );
+    }
+    Ok(Cow::Owned(
+        serde_json::to_vec(&v).expect("JSON value to bytes"),
+    ))
 }
 
 /// Why records were parked (AWS's `requestContext.condition`).

@@ -393,9 +393,11 @@ impl Deliverer {
             records: &piece.records,
         }
         .render();
+        // Kafka destinations are keyed by the original record's key.
+        let key = piece.records.first().and_then(|r| r.key.as_deref());
         let mut tries = 0;
         loop {
-            match destination.write(&record).await {
+            match destination.write(&record, key).await {
                 Ok(()) => break,
                 Err(e) => {
                     tries += 1;
