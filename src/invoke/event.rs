@@ -345,7 +345,16 @@ pub fn kafka_fragment<M: rdkafka::Message>(m: &M) -> String {
         Timestamp::NotAvailable => (-1, "NO_TIMESTAMP_TYPE"),
     };
     let b64 = &base64::engine::general_purpose::STANDARD;
-    let mut out = String::with_capacity(160 + m.payload().map_or(0, <[u8]>::len) * 4 / 3);
+    let b64_len = |b: Option<&[u8]>| b.map_or(0, |b| b.len().div_ceil(3) * 4);
+    let headers_len = m.headers().map_or(0, |h| {
+        h.iter()
+            .map(|h| h.key.len() + 8 + h.value.map_or(0, <[u8]>::len) * 5)
+            .sum()
+    });
+    // Sized once, so that base64 of a large value never reallocates.
+    let mut out = String::with_capacity(
+        160 + m.topic().len() + b64_len(m.key()) + b64_len(m.payload()) + headers_len,
+    );
     out.push_str(r#"{"topic":"#);
     push_json_str(&mut out, m.topic());
     let _ = write!(

@@ -56,6 +56,10 @@ pub fn client_config(source: &KafkaSource, mapping: &str) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("statistics.interval.ms", "10000")
+        // librdkafka prefetches up to 64 MiB per partition by default; a blocked
+        // partition needs far less, and a mapping with many partitions would hold
+        // gigabytes. Overridable through `properties`.
+        .set("queued.max.messages.kbytes", "4096")
         .set(
             "auto.offset.reset",
             match source.starting_position {
