@@ -28,6 +28,7 @@ pub mod invoke;
 pub mod notify;
 pub mod pipeline;
 pub mod record;
+pub mod redrive;
 pub mod runtime;
 pub mod source;
 pub mod status;

@@ -51,6 +51,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Replay parked failure records into the mapping's function; remove from the
+    /// destination only those that now succeed.
+    Redrive {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The mapping whose function gets the records.
+        #[arg(long)]
+        mapping: String,
+        /// Where the parked records are: file:PATH, sqs:QUEUE_URL or rabbitmq:QUEUE.
+        /// Default: the mapping's file or SQS on_failure destination.
+        #[arg(long)]
+        from: Option<esm_gateway::redrive::From>,
+        /// List what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the mappings of a running gateway (its admin API's /mappings) as a table.
     Status {
         /// Base URL of the admin API.
@@ -94,6 +110,42 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Redrive {
+            config,
+            mapping,
+            from,
+            dry_run,
+        } => {
+            telemetry::init(cli.log_format);
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match rt.block_on(esm_gateway::redrive::run(&config, &mapping, from, dry_run)) {
+                Ok(r) => {
+                    println!(
+                        "replayed {}, removed {}, remaining {}{}",
+                        r.replayed,
+                        r.removed,
+                        r.remaining,
+                        if dry_run {
+                            " (dry run: nothing changed)"
+                        } else {
+                            ""
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
         Command::Status { admin } => status(&admin),
         Command::Health { admin, ready } => {
             let path = if ready { "/readyz" } else { "/healthz" };
