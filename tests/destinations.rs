@@ -46,15 +46,7 @@ fn check_record(r: &serde_json::Value, queue: &str) {
 
 #[tokio::test]
 async fn a_poison_message_is_parked_in_an_sqs_queue() {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(aws_endpoint())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test", "test", None, None, "test",
-        ))
-        .load()
-        .await;
-    let sqs = aws_sdk_sqs::Client::new(&conf);
+    let sqs = sqs_client().await;
     let url = sqs
         .create_queue()
         .queue_name(unique("dlq"))

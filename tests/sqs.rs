@@ -11,18 +11,6 @@ use common::*;
 
 const LONG: Duration = Duration::from_secs(180);
 
-async fn sqs() -> aws_sdk_sqs::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(aws_endpoint())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test", "test", None, None, "test",
-        ))
-        .load()
-        .await;
-    aws_sdk_sqs::Client::new(&conf)
-}
-
 async fn create_queue(
     client: &aws_sdk_sqs::Client,
     prefix: &str,
@@ -114,7 +102,7 @@ queue_url = "{url}"
 
 #[tokio::test]
 async fn five_thousand_messages_all_arrive_and_the_queue_ends_empty() {
-    let client = sqs().await;
+    let client = sqs_client().await;
     let url = create_queue(&client, "std", false, 30).await;
     let bodies: Vec<_> = (0..5_000).map(|i| (None, format!("m-{i}"))).collect();
     send(&client, &url, &bodies).await;
@@ -154,7 +142,7 @@ async fn five_thousand_messages_all_arrive_and_the_queue_ends_empty() {
 
 #[tokio::test]
 async fn a_partial_batch_response_returns_exactly_the_reported_messages() {
-    let client = sqs().await;
+    let client = sqs_client().await;
     let url = create_queue(&client, "partial", false, 3).await;
     let bodies: Vec<_> = (0..10).map(|i| (None, format!("m-{i}"))).collect();
     send(&client, &url, &bodies).await;
@@ -182,7 +170,7 @@ async fn a_partial_batch_response_returns_exactly_the_reported_messages() {
 
 #[tokio::test]
 async fn fifo_groups_keep_their_order_and_a_failure_holds_back_only_its_group() {
-    let client = sqs().await;
+    let client = sqs_client().await;
     let url = create_queue(&client, "fifo", true, 3).await;
     let mut messages = Vec::new();
     for i in 0..200 {
@@ -235,7 +223,7 @@ async fn fifo_groups_keep_their_order_and_a_failure_holds_back_only_its_group() 
 
 #[tokio::test]
 async fn kill_9_mid_stream_loses_nothing() {
-    let client = sqs().await;
+    let client = sqs_client().await;
     let url = create_queue(&client, "kill", false, 3).await;
     let bodies: Vec<_> = (0..1_000).map(|i| (None, format!("m-{i}"))).collect();
     send(&client, &url, &bodies).await;
@@ -267,7 +255,7 @@ async fn kill_9_mid_stream_loses_nothing() {
 
 #[tokio::test]
 async fn a_visibility_timeout_shorter_than_window_plus_function_timeout_is_refused() {
-    let client = sqs().await;
+    let client = sqs_client().await;
     let url = create_queue(&client, "vt", false, 5).await;
     send(&client, &url, &[(None, "m-0".into())]).await;
     let config = sqs_config("unused-function", &url, "").replace(

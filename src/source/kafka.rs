@@ -281,14 +281,10 @@ pub async fn run(
             Ok(()) => break,
             Err(e) => {
                 failures += 1;
-                let delay = Duration::from_millis(500 * (1 << failures.min(6)))
-                    .min(Duration::from_secs(30));
+                let delay = super::reconnect_delay(failures);
                 tracing::error!(mapping = %status.name, error = %e, retry_in = ?delay, "Kafka consumer failed");
                 status.fail(&e);
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = shutdown.cancelled() => {}
-                }
+                super::pause(delay, &shutdown).await;
             }
         }
     }

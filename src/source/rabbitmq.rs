@@ -103,17 +103,13 @@ pub async fn run(
             failures = 0;
         }
         failures += 1;
-        let delay =
-            Duration::from_millis(250 * (1 << failures.min(7))).min(Duration::from_secs(30));
+        let delay = super::reconnect_delay(failures);
         tracing::warn!(mapping = %status.name, error = %e, retry_in = ?delay, "RabbitMQ session ended");
         match e {
             SessionError::Connect(_) | SessionError::Queue { .. } => status.fail(&e),
             _ => status.error(&e),
         }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => {}
-        }
+        super::pause(delay, &shutdown).await;
     }
 }
 

@@ -26,6 +26,17 @@ def _set(name):
     return {b for b in os.environ.get(name, "").split(",") if b}
 
 
+def _fail_once(body):
+    """True the first time a body named in FAIL_ONCE is seen (a marker file remembers)."""
+    if body not in _set("FAIL_ONCE"):
+        return False
+    marker = os.path.join(os.environ.get("STATE_DIR", ""), "seen-" + body)
+    if os.path.exists(marker):
+        return False
+    open(marker, "w").close()
+    return True
+
+
 def kafka(event):
     """A self-managed Kafka event, validated by Powertools' parser model."""
     from aws_lambda_powertools.utilities.parser import parse
@@ -63,15 +74,9 @@ def sqs_handler(event):
     model = parse(event=copy.deepcopy(event), model=SqsModel)
     bodies = [r.body for r in model.Records]
     poison = _set("POISON") & set(bodies)
-    failures = []
-    state = os.environ.get("STATE_DIR", "")
     for r in model.Records:
         assert r.eventSource == "aws:sqs" and r.eventSourceARN.startswith("arn:aws:sqs:"), r
-        if r.body in _set("FAIL_ONCE"):
-            marker = os.path.join(state, "seen-" + r.body)
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                failures.append({"itemIdentifier": r.messageId})
+    failures = [{"itemIdentifier": r.messageId} for r in model.Records if _fail_once(r.body)]
     time.sleep(int(os.environ.get("SLEEP_MS", "0")) / 1000)
     line = {
         "bodies": bodies,
@@ -95,14 +100,8 @@ def kafka_handler(event):
     bodies = [r.value.decode("utf-8", errors="replace") if isinstance(r.value, bytes) else str(r.value)
               for r in records]
     poison = _set("POISON") & set(bodies)
-    failures = []
-    state = os.environ.get("STATE_DIR", "")
-    for body, r in zip(bodies, records):
-        if body in _set("FAIL_ONCE"):
-            marker = os.path.join(state, "seen-" + body)
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                failures.append({"itemIdentifier": {"partition": f"{r.topic}-{r.partition}", "offset": r.offset}})
+    failures = [{"itemIdentifier": {"partition": f"{r.topic}-{r.partition}", "offset": r.offset}}
+                for body, r in zip(bodies, records) if _fail_once(body)]
     time.sleep(int(os.environ.get("SLEEP_MS", "0")) / 1000)
     line = {
         "bodies": bodies,
@@ -137,14 +136,7 @@ def rabbit_handler(event):
     bodies = [b for b, _, _ in messages]
 
     poison = _set("POISON") & set(bodies)
-    failures = []
-    state = os.environ.get("STATE_DIR", "")
-    for body, message_id, _ in messages:
-        if body in _set("FAIL_ONCE"):
-            marker = os.path.join(state, "seen-" + body)
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                failures.append({"itemIdentifier": message_id})
+    failures = [{"itemIdentifier": message_id} for body, message_id, _ in messages if _fail_once(body)]
 
     time.sleep(int(os.environ.get("SLEEP_MS", "0")) / 1000)
     line = {
