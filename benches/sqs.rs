@@ -1,0 +1,293 @@
+//! SQS drain benchmark (issue 4): in one run on MiniStack, the time to drain the same
+//! number of messages from a standard queue into the same Python function through
+//! MiniStack's own SQS event source mapping and through esm-gateway, and the queue's raw
+//! receive+delete drain rate.
+//!
+//! ```text
+//! cargo bench --bench sqs            # BENCH_MESSAGES (default 10000), BENCH_CONCURRENCY (10)
+//! ```
+//! Needs the local stack (`scripts/stack up`): MiniStack on 127.0.0.1:4566.
+
+mod support;
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, QueueAttributeName, SendMessageBatchRequestEntry,
+};
+
+const ENDPOINT: &str = "http://127.0.0.1:4566";
+const FUNCTION: &str =
+    "def handler(event, context):\n    print(len(event['Records']))\n    return None\n";
+
+async fn sdk() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| ENDPOINT.into()))
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test", "test", None, None, "bench",
+        ))
+        .load()
+        .await
+}
+
+fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn fill(sqs: &aws_sdk_sqs::Client, name: &str, n: usize) -> Result<String> {
+    let url = sqs
+        .create_queue()
+        .queue_name(name)
+        .attributes(QueueAttributeName::VisibilityTimeout, "60")
+        .send()
+        .await?
+        .queue_url
+        .context("queue url")?;
+    let body = "x".repeat(256);
+    let mut sends = tokio::task::JoinSet::new();
+    for chunk in 0..n.div_ceil(10) {
+        let (sqs, url, body) = (sqs.clone(), url.clone(), body.clone());
+        let count = 10.min(n - chunk * 10);
+        sends.spawn(async move {
+            let entries = (0..count).map(|i| {
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(&body)
+                    .build()
+                    .unwrap()
+            });
+            sqs.send_message_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries.collect()))
+                .send()
+                .await
+        });
+        if sends.len() >= 32 {
+            sends.join_next().await.unwrap()??;
+        }
+    }
+    while let Some(r) = sends.join_next().await {
+        r??;
+    }
+    Ok(url)
+}
+
+async fn depth(sqs: &aws_sdk_sqs::Client, url: &str) -> Result<u64> {
+    let a = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::All)
+        .send()
+        .await?;
+    let attrs = a.attributes().context("attributes")?;
+    let n = |k| {
+        attrs
+            .get(&k)
+            .and_then(|v: &String| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(n(QueueAttributeName::ApproximateNumberOfMessages)
+        + n(QueueAttributeName::ApproximateNumberOfMessagesNotVisible))
+}
+
+async fn wait_empty(sqs: &aws_sdk_sqs::Client, url: &str, limit: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    while depth(sqs, url).await? > 0 {
+        ensure!(
+            start.elapsed() < limit,
+            "queue {url} not drained within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(start.elapsed())
+}
+
+async fn raw_drain(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+    n: usize,
+    concurrency: usize,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (sqs, url, done) = (sqs.clone(), url.to_owned(), done.clone());
+        workers.spawn(async move {
+            while done.load(std::sync::atomic::Ordering::SeqCst) < n {
+                let out = sqs
+                    .receive_message()
+                    .queue_url(&url)
+                    .max_number_of_messages(10)
+                    .wait_time_seconds(1)
+                    .send()
+                    .await?;
+                let msgs = out.messages();
+                if msgs.is_empty() {
+                    continue;
+                }
+                let entries = msgs.iter().enumerate().map(|(i, m)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(m.receipt_handle().unwrap_or_default())
+                        .build()
+                        .unwrap()
+                });
+                sqs.delete_message_batch()
+                    .queue_url(&url)
+                    .set_entries(Some(entries.collect()))
+                    .send()
+                    .await?;
+                done.fetch_add(msgs.len(), std::sync::atomic::Ordering::SeqCst);
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = workers.join_next().await {
+        r??;
+    }
+    Ok(start.elapsed())
+}
+
+async fn deploy(lambda: &aws_sdk_lambda::Client, name: &str) -> Result<()> {
+    let mut zip = std::io::Cursor::new(Vec::new());
+    {
+        let mut w = zip::ZipWriter::new(&mut zip);
+        w.start_file("noop.py", zip::write::SimpleFileOptions::default())?;
+        w.write_all(FUNCTION.as_bytes())?;
+        w.finish()?;
+    }
+    lambda
+        .create_function()
+        .function_name(name)
+        .runtime(aws_sdk_lambda::types::Runtime::Python312)
+        .role("arn:aws:iam::000000000000:role/bench")
+        .handler("noop.handler")
+        .code(
+            aws_sdk_lambda::types::FunctionCode::builder()
+                .zip_file(zip.into_inner().into())
+                .build(),
+        )
+        .send()
+        .await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let n = env_num("BENCH_MESSAGES", 10_000);
+    let concurrency = env_num("BENCH_CONCURRENCY", 10);
+    let sdk = sdk().await;
+    let sqs = aws_sdk_sqs::Client::new(&sdk);
+    let lambda = aws_sdk_lambda::Client::new(&sdk);
+    let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let function = format!("bench-noop-{id}");
+    deploy(&lambda, &function).await?;
+    let limit = Duration::from_secs(900);
+
+    // 1. Raw receive + delete.
+    let url = fill(&sqs, &format!("bench-raw-{id}"), n).await?;
+    let raw = raw_drain(&sqs, &url, n, concurrency).await?;
+    sqs.delete_queue().queue_url(&url).send().await?;
+
+    // 2. MiniStack's own event source mapping.
+    let url = fill(&sqs, &format!("bench-esm-{id}"), n).await?;
+    let arn = sqs
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await?
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .context("queue arn")?;
+    let start = Instant::now();
+    let esm = lambda
+        .create_event_source_mapping()
+        .function_name(&function)
+        .event_source_arn(&arn)
+        .batch_size(10)
+        .send()
+        .await?;
+    wait_empty(&sqs, &url, limit).await?;
+    let emulator = start.elapsed();
+    if let Some(uuid) = esm.uuid() {
+        let _ = lambda.delete_event_source_mapping().uuid(uuid).send().await;
+    }
+    sqs.delete_queue().queue_url(&url).send().await?;
+
+    // 3. esm-gateway, same function, batches of ten, `concurrency` batches in flight.
+    let url = fill(&sqs, &format!("bench-gw-{id}"), n).await?;
+    let config = tempfile::NamedTempFile::new()?;
+    std::fs::write(
+        config.path(),
+        format!(
+            "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{ENDPOINT}\"\n\n[admin]\nenabled = false\n\n[[mapping]]\nname = \"bench\"\nfunction = \"{function}\"\n\n\
+             [mapping.batch]\nsize = 10\n\n[mapping.source]\ntype = \"sqs\"\nqueue_url = \"{url}\"\nmax_concurrency = {}\n",
+            concurrency.max(2)
+        ),
+    )?;
+    let start = Instant::now();
+    let mut gw = Command::new(env!("CARGO_BIN_EXE_esm-gateway"))
+        .args(["run", "--config"])
+        .arg(config.path())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let drained = wait_empty(&sqs, &url, limit).await;
+    let gateway = start.elapsed();
+    let pid = gw.id().to_string();
+    let ticks = support::proc_stats::clock_ticks();
+    let cpu = support::proc_stats::cpu_time(&pid, ticks)?;
+    let rss = support::proc_stats::peak_rss_kib(&pid)?;
+    Command::new("kill").args(["-TERM", &pid]).status()?;
+    gw.wait()?;
+    drained?;
+    sqs.delete_queue().queue_url(&url).send().await?;
+    let _ = lambda
+        .delete_function()
+        .function_name(&function)
+        .send()
+        .await;
+
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    println!(
+        "\n{n} messages × 256 B, batch 10, concurrency {concurrency}, MiniStack on 127.0.0.1\n"
+    );
+    println!("| path                                  | seconds | messages/s | vs MiniStack ESM |");
+    println!("|---------------------------------------|---------|------------|------------------|");
+    println!(
+        "| raw receive + delete ({concurrency:>2} workers)     | {:>7.2} | {:>10.0} | {:>16.2} |",
+        raw.as_secs_f64(),
+        rate(raw),
+        emulator.as_secs_f64() / raw.as_secs_f64()
+    );
+    println!(
+        "| MiniStack's own SQS event source map. | {:>7.2} | {:>10.0} | {:>16.2} |",
+        emulator.as_secs_f64(),
+        rate(emulator),
+        1.0
+    );
+    println!(
+        "| esm-gateway                           | {:>7.2} | {:>10.0} | {:>16.2} |",
+        gateway.as_secs_f64(),
+        rate(gateway),
+        emulator.as_secs_f64() / gateway.as_secs_f64()
+    );
+    println!(
+        "\ngateway / raw drain rate: {:.2}; gateway CPU: {:.1} µs/message; peak RSS: {:.1} MiB",
+        rate(gateway) / rate(raw),
+        cpu.as_secs_f64() * 1e6 / n as f64,
+        rss as f64 / 1024.0
+    );
+    Ok(())
+}
