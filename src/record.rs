@@ -49,4 +49,7 @@ pub enum Resolution {
     Delivered,
     /// Its failure record is confirmed in the on-failure destination.
     DeadLettered,
+    /// A schedule's fire that ran out of retries with no destination (as Scheduler
+    /// drops it without a dead-letter queue).
+    Dropped,
 }

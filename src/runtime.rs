@@ -4,6 +4,9 @@
 //! flight finishes (or is abandoned unacknowledged if it is still retrying), what
 //! finished is acknowledged, and the process exits. Past the grace period the remaining
 //! tasks are dropped, with nothing acknowledged that was not delivered.
+//!
+//! Schedules are the exception to one task per mapping: every schedule mapping goes to
+//! one timer task, so that thousands of them cost one sleeping task.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +15,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{Config, Mapping, Source};
+use crate::config::{Config, Mapping, ScheduleSource, Source};
 use crate::destination::Destination;
 use crate::invoke::event::Envelope;
 use crate::invoke::lambda::{FunctionRef, Invoker};
 use crate::pipeline::batcher::BatchLimits;
 use crate::pipeline::retry::{Deliverer, Policy};
+use crate::source::schedule::Scheduled;
 use crate::status::{MappingStatus, State};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +46,7 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     let mut statuses = Vec::new();
     let account = config.account_id().to_owned();
+    let mut schedules = Vec::new();
     for mapping in config.mappings {
         let status = Arc::new(MappingStatus::new(&mapping.name));
         statuses.push(status.clone());
@@ -51,12 +56,33 @@ pub async fn run(
             continue;
         }
         let deliverer = deliverer(&mapping, &sdk, &region, &account, status);
+        if let Source::Schedule(s) = &mapping.source {
+            schedules.push(scheduled(&mapping, s, deliverer, &region, &account));
+            continue;
+        }
         let token = shutdown.clone();
         let span =
             tracing::info_span!("mapping", name = %mapping.name, source = mapping.source.kind());
         tasks.spawn(run_mapping(mapping, deliverer, token).instrument(span));
     }
-    tracing::info!(mappings = tasks.len(), "gateway running");
+    if !schedules.is_empty() {
+        let store = config
+            .schedules
+            .store
+            .as_ref()
+            .map(|url| Arc::new(crate::source::schedule::store::Store::new(url)));
+        let span = tracing::info_span!("schedules");
+        tasks.spawn(
+            crate::source::schedule::run(
+                schedules,
+                store,
+                crate::source::schedule::Clock::System,
+                shutdown.clone(),
+            )
+            .instrument(span),
+        );
+    }
+    tracing::info!(tasks = tasks.len(), "gateway running");
     shutdown.cancelled().await;
     tracing::info!(grace = ?config.gateway.shutdown_grace, "shutting down");
     let drain = async {
@@ -97,6 +123,15 @@ fn deliverer(
             topic: String::new(),
             partition: -1,
         },
+        Source::Schedule(s) => Envelope::Schedule {
+            name: mapping.name.clone(),
+            arn: if s.input.is_some() {
+                schedule_arn(&mapping.name, region, account)
+            } else {
+                rule_arn(&mapping.name, region, account)
+            },
+            expression: s.expression.0.to_string(),
+        },
     };
     let r = &mapping.retry;
     Arc::new(Deliverer {
@@ -106,7 +141,7 @@ fn deliverer(
         envelope,
         policy: Policy {
             retries: mapping.retries(),
-            max_age: r.max_record_age.map(|a| a.0),
+            max_age: mapping.max_record_age(),
             backoff_min: r.backoff_min,
             backoff_max: r.backoff_max,
             bisect: r.bisect_on_error,
@@ -133,5 +168,51 @@ async fn run_mapping(mapping: Mapping, deliverer: Arc<Deliverer>, shutdown: Canc
     match &mapping.source {
         Source::Rabbitmq(s) => crate::source::rabbitmq::run(s, limits, deliverer, shutdown).await,
         Source::Kafka(k) => crate::source::kafka::run(k, limits, deliverer, shutdown).await,
+        Source::Schedule(_) => unreachable!("schedules run in the one timer task"),
+    }
+}
+
+/// The ARN a Scheduled Event names in `resources`: an EventBridge rule's.
+fn rule_arn(name: &str, region: &str, account: &str) -> String {
+    format!("arn:aws:events:{region}:{account}:rule/{name}")
+}
+
+/// The ARN `<aws.scheduler.schedule-arn>` stands for: a Scheduler schedule's, in the
+/// default group.
+fn schedule_arn(name: &str, region: &str, account: &str) -> String {
+    format!("arn:aws:scheduler:{region}:{account}:schedule/default/{name}")
+}
+
+fn scheduled(
+    mapping: &Mapping,
+    source: &ScheduleSource,
+    deliverer: Arc<Deliverer>,
+    region: &str,
+    account: &str,
+) -> Scheduled {
+    use crate::source::schedule::{Payload, Timing, When};
+    let payload = match &source.input {
+        Some(input) => Payload::Input {
+            template: input.0.clone(),
+            schedule_arn: schedule_arn(&mapping.name, region, account),
+        },
+        None => Payload::Event {
+            account: account.to_owned(),
+            region: region.to_owned(),
+            rule_arn: rule_arn(&mapping.name, region, account),
+        },
+    };
+    Scheduled {
+        when: When {
+            name: mapping.name.clone(),
+            timing: Timing::new(source),
+            window: source.flexible_window.map_or(Duration::ZERO, |w| w.0),
+        },
+        missed: source.missed,
+        payload,
+        max_age: mapping
+            .max_record_age()
+            .unwrap_or(crate::config::SCHEDULE_MAX_EVENT_AGE),
+        deliverer,
     }
 }
