@@ -2,11 +2,14 @@
 //! field is `error = %e`; secrets never appear (URLs are logged redacted).
 //!
 //! Metrics (all labelled by `mapping`):
-//! - `esm_gateway_records_total{outcome="delivered|dead_lettered"}`
+//! - `esm_gateway_records_total{outcome="delivered|dead_lettered|dropped"}` (dropped: a
+//!   schedule fire exhausted with no destination)
 //! - `esm_gateway_invocations_total{outcome="success|function_error|throttled|transient_error|too_large|fatal_error"}`
 //! - `esm_gateway_retries_total`
 //! - `esm_gateway_invoke_duration_seconds` and `esm_gateway_batch_records` histograms
 //! - `esm_gateway_mapping_failed` gauge (1 while a mapping cannot make progress)
+//! - `esm_gateway_schedule_fires_total` and the `esm_gateway_schedule_fire_delay_seconds`
+//!   histogram (scheduled time to invoke start), per schedule this replica fired
 
 use tracing_subscriber::EnvFilter;
 

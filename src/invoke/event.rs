@@ -55,7 +55,7 @@ impl Envelope {
     /// schedule's input names its attempt.
     pub fn render_attempt(&self, records: &[Record], attempt: u32) -> Vec<u8> {
         match (self, records) {
-            (Envelope::Schedule { .. }, [r]) if r.fragment.contains(ATTEMPT_NUMBER) => r
+            (Envelope::Schedule { .. }, [r, ..]) => r
                 .fragment
                 .replace(ATTEMPT_NUMBER, &attempt.to_string())
                 .into_bytes(),
@@ -66,10 +66,11 @@ impl Envelope {
     /// Renders the event for `records`, in their order.
     pub fn render(&self, records: &[Record]) -> Vec<u8> {
         if let Envelope::Schedule { .. } = self {
-            // One fire is one record, and its fragment is the event.
-            return records
-                .first()
-                .map_or_else(|| b"{}".to_vec(), |r| r.fragment.clone().into_bytes());
+            // One fire is one record, and its fragment is the event (as first sent).
+            return match records {
+                [] => b"{}".to_vec(),
+                _ => self.render_attempt(&records[..1], 1),
+            };
         }
         let bytes: usize = records.iter().map(Record::weight).sum();
         let mut out = Vec::with_capacity(256 + bytes);
