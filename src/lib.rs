@@ -5,7 +5,7 @@
 //! Data flows one way, and the modules follow it:
 //!
 //! ```text
-//! source (rabbitmq)                       source/
+//! source (rabbitmq | kafka | schedule)  source/ (schedule: one timer task, one record per fire)
 //!    -> Record { event element, id, position, ack handle }   record.rs
 //!    -> batcher (size / bytes / window)   pipeline/batcher.rs
 //!    -> one batch in flight per queue     source/ (the source owns ordering)

@@ -23,7 +23,7 @@ const DEFAULT_ADMIN: &str = "http://127.0.0.1:9900";
 #[command(
     name = "esm-gateway",
     version,
-    about = "AWS Lambda event source mappings for RabbitMQ, outside AWS"
+    about = "AWS Lambda event source mappings for RabbitMQ, Kafka and schedules, outside AWS"
 )]
 struct Cli {
     /// Log format.
@@ -83,6 +83,23 @@ enum Command {
         #[arg(long)]
         ready: bool,
     },
+    /// Print the next fire times of every schedule, in UTC and in its zone.
+    Schedules {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How many fire times per schedule.
+        #[arg(long, default_value_t = 5)]
+        next: usize,
+        /// Count from this RFC 3339 time instead of now.
+        #[arg(long, value_parser = parse_time)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{e}; write an RFC 3339 time such as 2026-03-29T00:00:00Z"))
 }
 
 fn main() -> ExitCode {
@@ -103,6 +120,17 @@ fn main() -> ExitCode {
                             .map_or(String::new(), |_| ", with on-failure destination".into())
                     );
                 }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Schedules { config, next, from } => match Config::load(&config) {
+            Ok(c) => {
+                let from = from.unwrap_or_else(chrono::Utc::now);
+                print!("{}", esm_gateway::source::schedule::dry_run(&c, from, next));
                 ExitCode::SUCCESS
             }
             Err(e) => {

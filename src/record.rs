@@ -58,4 +58,7 @@ pub enum Resolution {
     /// It failed and is left to the source to redeliver (SQS: after its visibility
     /// timeout, subject to the queue's redrive policy).
     Released,
+    /// A schedule's fire that ran out of retries with no destination (as Scheduler
+    /// drops it without a dead-letter queue).
+    Dropped,
 }

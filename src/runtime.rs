@@ -16,6 +16,10 @@
 //! file is refused and the running configuration stays. Otherwise mappings whose config
 //! changed restart with the new one, removed ones stop, added ones start, and unchanged
 //! ones are not touched (an admin API enable/disable on them stays in force).
+//!
+//! A schedule mapping's source is a timer task of its own that sleeps until its next fire
+//! (tokio's timer wheel: no task wakes every second); all of them share one PostgreSQL
+//! store for claiming each fire exactly once across replicas.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -27,7 +31,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{AdminConfig, Config, InvocationType, Mapping, Secret, Source};
+use crate::config::{AdminConfig, Config, InvocationType, Mapping, ScheduleSource, Secret, Source};
 use crate::destination::Destination;
 use crate::invoke::event::Envelope;
 use crate::invoke::lambda::{FunctionRef, Invoker};
@@ -35,6 +39,7 @@ use crate::notify::notify;
 use crate::pipeline::batcher::BatchLimits;
 use crate::pipeline::filter::Filter;
 use crate::pipeline::retry::{Deliverer, Policy};
+use crate::source::schedule::Scheduled;
 use crate::status::{MappingStatus, State};
 
 #[derive(Debug, thiserror::Error)]
@@ -154,11 +159,13 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
-/// What every mapping's deliverer is built from; rebuilt when `[aws]` changes.
+/// What every mapping's deliverer is built from; rebuilt when `[aws]` or `[schedules]` changes.
 struct Env {
     sdk: aws_config::SdkConfig,
     region: String,
     account: String,
+    /// The schedules' fire ledger, shared by every schedule mapping.
+    store: Option<Arc<crate::source::schedule::store::Store>>,
 }
 
 impl Env {
@@ -171,6 +178,11 @@ impl Env {
             sdk,
             region,
             account: config.account_id().to_owned(),
+            store: config
+                .schedules
+                .store
+                .as_ref()
+                .map(|url| Arc::new(crate::source::schedule::store::Store::new(url))),
         })
     }
 }
@@ -365,7 +377,7 @@ impl Gateway {
         };
         // Drop the handles of removed mappings that have finished draining.
         self.stopping.retain(|_, t| !t.is_finished());
-        let aws_changed = new.aws != current.aws;
+        let aws_changed = new.aws != current.aws || new.schedules != current.schedules;
         if aws_changed {
             tracing::info!("[aws] changed; every mapping restarts with the new settings");
             *env = Env::new(&new).await;
@@ -537,6 +549,15 @@ fn deliverer(mapping: &Mapping, env: &Env, status: Arc<MappingStatus>) -> Arc<De
             topic: String::new(),
             partition: -1,
         },
+        Source::Schedule(s) => Envelope::Schedule {
+            name: mapping.name.clone(),
+            arn: if s.input.is_some() {
+                schedule_arn(&mapping.name, region, account)
+            } else {
+                rule_arn(&mapping.name, region, account)
+            },
+            expression: s.expression.0.to_string(),
+        },
     };
     let r = &mapping.retry;
     Arc::new(Deliverer {
@@ -546,7 +567,7 @@ fn deliverer(mapping: &Mapping, env: &Env, status: Arc<MappingStatus>) -> Arc<De
         envelope,
         policy: Policy {
             retries: mapping.retries(),
-            max_age: r.max_record_age.map(|a| a.0),
+            max_age: mapping.max_record_age(),
             backoff_min: r.backoff_min,
             backoff_max: r.backoff_max,
             bisect: r.bisect_on_error,
@@ -585,5 +606,60 @@ async fn run_mapping(
             crate::source::sqs::run(q, client, env.region.clone(), limits, deliverer, shutdown)
                 .await
         }
+        Source::Schedule(s) => {
+            let scheduled = scheduled(&mapping, s, deliverer, &env.region, &env.account);
+            crate::source::schedule::run(
+                vec![scheduled],
+                env.store.clone(),
+                crate::source::schedule::Clock::System,
+                shutdown,
+            )
+            .await
+        }
+    }
+}
+
+/// The ARN a Scheduled Event names in `resources`: an EventBridge rule's.
+fn rule_arn(name: &str, region: &str, account: &str) -> String {
+    format!("arn:aws:events:{region}:{account}:rule/{name}")
+}
+
+/// The ARN `<aws.scheduler.schedule-arn>` stands for: a Scheduler schedule's, in the
+/// default group.
+fn schedule_arn(name: &str, region: &str, account: &str) -> String {
+    format!("arn:aws:scheduler:{region}:{account}:schedule/default/{name}")
+}
+
+fn scheduled(
+    mapping: &Mapping,
+    source: &ScheduleSource,
+    deliverer: Arc<Deliverer>,
+    region: &str,
+    account: &str,
+) -> Scheduled {
+    use crate::source::schedule::{Payload, Timing, When};
+    let payload = match &source.input {
+        Some(input) => Payload::Input {
+            template: input.0.clone(),
+            schedule_arn: schedule_arn(&mapping.name, region, account),
+        },
+        None => Payload::Event {
+            account: account.to_owned(),
+            region: region.to_owned(),
+            rule_arn: rule_arn(&mapping.name, region, account),
+        },
+    };
+    Scheduled {
+        when: When {
+            name: mapping.name.clone(),
+            timing: Timing::new(source),
+            window: source.flexible_window.map_or(Duration::ZERO, |w| w.0),
+        },
+        missed: source.missed,
+        payload,
+        max_age: mapping
+            .max_record_age()
+            .unwrap_or(crate::config::SCHEDULE_MAX_EVENT_AGE),
+        deliverer,
     }
 }

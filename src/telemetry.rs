@@ -24,6 +24,10 @@
 //! - `esm_gateway_mapping_failed`: gauge, 1 while the mapping cannot make progress
 //! - `esm_gateway_mapping_enabled`: gauge, 1 while the mapping polls and invokes
 //!
+//! - `esm_gateway_records_dropped_total`: schedule fires that ran out of retries with no destination
+//! - `esm_gateway_schedule_fires_total`, `esm_gateway_schedule_fire_delay_seconds`: fires this
+//!   replica made, and the delay from scheduled time to invoke start
+//!
 //! Process-wide: `esm_gateway_config_reloads_total{outcome}`, `esm_gateway_build_info`,
 //! and the standard `process_*` series (rendered from /proc at scrape time).
 
@@ -127,6 +131,10 @@ fn describe() {
         "Records given back to the source for redelivery after their retries (SQS)."
     );
     describe_counter!(
+        "esm_gateway_records_dropped_total",
+        "Schedule fires that ran out of retries with no on-failure destination."
+    );
+    describe_counter!(
         "esm_gateway_records_dead_lettered_total",
         "Records confirmed in the on-failure destination, by condition."
     );
@@ -189,6 +197,8 @@ pub struct MappingMetrics {
     pub failed: Counter,
     /// Records given back to the source after their retries (SQS).
     pub released: Counter,
+    /// Schedule fires that ran out of retries with no destination.
+    pub dropped: Counter,
     pub retries: Counter,
     pub throttles: Counter,
     pub invoke_seconds: Histogram,
@@ -211,6 +221,7 @@ impl MappingMetrics {
             delivered: metrics::counter!("esm_gateway_records_delivered_total", &labels),
             failed: metrics::counter!("esm_gateway_records_failed_total", &labels),
             released: metrics::counter!("esm_gateway_records_released_total", &labels),
+            dropped: metrics::counter!("esm_gateway_records_dropped_total", &labels),
             retries: metrics::counter!("esm_gateway_retries_total", &labels),
             throttles: metrics::counter!("esm_gateway_throttles_total", &labels),
             invoke_seconds: metrics::histogram!("esm_gateway_invoke_duration_seconds", &labels),
@@ -229,6 +240,7 @@ impl MappingMetrics {
             &m.delivered,
             &m.failed,
             &m.released,
+            &m.dropped,
             &m.retries,
             &m.throttles,
         ] {

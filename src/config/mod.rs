@@ -17,7 +17,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use env::{Expanded, Secret, SecretUrl};
-pub use types::{BatchSize, BatchWindow, ByteSize, MaxRecordAge, RetryAttempts};
+pub use types::{
+    BatchSize, BatchWindow, ByteSize, FlexibleWindow, MaxRecordAge, RetryAttempts,
+    ScheduleExpression, ScheduleInput, ScheduleTime, TimeZoneName,
+};
 
 /// Why a configuration file was refused. Every message names the file.
 #[derive(Debug, thiserror::Error)]
@@ -49,9 +52,22 @@ pub struct Config {
     /// `[admin]`: the HTTP listener for health, metrics and mapping control.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Settings shared by every schedule mapping.
+    #[serde(default)]
+    pub schedules: SchedulesConfig,
     /// The event source mappings, each `[[mapping]]` one.
     #[serde(default, rename = "mapping")]
     pub mappings: Vec<Mapping>,
+}
+
+/// `[schedules]`
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulesConfig {
+    /// PostgreSQL URL of the fire ledger that lets several replicas fire each scheduled
+    /// time once, e.g. "postgres://gateway:${PGPASSWORD}@db:5432/gateway" (`${ENV}` is
+    /// expanded). Default: none; a single process needs none.
+    pub store: Option<SecretUrl>,
 }
 
 /// `[aws]`
@@ -172,13 +188,72 @@ pub enum InvocationType {
     Event,
 }
 
-/// The closed set of sources.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+/// The closed set of sources, tagged by `type` (deserialized by hand, below).
+#[derive(Debug, Clone, PartialEq)]
 pub enum Source {
     Rabbitmq(RabbitSource),
     Kafka(KafkaSource),
     Sqs(SqsSource),
+    Schedule(ScheduleSource),
+}
+
+const SOURCE_TYPES: &[&str] = &["rabbitmq", "kafka", "sqs", "schedule"];
+
+/// Like `#[serde(tag = "type")]`, except that when `type` comes first (as in every
+/// example) the rest of the table goes straight to the variant's deserializer, so an
+/// error in a field keeps that field's line; serde's tagged enums buffer the table and
+/// lose it. Otherwise the table is buffered and errors point at the table.
+impl<'de> Deserialize<'de> for Source {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(SourceVisitor)
+    }
+}
+
+struct SourceVisitor;
+
+impl<'de> serde::de::Visitor<'de> for SourceVisitor {
+    type Value = Source;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a source table with a `type`")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Source, A::Error> {
+        use serde::de::Error as _;
+        use serde::de::value::MapAccessDeserializer;
+        let Some(first) = map.next_key::<String>()? else {
+            return Err(A::Error::missing_field("type"));
+        };
+        if first == "type" {
+            let kind: String = map.next_value()?;
+            let rest = MapAccessDeserializer::new(map);
+            return match kind.as_str() {
+                "rabbitmq" => RabbitSource::deserialize(rest).map(Source::Rabbitmq),
+                "kafka" => KafkaSource::deserialize(rest).map(Source::Kafka),
+                "sqs" => SqsSource::deserialize(rest).map(Source::Sqs),
+                "schedule" => ScheduleSource::deserialize(rest).map(Source::Schedule),
+                other => Err(A::Error::unknown_variant(other, SOURCE_TYPES)),
+            };
+        }
+        let mut table = toml::Table::new();
+        let value: toml::Value = map.next_value()?;
+        table.insert(first, value);
+        while let Some((k, v)) = map.next_entry::<String, toml::Value>()? {
+            table.insert(k, v);
+        }
+        let Some(toml::Value::String(kind)) = table.remove("type") else {
+            return Err(A::Error::missing_field("type"));
+        };
+        let rest = toml::Value::Table(table);
+        let r = match kind.as_str() {
+            "rabbitmq" => rest.try_into().map(Source::Rabbitmq),
+            "kafka" => rest.try_into().map(Source::Kafka),
+            "sqs" => rest.try_into().map(Source::Sqs),
+            "schedule" => rest.try_into().map(Source::Schedule),
+            other => return Err(A::Error::unknown_variant(other, SOURCE_TYPES)),
+        };
+        r.map_err(|e| A::Error::custom(e.message()))
+    }
 }
 
 impl Source {
@@ -187,6 +262,7 @@ impl Source {
             Source::Rabbitmq(_) => "rabbitmq",
             Source::Kafka(_) => "kafka",
             Source::Sqs(_) => "sqs",
+            Source::Schedule(_) => "schedule",
         }
     }
 }
@@ -302,6 +378,44 @@ const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
     "sasl.username",
     "sasl.password",
 ];
+
+/// `[mapping.source]` with `type = "schedule"`: EventBridge-style schedule.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSource {
+    /// `cron(min hour day-of-month month day-of-week year)`, `rate(N unit)` or
+    /// `at(yyyy-mm-ddThh:mm:ss)`, as AWS writes them (plus `rate(N seconds)`).
+    pub expression: ScheduleExpression,
+    /// IANA zone the cron and at times are read in. Default: "UTC".
+    #[serde(default)]
+    pub timezone: TimeZoneName,
+    /// No fire before this time (recurring schedules). Default: none.
+    pub start: Option<ScheduleTime>,
+    /// No fire after this time (recurring schedules). Default: none.
+    pub end: Option<ScheduleTime>,
+    /// Fire at a moment within this window after each scheduled time. Default: off.
+    pub flexible_window: Option<FlexibleWindow>,
+    /// JSON sent instead of the Scheduled Event, with `<aws.scheduler.…>` placeholders
+    /// substituted. Default: EventBridge's Scheduled Event.
+    pub input: Option<ScheduleInput>,
+    /// What a gateway that was down does about the time it missed: "skip", or
+    /// "fire_once" for the last one (needs `[schedules] store`). Default: "skip".
+    #[serde(default)]
+    pub missed: MissedFire,
+}
+
+/// The missed-fire policy of a schedule.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissedFire {
+    #[default]
+    Skip,
+    FireOnce,
+}
+
+/// AWS EventBridge Scheduler's retry defaults and limits.
+pub const SCHEDULE_MAX_RETRIES: u32 = 185;
+pub const SCHEDULE_MAX_EVENT_AGE: Duration = Duration::from_secs(86_400);
 
 /// `[mapping.source]` with `type = "rabbitmq"`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -489,7 +603,16 @@ impl Mapping {
     }
 
     /// Retries allowed after the first attempt; None is forever.
+    /// A schedule's -1 (the default) is Scheduler's default, 185.
     pub fn retries(&self) -> Option<u32> {
+        if let Source::Schedule(_) = self.source {
+            return Some(
+                self.retry
+                    .max_attempts
+                    .and_then(|a| u32::try_from(a.0).ok())
+                    .unwrap_or(SCHEDULE_MAX_RETRIES),
+            );
+        }
         let attempts = match (self.retry.max_attempts, &self.source) {
             (Some(a), _) => a.0,
             // SQS, as on AWS: no retries inside the gateway unless asked for; a failed
@@ -501,6 +624,15 @@ impl Mapping {
             -1 if self.on_failure.is_some() => Some(10),
             -1 => None,
             n => Some(n as u32),
+        }
+    }
+
+    /// Oldest a record may be before it is parked; a schedule's default is 24 hours.
+    pub fn max_record_age(&self) -> Option<Duration> {
+        let configured = self.retry.max_record_age.map(|a| a.0);
+        match self.source {
+            Source::Schedule(_) => Some(configured.unwrap_or(SCHEDULE_MAX_EVENT_AGE)),
+            _ => configured,
         }
     }
 
@@ -546,9 +678,10 @@ impl Mapping {
             ));
         }
         // An SQS message that runs out of retries goes back to its queue (and its redrive
-        // policy): nothing is lost without a destination.
+        // policy), and a schedule's exhausted fire is logged and dropped, as Scheduler does
+        // without a DLQ: neither needs a destination.
         let limited = r.max_attempts.is_some_and(|a| a.0 >= 0) || r.max_record_age.is_some();
-        let releases = matches!(self.source, Source::Sqs(_));
+        let releases = matches!(self.source, Source::Sqs(_) | Source::Schedule(_));
         if limited && self.on_failure.is_none() && !releases {
             out.push(format!(
                 "mapping {name:?}: retry.max_attempts or retry.max_record_age limits retries but there is no on_failure destination; \
@@ -598,6 +731,32 @@ impl Mapping {
                     out.push(format!(
                         "mapping {name:?}: batch.size must be at most 10 for a FIFO queue, got {}",
                         self.batch_size()
+                    ));
+                }
+            }
+            Source::Schedule(s) => {
+                if r.max_attempts
+                    .is_some_and(|a| a.0 > SCHEDULE_MAX_RETRIES as i32)
+                {
+                    out.push(format!(
+                        "mapping {name:?}: retry.max_attempts of a schedule must be between 0 and {SCHEDULE_MAX_RETRIES}, got {}",
+                        r.max_attempts.map_or(-1, |a| a.0)
+                    ));
+                }
+                if let Some(a) = r.max_record_age
+                    && a.0 > SCHEDULE_MAX_EVENT_AGE
+                {
+                    out.push(format!(
+                        "mapping {name:?}: retry.max_record_age of a schedule must be between 60s and 24h, got {}",
+                        humantime::format_duration(a.0)
+                    ));
+                }
+                let tz = s.timezone.0;
+                if let (Some(start), Some(end)) = (&s.start, &s.end)
+                    && start.resolve(tz) >= end.resolve(tz)
+                {
+                    out.push(format!(
+                        "mapping {name:?}: source.start must be before source.end"
                     ));
                 }
             }
@@ -689,6 +848,23 @@ impl Config {
                 problems.push(format!("mapping {:?} is defined twice", m.name));
             }
             m.problems(&mut problems);
+            if let Source::Schedule(s) = &m.source
+                && s.missed == MissedFire::FireOnce
+                && config.schedules.store.is_none()
+            {
+                problems.push(format!(
+                    "mapping {:?}: source.missed = \"fire_once\" needs [schedules] store: without a ledger a restarted gateway cannot know what it missed",
+                    m.name
+                ));
+            }
+        }
+        if let Some(store) = &config.schedules.store
+            && let Err(e) = store.expose().parse::<tokio_postgres::Config>()
+        {
+            problems.push(format!(
+                "[schedules] store {store} is not a PostgreSQL URL: {}",
+                e.to_string().replace(store.expose(), &store.to_string())
+            ));
         }
         if problems.is_empty() {
             Ok(config)

@@ -292,3 +292,129 @@ fn asynchronous_invokes_cap_events_at_one_megabyte_and_return_no_result() {
         "{err}"
     );
 }
+const SCHEDULE: &str = r#"
+[schedules]
+store = "postgres://postgres@127.0.0.1:5432/postgres"
+
+[[mapping]]
+name = "nightly"
+function = "report"
+
+[mapping.source]
+type = "schedule"
+expression = "cron(0 2 * * ? *)"
+timezone = "Europe/London"
+start = "2026-01-01T00:00:00"
+end = "2027-01-01T00:00:00Z"
+flexible_window = "5m"
+input = '{"at":"<aws.scheduler.scheduled-time>","try":<aws.scheduler.attempt-number>}'
+missed = "fire_once"
+"#;
+
+#[test]
+fn schedules_parse_with_scheduler_defaults() {
+    let c = parse(SCHEDULE).unwrap();
+    let m = &c.mappings[0];
+    let Source::Schedule(s) = &m.source else {
+        panic!("not a schedule")
+    };
+    assert_eq!(s.timezone.0, chrono_tz::Europe::London);
+    assert_eq!(s.missed, MissedFire::FireOnce);
+    assert_eq!(
+        s.start.unwrap().resolve(s.timezone.0).to_rfc3339(),
+        "2026-01-01T00:00:00+00:00"
+    );
+    // Scheduler's retry defaults, and no destination needed.
+    assert_eq!(m.retries(), Some(185));
+    assert_eq!(m.max_record_age(), Some(Duration::from_secs(86_400)));
+    let c = parse(&SCHEDULE.replace(
+        "missed = \"fire_once\"",
+        "missed = \"fire_once\"\n\n[mapping.retry]\nmax_attempts = 0\nmax_record_age = \"60s\"",
+    ))
+    .unwrap();
+    assert_eq!(c.mappings[0].retries(), Some(0));
+    assert_eq!(
+        c.mappings[0].max_record_age(),
+        Some(Duration::from_secs(60))
+    );
+}
+
+#[test]
+fn bad_schedules_name_the_expression_field_and_line() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "cron(0 2 * * ? *)",
+            "cron(0 2 * * * *)",
+            &["line 11", "cron(0 2 * * * *)", "day-of-week", "must be ?"],
+        ),
+        (
+            "cron(0 2 * * ? *)",
+            "cron(0 24 * * ? *)",
+            &["line 11", "hours field \"24\": 24 is outside 0-23"],
+        ),
+        (
+            "cron(0 2 * * ? *)",
+            "rate(1 minutes)",
+            &["line 11", "unit field", "write \"minute\""],
+        ),
+        (
+            "\"Europe/London\"",
+            "\"Europe/Londres\"",
+            &["line 12", "unknown time zone \"Europe/Londres\""],
+        ),
+        ("\"5m\"", "\"25h\"", &["line 15", "flexible_window must be"]),
+        (
+            "\"2026-01-01T00:00:00\"",
+            "\"tomorrow\"",
+            &["line 13", "invalid time \"tomorrow\""],
+        ),
+        (
+            "\"fire_once\"",
+            "\"catch_up\"",
+            &["line 17", "unknown variant `catch_up`"],
+        ),
+        (
+            "\"try\":<aws.scheduler.attempt-number>}",
+            "\"try\":}",
+            &["line 16", "input must be JSON"],
+        ),
+    ];
+    for (from, to, needles) in cases {
+        assert!(SCHEDULE.contains(from), "{from}");
+        let err = parse(&SCHEDULE.replacen(from, to, 1)).unwrap_err();
+        for n in *needles {
+            assert!(err.contains(n), "{to}: {n:?} not in:\n{err}");
+        }
+    }
+}
+
+#[test]
+fn schedule_rules_across_fields() {
+    let err = parse(&SCHEDULE.replace(
+        "missed = \"fire_once\"",
+        "missed = \"fire_once\"\n\n[mapping.retry]\nmax_attempts = 186",
+    ))
+    .unwrap_err();
+    assert!(err.contains("between 0 and 185, got 186"), "{err}");
+    let err = parse(&SCHEDULE.replace(
+        "missed = \"fire_once\"",
+        "missed = \"fire_once\"\n\n[mapping.retry]\nmax_record_age = \"25h\"",
+    ))
+    .unwrap_err();
+    assert!(err.contains("between 60s and 24h"), "{err}");
+    let err = parse(&SCHEDULE.replace("2027-01-01T00:00:00Z", "2025-01-01T00:00:00Z")).unwrap_err();
+    assert!(err.contains("start must be before source.end"), "{err}");
+    let err = parse(&SCHEDULE.replace(
+        "[schedules]\nstore = \"postgres://postgres@127.0.0.1:5432/postgres\"",
+        "",
+    ))
+    .unwrap_err();
+    assert!(err.contains("needs [schedules] store"), "{err}");
+    let err = parse(&SCHEDULE.replace(
+        "postgres://postgres@127.0.0.1:5432/postgres",
+        "postgres://u:hunter2@h:notaport/db",
+    ))
+    .unwrap_err();
+    assert!(err.contains("not a PostgreSQL URL"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}

@@ -202,7 +202,12 @@ impl Failure<'_> {
         // Append the event as it was sent, without parsing it again.
         out.pop();
         out.extend_from_slice(br#","payload":"#);
-        out.extend_from_slice(&self.envelope.render(self.records));
+        // The event of the last attempt (only a schedule's input names its attempt).
+        out.extend_from_slice(
+            &self
+                .envelope
+                .render_attempt(self.records, self.invoke_count.max(1)),
+        );
         out.push(b'}');
         out
     }

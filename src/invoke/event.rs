@@ -12,6 +12,9 @@ use serde_json::{Value, json};
 
 use crate::record::Record;
 
+/// Scheduler's placeholder for the attempt number, substituted at each invoke.
+pub const ATTEMPT_NUMBER: &str = "<aws.scheduler.attempt-number>";
+
 /// A source's event envelope, built once per mapping from its configuration.
 #[derive(Debug, Clone)]
 pub enum Envelope {
@@ -30,6 +33,14 @@ pub enum Envelope {
         topic: String,
         partition: i32,
     },
+    /// A schedule's fire: the record's fragment is the whole event (a Scheduled Event or
+    /// the configured input), rendered when it fired.
+    Schedule {
+        name: String,
+        /// The rule ARN (Scheduled Event) or schedule ARN (input) the event names.
+        arn: String,
+        expression: String,
+    },
 }
 
 impl Envelope {
@@ -39,11 +50,31 @@ impl Envelope {
             Envelope::Rabbit { .. } => "rabbitmq",
             Envelope::Kafka { .. } => "kafka",
             Envelope::Sqs { .. } => "sqs",
+            Envelope::Schedule { .. } => "schedule",
+        }
+    }
+
+    /// Renders the event for the `attempt`th invoke (from 1) of `records`: only a
+    /// schedule's input names its attempt.
+    pub fn render_attempt(&self, records: &[Record], attempt: u32) -> Vec<u8> {
+        match (self, records) {
+            (Envelope::Schedule { .. }, [r, ..]) => r
+                .fragment
+                .replace(ATTEMPT_NUMBER, &attempt.to_string())
+                .into_bytes(),
+            _ => self.render(records),
         }
     }
 
     /// Renders the event for `records`, in their order.
     pub fn render(&self, records: &[Record]) -> Vec<u8> {
+        if let Envelope::Schedule { .. } = self {
+            // One fire is one record, and its fragment is the event (as first sent).
+            return match records {
+                [] => b"{}".to_vec(),
+                _ => self.render_attempt(&records[..1], 1),
+            };
+        }
         let bytes: usize = records.iter().map(Record::weight).sum();
         let mut out = Vec::with_capacity(256 + bytes);
         match self {
@@ -70,6 +101,7 @@ impl Envelope {
                     .expect("string to JSON");
             }
             Envelope::Sqs { .. } => out.extend_from_slice(br#"{"Records""#),
+            Envelope::Schedule { .. } => unreachable!("rendered above"),
         }
         out.extend_from_slice(b":[");
         for (i, r) in records.iter().enumerate() {
@@ -195,6 +227,21 @@ impl Envelope {
                     "lastOffset": last.map(|r| r.position),
                     "firstRecordTime": ts(first),
                     "lastRecordTime": ts(last),
+                }),
+            ),
+            Envelope::Schedule {
+                name,
+                arn,
+                expression,
+            } => (
+                "ScheduleInfo",
+                json!({
+                    "scheduleName": name,
+                    "scheduleArn": arn,
+                    "expression": expression,
+                    "scheduledTime": first.map(|r| rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(r.position))),
+                    "executionId": first.and_then(|r| r.id.as_deref()),
+                    "firedTime": ts(first),
                 }),
             ),
         }

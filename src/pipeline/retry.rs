@@ -209,7 +209,9 @@ impl Deliverer {
     }
 
     async fn attempt(&self, mut piece: Piece, out: &mut Outcome, free_failures: &mut u32) -> Step {
-        let event = self.envelope.render(&piece.records);
+        let event = self
+            .envelope
+            .render_attempt(&piece.records, piece.invokes + 1);
         let name = &self.mapping.name;
         let n = piece.records.len();
         let result = if event.len() > self.policy.max_payload {
@@ -370,6 +372,19 @@ impl Deliverer {
                     .increment(piece.records.len() as u64);
                 out.resolved
                     .extend(piece.records.into_iter().map(|r| (r, Resolution::Released)));
+                return Ok(());
+            }
+            if let Envelope::Schedule { .. } = self.envelope {
+                // Scheduler without a dead-letter queue drops an exhausted fire: the
+                // schedule fires again at its next time, and a missed tick cannot wait.
+                tracing::error!(mapping = %name, condition = condition.as_str(), error,
+                    "schedule fire exhausted its retries and there is no on_failure destination; dropped");
+                self.mapping
+                    .metrics
+                    .dropped
+                    .increment(piece.records.len() as u64);
+                out.resolved
+                    .extend(piece.records.into_iter().map(|r| (r, Resolution::Dropped)));
                 return Ok(());
             }
             // Only a record too large for any invoke gets here (configuration requires a

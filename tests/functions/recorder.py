@@ -1,12 +1,16 @@
 """Test function for esm-gateway's integration tests, run by MiniStack.
 
-It parses its event with Powertools (RabbitMQEvent, touching every field AWS sends, or
-the KafkaSelfManagedEventModel parser model), so a missing field fails the invoke; appends one JSON line per invoke to $LOG_FILE, and then
-behaves as its environment says:
+It parses its event with Powertools (RabbitMQEvent, touching every field AWS sends, the
+KafkaSelfManagedEventModel parser model, or for a schedule's Scheduled Event the
+EventBridgeModel), so a missing field fails the invoke; appends one JSON line per invoke
+to $LOG_FILE, and then behaves as its environment says:
   POISON=b1,b2      raise if any of these bodies is in the batch
   FAIL_ONCE=b1,b2   report these bodies as batchItemFailures (by messageId) the first
                     time each is seen (marker files in $STATE_DIR)
   SLEEP_MS=n        sleep this long per invoke
+  FAIL_SCHEDULE=1   raise on every scheduled event
+A scheduled event (anything that is neither RabbitMQ nor Kafka: the Scheduled Event or a
+schedule's own input) is logged whole, with its "time" as the one body.
 """
 
 import base64
@@ -63,7 +67,34 @@ def handler(event, context):
         return kafka_handler(event)
     if "Records" in event:
         return sqs_handler(event)
-    return rabbit_handler(event)
+    if "rmqMessagesByQueue" in event:
+        return rabbit_handler(event)
+    return schedule_handler(event)
+
+
+def schedule_handler(event):
+    if event.get("detail-type") == "Scheduled Event":
+        from aws_lambda_powertools.utilities.parser import parse
+        from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
+
+        model = parse(event=copy.deepcopy(event), model=EventBridgeModel)
+        assert model.source == "aws.events", model.source
+        assert model.detail_type == "Scheduled Event", model.detail_type
+    fail = bool(os.environ.get("FAIL_SCHEDULE"))
+    line = {
+        "bodies": [str(event.get("time"))],
+        "redelivered": [],
+        "ok": not fail,
+        "failed": [],
+        "event": event,
+        "received": time.time(),
+    }
+    with open(os.environ["LOG_FILE"], "a") as f:
+        f.write(json.dumps(line) + "\n")
+    print("scheduled event")
+    if fail:
+        raise RuntimeError(f"scheduled event at {event.get('time')} failed on purpose")
+    return {}
 
 
 def sqs_handler(event):
