@@ -200,8 +200,8 @@ window = "100ms"
 
 [mapping.retry]
 max_attempts = 3
-backoff_min = "300ms"
-backoff_max = "300ms"
+backoff_min = "1s"
+backoff_max = "1s"
 
 [mapping.on_failure]
 type = "file"
@@ -234,17 +234,20 @@ path = "{}"
         10
     );
 
-    // The other partitions never waited: they were done before partition 3 gave up.
+    // The other partitions never waited on partition 3: whatever of them was still to
+    // deliver when its retries began went on while it retried.
     let inv = f.invocations();
+    let is_other = |i: &Invocation| i.bodies.iter().any(|b| !b.starts_with("p3-"));
     let first_poison = inv.iter().position(|i| !i.ok).unwrap();
     let last_poison = inv.iter().rposition(|i| !i.ok).unwrap();
-    let others_after = inv[last_poison..]
+    let others_left = inv[first_poison..].iter().filter(|i| is_other(i)).count();
+    let others_during = inv[first_poison..last_poison]
         .iter()
-        .filter(|i| i.bodies.iter().any(|b| !b.starts_with("p3-")))
+        .filter(|i| is_other(i))
         .count();
-    assert_eq!(
-        others_after, 0,
-        "partitions 0-2 were drained while 3 retried ({first_poison}..{last_poison})"
+    assert!(
+        others_left == 0 || others_during > 0,
+        "partitions 0-2 waited for partition 3's retries ({first_poison}..{last_poison})"
     );
     let by_partition = delivered_by_partition(&f);
     assert_eq!(
@@ -427,11 +430,21 @@ async fn the_gateway_waits_out_a_broker_outage_and_resumes() {
     )
     .await;
 
-    let delivered = f.wait_delivered(100, LONG).await;
+    let delivered = wait_for("all 100 records at least once", LONG, || {
+        let d = f.delivered();
+        let unique: std::collections::HashSet<&String> = d.iter().collect();
+        (unique.len() == 100).then_some(d.clone())
+    })
+    .await;
     let mut expected: Vec<String> = (0..50).map(|i| format!("before-{i}")).collect();
     expected.extend((0..50).map(|i| format!("after-{i}")));
-    let mut unique_delivered = delivered.clone();
-    unique_delivered.dedup();
-    assert_eq!(unique_delivered, expected);
+    // At least once, in order: a rebalance during the outage may replay what was
+    // delivered after the last commit that reached the broker.
+    let mut seen = std::collections::HashSet::new();
+    let firsts: Vec<String> = delivered
+        .into_iter()
+        .filter(|d| seen.insert(d.clone()))
+        .collect();
+    assert_eq!(firsts, expected);
     assert_eq!(gw.terminate().await.code(), Some(0));
 }
