@@ -43,6 +43,8 @@ pub async fn run(
     let region = sdk
         .region()
         .map_or_else(|| "us-east-1".to_owned(), ToString::to_string);
+    // One Lambda client (and connection pool) for every mapping.
+    let lambda = aws_sdk_lambda::Client::new(&sdk);
     let mut tasks = JoinSet::new();
     let mut statuses = Vec::new();
     let account = config.account_id().to_owned();
@@ -55,7 +57,7 @@ pub async fn run(
             tracing::info!(mapping = %mapping.name, "mapping disabled");
             continue;
         }
-        let deliverer = deliverer(&mapping, &sdk, &region, &account, status);
+        let deliverer = deliverer(&mapping, &lambda, &region, &account, status);
         if let Source::Schedule(s) = &mapping.source {
             schedules.push(scheduled(&mapping, s, deliverer, &region, &account));
             continue;
@@ -101,7 +103,7 @@ pub async fn run(
 
 fn deliverer(
     mapping: &Mapping,
-    sdk: &aws_config::SdkConfig,
+    lambda: &aws_sdk_lambda::Client,
     region: &str,
     account: &str,
     status: Arc<MappingStatus>,
@@ -136,7 +138,7 @@ fn deliverer(
     let r = &mapping.retry;
     Arc::new(Deliverer {
         mapping: status,
-        invoker: Invoker::new(sdk, &mapping.function),
+        invoker: Invoker::with_client(lambda.clone(), &mapping.function),
         function_arn: function.arn(region, account),
         envelope,
         policy: Policy {

@@ -168,6 +168,15 @@ impl Invoker {
         }
     }
 
+    /// An invoker on a client shared with other mappings: a client is cheap to clone,
+    /// but building one per mapping costs tens of KiB each (10,000 schedules).
+    pub fn with_client(client: Client, function: &str) -> Invoker {
+        Invoker {
+            client,
+            function: function.to_owned(),
+        }
+    }
+
     pub fn function(&self) -> &str {
         &self.function
     }
