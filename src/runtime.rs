@@ -166,6 +166,9 @@ struct Env {
     account: String,
     /// The schedules' fire ledger, shared by every schedule mapping.
     store: Option<Arc<crate::source::schedule::store::Store>>,
+    /// One Lambda client (and connection pool) for every mapping: 10,000 schedules
+    /// would otherwise build 10,000 clients.
+    lambda: aws_sdk_lambda::Client,
 }
 
 impl Env {
@@ -175,6 +178,7 @@ impl Env {
             .region()
             .map_or_else(|| "us-east-1".to_owned(), ToString::to_string);
         Arc::new(Env {
+            lambda: aws_sdk_lambda::Client::new(&sdk),
             sdk,
             region,
             account: config.account_id().to_owned(),
@@ -562,7 +566,7 @@ fn deliverer(mapping: &Mapping, env: &Env, status: Arc<MappingStatus>) -> Arc<De
     let r = &mapping.retry;
     Arc::new(Deliverer {
         mapping: status,
-        invoker: Invoker::new(&env.sdk, &mapping.function, asynchronous),
+        invoker: Invoker::with_client(env.lambda.clone(), &mapping.function, asynchronous),
         function_arn: function.arn(region, account),
         envelope,
         policy: Policy {

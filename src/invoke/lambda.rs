@@ -168,8 +168,14 @@ pub struct Invoker {
 
 impl Invoker {
     pub fn new(sdk: &aws_config::SdkConfig, function: &str, asynchronous: bool) -> Invoker {
+        Self::with_client(Client::new(sdk), function, asynchronous)
+    }
+
+    /// An invoker on a client shared with other mappings: a client is cheap to clone,
+    /// but building one per mapping costs tens of KiB each (10,000 schedules).
+    pub fn with_client(client: Client, function: &str, asynchronous: bool) -> Invoker {
         Invoker {
-            client: Client::new(sdk),
+            client,
             function: function.to_owned(),
             asynchronous,
         }
