@@ -7,7 +7,9 @@
 //! `report_batch_item_failures`, reports no failed item. Removal: a file is rewritten
 //! with the records that remain (atomically, by rename); an SQS message is deleted; a
 //! RabbitMQ message (from a queue bound to the exchange destination) is acked, and a
-//! failed one is requeued.
+//! failed one is requeued; a Kafka topic's records are consumed by the group
+//! `esm-gateway-redrive-<mapping>`, which commits past each partition's records up to its
+//! first failure (that record and those after it are read again by the next redrive).
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +24,7 @@ pub enum From {
     File(PathBuf),
     Sqs(String),
     Rabbitmq(String),
+    Kafka(String),
 }
 
 impl std::str::FromStr for From {
@@ -32,8 +35,9 @@ impl std::str::FromStr for From {
             Some(("file", p)) => Ok(From::File(p.into())),
             Some(("sqs", u)) => Ok(From::Sqs(u.to_owned())),
             Some(("rabbitmq", q)) => Ok(From::Rabbitmq(q.to_owned())),
+            Some(("kafka", t)) => Ok(From::Kafka(t.to_owned())),
             _ => Err(format!(
-                "{s:?}: expected file:PATH, sqs:QUEUE_URL or rabbitmq:QUEUE (a queue bound to the exchange destination)"
+                "{s:?}: expected file:PATH, sqs:QUEUE_URL, rabbitmq:QUEUE (a queue bound to the exchange destination) or kafka:TOPIC"
             )),
         }
     }
@@ -75,6 +79,7 @@ pub async fn run(
         (Some(f), _) => f,
         (None, Some(DestinationConfig::File(f))) => From::File(f.path.clone()),
         (None, Some(DestinationConfig::Sqs(q))) => From::Sqs(q.queue_url.clone()),
+        (None, Some(DestinationConfig::Kafka(k))) => From::Kafka(k.topic.clone()),
         (None, _) => return Err(RedriveError::NoSource(mapping.to_owned())),
     };
     let sdk = crate::invoke::lambda::sdk_config(&config.aws).await;
@@ -96,6 +101,12 @@ pub async fn run(
                 },
             };
             replay.rabbitmq(&url, &queue).await
+        }
+        From::Kafka(topic) => {
+            let Some(DestinationConfig::Kafka(k)) = &m.on_failure else {
+                return Err(RedriveError::NoSource(mapping.to_owned()));
+            };
+            replay.kafka(&k.bootstrap_servers, &topic).await
         }
     }
 }
@@ -263,6 +274,58 @@ impl Replay<'_> {
                 .await;
         }
         let _ = conn.close(200, "redrive done".into()).await;
+        Ok(report)
+    }
+}
+
+impl Replay<'_> {
+    async fn kafka(&self, bootstrap: &str, topic: &str) -> Result<Report, RedriveError> {
+        use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+        use rdkafka::{Message, Offset, TopicPartitionList};
+        let err = |e: rdkafka::error::KafkaError| {
+            RedriveError::Read(format!("Kafka topic {topic:?}: {e}"))
+        };
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set(
+                "group.id",
+                format!("esm-gateway-redrive-{}", self.mapping.name),
+            )
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .map_err(err)?;
+        consumer.subscribe(&[topic]).map_err(err)?;
+        let mut report = Report::default();
+        // Per partition: the next offset to commit, and whether a failure stopped it.
+        let mut positions: std::collections::BTreeMap<i32, (i64, bool)> = Default::default();
+        // The first record waits out the group join; after that, a quiet topic is done.
+        let mut wait = std::time::Duration::from_secs(30);
+        while let Ok(m) = tokio::time::timeout(wait, consumer.recv()).await {
+            wait = std::time::Duration::from_secs(2);
+            let m = m.map_err(err)?;
+            report.replayed += 1;
+            let ok = self.one(m.payload().unwrap_or_default()).await?;
+            let entry = positions
+                .entry(m.partition())
+                .or_insert((m.offset(), false));
+            if ok && !entry.1 {
+                entry.0 = m.offset() + 1;
+                report.removed += 1;
+            } else {
+                entry.1 = true;
+                report.remaining += 1;
+            }
+        }
+        if !self.dry_run && !positions.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for (p, (offset, _)) in &positions {
+                tpl.add_partition_offset(topic, *p, Offset::Offset(*offset))
+                    .map_err(err)?;
+            }
+            consumer.commit(&tpl, CommitMode::Sync).map_err(err)?;
+        }
         Ok(report)
     }
 }

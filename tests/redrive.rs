@@ -107,3 +107,46 @@ async fn redrive_removes_the_ninety_that_now_succeed_and_keeps_the_ten_that_do_n
         .collect();
     assert_eq!(delivered, expected);
 }
+
+#[tokio::test]
+async fn a_kafka_topic_is_redriven_up_to_each_partitions_first_failure() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let bootstrap = std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let topic = unique("parked");
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    for i in 0..10 {
+        let record = parked(&format!("msg-{i:04}"), i);
+        producer
+            .send(
+                FutureRecord::<(), _>::to(&topic)
+                    .partition(0)
+                    .payload(&record),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let f = Function::deploy("kredrive", &[("POISON", "msg-0005")]).await;
+    let config = f.dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        rabbit_config(
+            &f.name,
+            "unused",
+            &format!("[mapping.on_failure]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\""),
+        ),
+    )
+    .unwrap();
+    // Everything before the failure is committed past; the failure and what follows it
+    // are read again next time.
+    let out = redrive(&config, &[]);
+    assert!(out.contains("replayed 10, removed 5, remaining 5"), "{out}");
+    let again = redrive(&config, &[]);
+    assert!(
+        again.contains("replayed 5, removed 0, remaining 5"),
+        "{again}"
+    );
+}
