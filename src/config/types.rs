@@ -64,12 +64,6 @@ impl<'de> Deserialize<'de> for ByteSize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryAttempts(pub i32);
 
-impl Default for RetryAttempts {
-    fn default() -> Self {
-        RetryAttempts(-1)
-    }
-}
-
 impl<'de> Deserialize<'de> for RetryAttempts {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let n = i64::deserialize(d)?;
