@@ -31,7 +31,7 @@ mod support;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -44,8 +44,6 @@ use rdkafka::{ClientConfig, Message};
 use support::lambda_stub::{self, EventKind};
 use support::proc_stats;
 
-/// The gateway binary; cargo builds it (same profile) before any benchmark that names it.
-const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_esm-gateway");
 /// Produce futures awaited once per this many records.
 const PRODUCE_CHUNK: u64 = 20_000;
 /// Distinct record keys.
@@ -466,24 +464,7 @@ async fn gateway_drain(
         proc_stats::total_cpu_time(broker, ticks),
     );
     let started = Instant::now();
-    let mut gateway = Gateway(
-        Command::new(GATEWAY_BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(config.path())
-            // Dummy credentials: the SDK signs requests, the stub ignores the signature.
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env(
-                "RUST_LOG",
-                std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {GATEWAY_BIN}"))?,
-    );
+    let mut gateway = Gateway(support::gateway::spawn(config.path())?);
     let pid = gateway.0.id().to_string();
     eprintln!("gateway pid {pid} draining {topic}");
 

@@ -21,7 +21,7 @@ mod support;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -33,8 +33,6 @@ use axum::routing::post;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use support::proc_stats;
-
-const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_esm-gateway");
 
 fn num(name: &str, default: u64) -> Result<u64> {
     match std::env::var(name) {
@@ -57,21 +55,7 @@ impl Gateway {
             .tempfile()?;
         file.write_all(config.as_bytes())?;
         file.flush()?;
-        let child = Command::new(GATEWAY_BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(file.path())
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env(
-                "RUST_LOG",
-                std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {GATEWAY_BIN}"))?;
+        let child = support::gateway::spawn(file.path())?;
         Ok(Gateway {
             child,
             _config: file,

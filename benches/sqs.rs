@@ -11,7 +11,7 @@
 mod support;
 
 use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -235,14 +235,7 @@ async fn main() -> Result<()> {
         ),
     )?;
     let start = Instant::now();
-    let mut gw = Command::new(env!("CARGO_BIN_EXE_esm-gateway"))
-        .args(["run", "--config"])
-        .arg(config.path())
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()?;
+    let mut gw = support::gateway::spawn(config.path())?;
     let drained = wait_empty(&sqs, &url, limit).await;
     let gateway = start.elapsed();
     let pid = gw.id().to_string();

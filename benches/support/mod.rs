@@ -3,6 +3,8 @@
 
 // Each bench compiles its own copy of these modules and uses only part of them.
 #[allow(dead_code)]
+pub mod gateway;
+#[allow(dead_code)]
 pub mod lambda_stub;
 #[allow(dead_code)]
 pub mod proc_stats;
