@@ -36,11 +36,18 @@ pub fn unique(prefix: &str) -> String {
 /// A TCP port that was free a moment ago (bound to :0, read, released), for a gateway's
 /// admin listener: the config cannot ask for port 0.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below Linux's ephemeral range (32768-60999), so that no outgoing connection can
+    // take the port between now and the gateway's bind, and never the same port twice in
+    // one test process (two gateways of one test each get their own).
+    static USED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut used = USED.lock().unwrap();
+    loop {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
+        if !used.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            used.push(port);
+            return port;
+        }
+    }
 }
 
 /// The admin token of [`rabbit_config`]'s gateways.
