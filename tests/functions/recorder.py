@@ -30,6 +30,17 @@ def _set(name):
     return {b for b in os.environ.get(name, "").split(",") if b}
 
 
+def _finish(line, what, poison, failures):
+    """Logs the invoke, then fails on poison or returns the partial batch response."""
+    with open(os.environ["LOG_FILE"], "a") as f:
+        f.write(json.dumps(line) + "\n")
+    # MiniStack waits for output after a silent invoke; a line keeps warm invokes fast.
+    print(f"{len(line['bodies'])} {what}(s)")
+    if poison:
+        raise ValueError(f"poison {what}(s) {sorted(poison)}")
+    return {"batchItemFailures": failures}
+
+
 def _fail_once(body):
     """True the first time a body named in FAIL_ONCE is seen (a marker file remembers)."""
     if body not in _set("FAIL_ONCE"):
@@ -118,12 +129,7 @@ def sqs_handler(event):
         "groups": [r.attributes.MessageGroupId for r in model.Records],
         "event": event if os.environ.get("LOG_EVENT") else None,
     }
-    with open(os.environ["LOG_FILE"], "a") as f:
-        f.write(json.dumps(line) + "\n")
-    print(f"{len(bodies)} message(s)")
-    if poison:
-        raise ValueError(f"poison message(s) {sorted(poison)}")
-    return {"batchItemFailures": failures}
+    return _finish(line, "message", poison, failures)
 
 
 def kafka_handler(event):
@@ -143,12 +149,7 @@ def kafka_handler(event):
         "offsets": [r.offset for r in records],
         "event": event if os.environ.get("LOG_EVENT") else None,
     }
-    with open(os.environ["LOG_FILE"], "a") as f:
-        f.write(json.dumps(line) + "\n")
-    print(f"{len(bodies)} record(s)")
-    if poison:
-        raise ValueError(f"poison record(s) {sorted(poison)}")
-    return {"batchItemFailures": failures}
+    return _finish(line, "record", poison, failures)
 
 
 def rabbit_handler(event):
@@ -177,10 +178,4 @@ def rabbit_handler(event):
         "failed": [f["itemIdentifier"] for f in failures],
         "event": event if os.environ.get("LOG_EVENT") else None,
     }
-    with open(os.environ["LOG_FILE"], "a") as f:
-        f.write(json.dumps(line) + "\n")
-    # MiniStack waits for output after a silent invoke; a line keeps warm invokes fast.
-    print(f"{len(bodies)} message(s)")
-    if poison:
-        raise ValueError(f"poison message(s) {sorted(poison)}")
-    return {"batchItemFailures": failures}
+    return _finish(line, "message", poison, failures)
