@@ -5,7 +5,6 @@ mod common;
 
 use std::process::Command;
 
-use base64::Engine as _;
 use common::*;
 use serde_json::json;
 
@@ -23,7 +22,7 @@ fn parked(body: &str, i: usize) -> String {
                     "priority": 0, "correlationId": null, "replyTo": null, "expiration": null, "messageId": format!("id-{body}"),
                     "timestamp": null, "type": null, "userId": null, "appId": null, "clusterId": null, "bodySize": body.len()},
                 "redelivered": false,
-                "data": base64::engine::general_purpose::STANDARD.encode(body)}]}}
+                "data": base64_simd::STANDARD.encode_to_string(body)}]}}
     })
     .to_string()
 }

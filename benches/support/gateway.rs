@@ -6,13 +6,15 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{Context, Result};
 
 /// The gateway binary; cargo builds it (same profile) before any benchmark that names it.
-pub const BIN: &str = env!("CARGO_BIN_EXE_esm-gateway");
+const BIN: &str = env!("CARGO_BIN_EXE_esm-gateway");
 
 /// `esm-gateway run --config <config>` with dummy credentials (the SDK signs requests;
 /// stubs and MiniStack ignore the signature) and `RUST_LOG` from `BENCH_GATEWAY_LOG`
-/// (default `warn`).
+/// (default `warn`). `BENCH_GATEWAY_BIN` runs another build instead (an older commit's,
+/// to compare two in one session).
 pub fn spawn(config: &Path) -> Result<Child> {
-    Command::new(BIN)
+    let bin = std::env::var("BENCH_GATEWAY_BIN").unwrap_or_else(|_| BIN.into());
+    Command::new(&bin)
         .arg("run")
         .arg("--config")
         .arg(config)
@@ -27,5 +29,5 @@ pub fn spawn(config: &Path) -> Result<Child> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
-        .with_context(|| format!("starting {BIN}"))
+        .with_context(|| format!("starting {bin}"))
 }

@@ -6,7 +6,6 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use base64::Engine as _;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
 
@@ -304,7 +303,7 @@ pub fn rabbit_fragment(
         r#","bodySize":{}}},"redelivered":{redelivered},"data":""#,
         body.len()
     );
-    base64::engine::general_purpose::STANDARD.encode_string(body, &mut out);
+    push_base64(&mut out, body);
     out.push_str("\"}");
     out
 }
@@ -317,7 +316,8 @@ pub fn sqs_fragment(
     event_source_arn: &str,
     region: &str,
 ) -> String {
-    let b64 = &base64::engine::general_purpose::STANDARD;
+    let b64 =
+        |b: &aws_sdk_sqs::primitives::Blob| base64_simd::STANDARD.encode_to_string(b.as_ref());
     let attributes: serde_json::Map<String, Value> = m
         .attributes()
         .into_iter()
@@ -331,9 +331,9 @@ pub fn sqs_fragment(
         .map(|(k, a)| {
             let v = json!({
                 "stringValue": a.string_value(),
-                "binaryValue": a.binary_value().map(|b| b64.encode(b.as_ref())),
+                "binaryValue": a.binary_value().map(b64),
                 "stringListValues": a.string_list_values(),
-                "binaryListValues": a.binary_list_values().iter().map(|b| b64.encode(b.as_ref())).collect::<Vec<_>>(),
+                "binaryListValues": a.binary_list_values().iter().map(b64).collect::<Vec<_>>(),
                 "dataType": a.data_type(),
             });
             (k.clone(), v)
@@ -365,6 +365,11 @@ fn push_json_str(out: &mut String, s: &str) {
     }
 }
 
+/// Appends `bytes` base64-encoded (SIMD; base64 needs no JSON escaping).
+fn push_base64(out: &mut String, bytes: &[u8]) {
+    base64_simd::STANDARD.encode_append(bytes, out);
+}
+
 fn push_opt_str(out: &mut String, s: Option<&str>) {
     match s {
         Some(s) => push_json_str(out, s),
@@ -391,7 +396,6 @@ pub fn kafka_fragment<M: rdkafka::Message>(m: &M) -> String {
         Timestamp::LogAppendTime(t) => (t, "LOG_APPEND_TIME"),
         Timestamp::NotAvailable => (-1, "NO_TIMESTAMP_TYPE"),
     };
-    let b64 = &base64::engine::general_purpose::STANDARD;
     let b64_len = |b: Option<&[u8]>| b.map_or(0, |b| b.len().div_ceil(3) * 4);
     let headers_len = m.headers().map_or(0, |h| {
         h.iter()
@@ -404,20 +408,24 @@ pub fn kafka_fragment<M: rdkafka::Message>(m: &M) -> String {
     );
     out.push_str(r#"{"topic":"#);
     push_json_str(&mut out, m.topic());
-    let _ = write!(
-        out,
-        r#","partition":{},"offset":{},"timestamp":{timestamp},"timestampType":"{kind}""#,
-        m.partition(),
-        m.offset()
-    );
+    let mut num = itoa::Buffer::new();
+    out.push_str(r#","partition":"#);
+    out.push_str(num.format(m.partition()));
+    out.push_str(r#","offset":"#);
+    out.push_str(num.format(m.offset()));
+    out.push_str(r#","timestamp":"#);
+    out.push_str(num.format(timestamp));
+    out.push_str(r#","timestampType":""#);
+    out.push_str(kind);
+    out.push('"');
     if let Some(k) = m.key() {
         out.push_str(r#","key":""#);
-        b64.encode_string(k, &mut out);
+        push_base64(&mut out, k);
         out.push('"');
     }
     if let Some(v) = m.payload() {
         out.push_str(r#","value":""#);
-        b64.encode_string(v, &mut out);
+        push_base64(&mut out, v);
         out.push('"');
     }
     out.push_str(r#","headers":["#);

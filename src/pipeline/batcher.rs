@@ -45,7 +45,9 @@ impl Batcher {
             Some(r) => r,
             None => self.rx.recv().await?,
         };
-        let deadline = Instant::now() + self.window;
+        // One timer per batch, armed when the channel first runs dry.
+        let window = sleep_until(Instant::now() + self.window);
+        tokio::pin!(window);
         let mut bytes = first.weight();
         let mut batch = Vec::with_capacity(self.size.min(1024));
         batch.push(first);
@@ -59,7 +61,7 @@ impl Batcher {
                         Some(r) => r,
                         None => break,
                     },
-                    () = sleep_until(deadline) => break,
+                    () = &mut window => break,
                 },
             };
             if bytes + record.weight() > self.max_bytes {

@@ -9,7 +9,6 @@
 //! and, if it is JSON, matched as JSON, else as a plain string. A record no pattern
 //! matches is acknowledged without an invoke.
 
-use base64::Engine as _;
 use serde_json::{Map, Value};
 
 /// At most this many patterns per mapping, as on AWS.
@@ -253,7 +252,7 @@ pub fn view(fragment: &str) -> Value {
                 continue;
             };
             let text = if base64 {
-                match base64::engine::general_purpose::STANDARD.decode(raw) {
+                match base64_simd::STANDARD.decode_to_vec(raw) {
                     Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
                     Err(_) => continue,
                 }

@@ -60,6 +60,9 @@ pub fn client_config(source: &KafkaSource, mapping: &str) -> ClientConfig {
         // partition needs far less, and a mapping with many partitions would hold
         // gigabytes. Overridable through `properties`.
         .set("queued.max.messages.kbytes", "4096")
+        // ... and when a partition's queue is full librdkafka postpones its next fetch by
+        // this much (default 1 s): a draining partition would idle most of the time.
+        .set("fetch.queue.backoff.ms", "10")
         .set(
             "auto.offset.reset",
             match source.starting_position {
@@ -467,10 +470,14 @@ async fn partition_task(
         ));
     }
 
+    // Registered once: a fresh `cancelled()` per record would lock the token's waiter
+    // list twice for every record.
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let m = tokio::select! {
             biased;
-            () = stop.cancelled() => break,
+            () = &mut cancelled => break,
             m = queue.recv() => m,
         };
         let m = match m {
@@ -497,7 +504,7 @@ async fn partition_task(
         drop(m);
         tokio::select! {
             biased;
-            () = stop.cancelled() => break,
+            () = &mut cancelled => break,
             r = lanes[lane].send(record) => if r.is_err() { break },
         }
     }
