@@ -1,10 +1,12 @@
 //! SQS drain benchmark (issue 4): in one run on MiniStack, the time to drain the same
 //! number of messages from a standard queue into the same Python function through
 //! MiniStack's own SQS event source mapping and through esm-gateway, and the queue's raw
-//! receive+delete drain rate.
+//! receive+delete drain rate. Both mappings run twice: batches of 10 (no window), and
+//! batches of `BENCH_LARGE_BATCH` with a 1 s window (MiniStack's own mapping caps its
+//! batches at 10 whatever it is given; AWS honours up to 10,000).
 //!
 //! ```text
-//! cargo bench --bench sqs            # BENCH_MESSAGES (default 10000), BENCH_CONCURRENCY (10)
+//! cargo bench --bench sqs   # BENCH_MESSAGES (10000), BENCH_CONCURRENCY (10), BENCH_LARGE_BATCH (100)
 //! ```
 //! Needs the local stack (`scripts/stack up`): MiniStack on 127.0.0.1:4566.
 
@@ -180,10 +182,100 @@ async fn deploy(lambda: &aws_sdk_lambda::Client, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// What one gateway drain took, and what it cost the gateway.
+struct Drain {
+    drained: Duration,
+    cpu: Duration,
+    rss_kib: u64,
+}
+
+/// MiniStack's own SQS event source mapping, `batch` per invoke, `window` seconds.
+#[allow(clippy::too_many_arguments)]
+async fn esm_drain(
+    sqs: &aws_sdk_sqs::Client,
+    lambda: &aws_sdk_lambda::Client,
+    function: &str,
+    id: &str,
+    n: usize,
+    batch: i32,
+    window: i32,
+    limit: Duration,
+) -> Result<Duration> {
+    let url = fill(sqs, &format!("bench-esm{batch}-{id}"), n).await?;
+    let arn = sqs
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await?
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .context("queue arn")?;
+    let start = Instant::now();
+    let esm = lambda
+        .create_event_source_mapping()
+        .function_name(function)
+        .event_source_arn(&arn)
+        .batch_size(batch)
+        .maximum_batching_window_in_seconds(window)
+        .send()
+        .await?;
+    wait_empty(sqs, &url, limit).await?;
+    let drained = start.elapsed();
+    if let Some(uuid) = esm.uuid() {
+        let _ = lambda.delete_event_source_mapping().uuid(uuid).send().await;
+    }
+    sqs.delete_queue().queue_url(&url).send().await?;
+    Ok(drained)
+}
+
+/// esm-gateway into the same function, `batch` per invoke, `window` seconds,
+/// `concurrency` batches in flight.
+#[allow(clippy::too_many_arguments)]
+async fn gateway_drain(
+    sqs: &aws_sdk_sqs::Client,
+    function: &str,
+    id: &str,
+    n: usize,
+    batch: i32,
+    window: i32,
+    concurrency: usize,
+    limit: Duration,
+) -> Result<Drain> {
+    let url = fill(sqs, &format!("bench-gw{batch}-{id}"), n).await?;
+    let config = tempfile::NamedTempFile::new()?;
+    std::fs::write(
+        config.path(),
+        format!(
+            "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{ENDPOINT}\"\n\n[admin]\nenabled = false\n\n[[mapping]]\nname = \"bench\"\nfunction = \"{function}\"\n\n\
+             [mapping.batch]\nsize = {batch}\nwindow = \"{window}s\"\n\n[mapping.source]\ntype = \"sqs\"\nqueue_url = \"{url}\"\nmax_concurrency = {}\n",
+            concurrency.max(2)
+        ),
+    )?;
+    let start = Instant::now();
+    let mut gw = support::gateway::spawn(config.path())?;
+    let drained = wait_empty(sqs, &url, limit).await;
+    let elapsed = start.elapsed();
+    let pid = gw.id().to_string();
+    let ticks = support::proc_stats::clock_ticks();
+    let cpu = support::proc_stats::cpu_time(&pid, ticks)?;
+    let rss_kib = support::proc_stats::peak_rss_kib(&pid)?;
+    Command::new("kill").args(["-TERM", &pid]).status()?;
+    gw.wait()?;
+    drained?;
+    sqs.delete_queue().queue_url(&url).send().await?;
+    Ok(Drain {
+        drained: elapsed,
+        cpu,
+        rss_kib,
+    })
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let n = env_num("BENCH_MESSAGES", 10_000);
     let concurrency = env_num("BENCH_CONCURRENCY", 10);
+    let batch_large = env_num("BENCH_LARGE_BATCH", 100) as i32;
     let sdk = sdk().await;
     let sqs = aws_sdk_sqs::Client::new(&sdk);
     let lambda = aws_sdk_lambda::Client::new(&sdk);
@@ -197,55 +289,14 @@ async fn main() -> Result<()> {
     let raw = raw_drain(&sqs, &url, n, concurrency).await?;
     sqs.delete_queue().queue_url(&url).send().await?;
 
-    // 2. MiniStack's own event source mapping.
-    let url = fill(&sqs, &format!("bench-esm-{id}"), n).await?;
-    let arn = sqs
-        .get_queue_attributes()
-        .queue_url(&url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await?
-        .attributes()
-        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-        .context("queue arn")?;
-    let start = Instant::now();
-    let esm = lambda
-        .create_event_source_mapping()
-        .function_name(&function)
-        .event_source_arn(&arn)
-        .batch_size(10)
-        .send()
-        .await?;
-    wait_empty(&sqs, &url, limit).await?;
-    let emulator = start.elapsed();
-    if let Some(uuid) = esm.uuid() {
-        let _ = lambda.delete_event_source_mapping().uuid(uuid).send().await;
+    // 2 and 3, for each batch shape: MiniStack's own event source mapping, then the
+    // gateway, each on a fresh queue of the same messages into the same function.
+    let mut rows = Vec::new();
+    for (batch, window) in [(10, 0), (batch_large, 1)] {
+        let esm = esm_drain(&sqs, &lambda, &function, &id, n, batch, window, limit).await?;
+        let gw = gateway_drain(&sqs, &function, &id, n, batch, window, concurrency, limit).await?;
+        rows.push((batch, window, esm, gw));
     }
-    sqs.delete_queue().queue_url(&url).send().await?;
-
-    // 3. esm-gateway, same function, batches of ten, `concurrency` batches in flight.
-    let url = fill(&sqs, &format!("bench-gw-{id}"), n).await?;
-    let config = tempfile::NamedTempFile::new()?;
-    std::fs::write(
-        config.path(),
-        format!(
-            "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{ENDPOINT}\"\n\n[admin]\nenabled = false\n\n[[mapping]]\nname = \"bench\"\nfunction = \"{function}\"\n\n\
-             [mapping.batch]\nsize = 10\n\n[mapping.source]\ntype = \"sqs\"\nqueue_url = \"{url}\"\nmax_concurrency = {}\n",
-            concurrency.max(2)
-        ),
-    )?;
-    let start = Instant::now();
-    let mut gw = support::gateway::spawn(config.path())?;
-    let drained = wait_empty(&sqs, &url, limit).await;
-    let gateway = start.elapsed();
-    let pid = gw.id().to_string();
-    let ticks = support::proc_stats::clock_ticks();
-    let cpu = support::proc_stats::cpu_time(&pid, ticks)?;
-    let rss = support::proc_stats::peak_rss_kib(&pid)?;
-    Command::new("kill").args(["-TERM", &pid]).status()?;
-    gw.wait()?;
-    drained?;
-    sqs.delete_queue().queue_url(&url).send().await?;
     let _ = lambda
         .delete_function()
         .function_name(&function)
@@ -253,34 +304,42 @@ async fn main() -> Result<()> {
         .await;
 
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    println!("\n{n} messages × 256 B, concurrency {concurrency}, MiniStack on 127.0.0.1\n");
     println!(
-        "\n{n} messages × 256 B, batch 10, concurrency {concurrency}, MiniStack on 127.0.0.1\n"
+        "| path                                            | seconds | messages/s | vs MiniStack ESM |"
     );
-    println!("| path                                  | seconds | messages/s | vs MiniStack ESM |");
-    println!("|---------------------------------------|---------|------------|------------------|");
     println!(
-        "| raw receive + delete ({concurrency:>2} workers)     | {:>7.2} | {:>10.0} | {:>16.2} |",
+        "|-------------------------------------------------|---------|------------|------------------|"
+    );
+    let (_, _, esm10, _) = rows[0];
+    println!(
+        "| raw receive + delete ({concurrency:>2} workers, 10 per call)  | {:>7.2} | {:>10.0} | {:>16.2} |",
         raw.as_secs_f64(),
         rate(raw),
-        emulator.as_secs_f64() / raw.as_secs_f64()
+        esm10.as_secs_f64() / raw.as_secs_f64()
     );
-    println!(
-        "| MiniStack's own SQS event source map. | {:>7.2} | {:>10.0} | {:>16.2} |",
-        emulator.as_secs_f64(),
-        rate(emulator),
-        1.0
-    );
-    println!(
-        "| esm-gateway                           | {:>7.2} | {:>10.0} | {:>16.2} |",
-        gateway.as_secs_f64(),
-        rate(gateway),
-        emulator.as_secs_f64() / gateway.as_secs_f64()
-    );
-    println!(
-        "\ngateway / raw drain rate: {:.2}; gateway CPU: {:.1} µs/message; peak RSS: {:.1} MiB",
-        rate(gateway) / rate(raw),
-        cpu.as_secs_f64() * 1e6 / n as f64,
-        rss as f64 / 1024.0
-    );
+    for (batch, window, esm, gw) in &rows {
+        let shape = format!("batch {batch}, window {window} s");
+        println!(
+            "| MiniStack's own ESM, {shape:<26} | {:>7.2} | {:>10.0} | {:>16.2} |",
+            esm.as_secs_f64(),
+            rate(*esm),
+            1.0
+        );
+        println!(
+            "| esm-gateway, {shape:<34} | {:>7.2} | {:>10.0} | {:>16.2} |",
+            gw.drained.as_secs_f64(),
+            rate(gw.drained),
+            esm.as_secs_f64() / gw.drained.as_secs_f64()
+        );
+    }
+    for (batch, window, _, gw) in &rows {
+        println!(
+            "\ngateway, batch {batch}, window {window} s: / raw drain rate {:.2}; CPU {:.1} µs/message; peak RSS {:.1} MiB",
+            rate(gw.drained) / rate(raw),
+            gw.cpu.as_secs_f64() * 1e6 / n as f64,
+            gw.rss_kib as f64 / 1024.0
+        );
+    }
     Ok(())
 }

@@ -363,8 +363,8 @@ async fn extend(client: &Client, url: &str, handles: &[String], visibility: Dura
     }
 }
 
-/// Deletes what was delivered or parked, ten at a time; released and unresolved
-/// messages stay for their visibility timeout.
+/// Deletes what was delivered or parked, ten at a time (the chunks of a large batch
+/// concurrently); released and unresolved messages stay for their visibility timeout.
 async fn delete(client: &Client, url: &str, outcome: Outcome, mapping: &str) {
     let handles: Vec<String> = outcome
         .resolved
@@ -375,46 +375,54 @@ async fn delete(client: &Client, url: &str, outcome: Outcome, mapping: &str) {
             _ => None,
         })
         .collect();
-    for chunk in handles.chunks(10) {
-        let entries = chunk.iter().enumerate().map(|(i, h)| {
-            DeleteMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .receipt_handle(h)
-                .build()
-                .expect("id and receipt handle are set")
-        });
-        let mut tries = 0;
-        loop {
-            match client
-                .delete_message_batch()
-                .queue_url(url)
-                .set_entries(Some(entries.clone().collect()))
-                .send()
-                .await
-            {
-                Ok(out) => {
-                    for f in out.failed() {
-                        tracing::warn!(
-                            mapping,
-                            queue = url,
-                            id = f.id(),
-                            code = f.code(),
-                            message = f.message(),
-                            "message not deleted; it will be delivered again"
-                        );
-                    }
-                    break;
+    futures_util::future::join_all(
+        handles
+            .chunks(10)
+            .map(|chunk| delete_chunk(client, url, chunk, mapping)),
+    )
+    .await;
+}
+
+/// One DeleteMessageBatch of up to ten, retried five times.
+async fn delete_chunk(client: &Client, url: &str, chunk: &[String], mapping: &str) {
+    let entries = chunk.iter().enumerate().map(|(i, h)| {
+        DeleteMessageBatchRequestEntry::builder()
+            .id(i.to_string())
+            .receipt_handle(h)
+            .build()
+            .expect("id and receipt handle are set")
+    });
+    let mut tries = 0;
+    loop {
+        match client
+            .delete_message_batch()
+            .queue_url(url)
+            .set_entries(Some(entries.clone().collect()))
+            .send()
+            .await
+        {
+            Ok(out) => {
+                for f in out.failed() {
+                    tracing::warn!(
+                        mapping,
+                        queue = url,
+                        id = f.id(),
+                        code = f.code(),
+                        message = f.message(),
+                        "message not deleted; it will be delivered again"
+                    );
                 }
-                Err(e) if tries < 5 => {
-                    tries += 1;
-                    tracing::warn!(mapping, queue = url, error = %aws_smithy_types::error::display::DisplayErrorContext(&e), "DeleteMessageBatch failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * (1 << tries))).await;
-                }
-                Err(e) => {
-                    tracing::error!(mapping, queue = url, error = %aws_smithy_types::error::display::DisplayErrorContext(&e),
-                        "DeleteMessageBatch failed; these messages will be delivered again");
-                    break;
-                }
+                return;
+            }
+            Err(e) if tries < 5 => {
+                tries += 1;
+                tracing::warn!(mapping, queue = url, error = %aws_smithy_types::error::display::DisplayErrorContext(&e), "DeleteMessageBatch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * (1 << tries))).await;
+            }
+            Err(e) => {
+                tracing::error!(mapping, queue = url, error = %aws_smithy_types::error::display::DisplayErrorContext(&e),
+                    "DeleteMessageBatch failed; these messages will be delivered again");
+                return;
             }
         }
     }
