@@ -386,65 +386,84 @@ fn push_opt_num(out: &mut String, n: Option<u64>) {
     }
 }
 
-/// One Kafka record as an element of `records`, as AWS's self-managed Kafka trigger
-/// sends it: key and value base64 (left out when null), headers as a list of one-key
-/// objects whose values are signed (Java) byte arrays.
-pub fn kafka_fragment<M: rdkafka::Message>(m: &M) -> String {
-    use rdkafka::message::{Headers, Timestamp};
-    let (timestamp, kind) = match m.timestamp() {
-        Timestamp::CreateTime(t) => (t, "CREATE_TIME"),
-        Timestamp::LogAppendTime(t) => (t, "LOG_APPEND_TIME"),
-        Timestamp::NotAvailable => (-1, "NO_TIMESTAMP_TYPE"),
-    };
-    let b64_len = |b: Option<&[u8]>| b.map_or(0, |b| b.len().div_ceil(3) * 4);
-    let headers_len = m.headers().map_or(0, |h| {
-        h.iter()
-            .map(|h| h.key.len() + 8 + h.value.map_or(0, <[u8]>::len) * 5)
-            .sum()
-    });
-    // Sized once, so that base64 of a large value never reallocates.
-    let mut out = String::with_capacity(
-        160 + m.topic().len() + b64_len(m.key()) + b64_len(m.payload()) + headers_len,
-    );
-    out.push_str(r#"{"topic":"#);
-    push_json_str(&mut out, m.topic());
-    let mut num = itoa::Buffer::new();
-    out.push_str(r#","partition":"#);
-    out.push_str(num.format(m.partition()));
-    out.push_str(r#","offset":"#);
-    out.push_str(num.format(m.offset()));
-    out.push_str(r#","timestamp":"#);
-    out.push_str(num.format(timestamp));
-    out.push_str(r#","timestampType":""#);
-    out.push_str(kind);
-    out.push('"');
-    if let Some(k) = m.key() {
-        out.push_str(r#","key":""#);
-        push_base64(&mut out, k);
-        out.push('"');
+/// Renders one partition's records as elements of `records`, as AWS's self-managed
+/// Kafka trigger sends them: key and value base64 (left out when null), headers as a
+/// list of one-key objects whose values are signed (Java) byte arrays.
+#[derive(Debug, Clone)]
+pub struct KafkaFragments {
+    /// `{"topic":…,"partition":N,"offset":`, the same for every record of the partition.
+    prefix: String,
+}
+
+impl KafkaFragments {
+    pub fn new(topic: &str, partition: i32) -> Self {
+        let mut prefix = String::from(r#"{"topic":"#);
+        push_json_str(&mut prefix, topic);
+        prefix.push_str(r#","partition":"#);
+        prefix.push_str(itoa::Buffer::new().format(partition));
+        prefix.push_str(r#","offset":"#);
+        KafkaFragments { prefix }
     }
-    if let Some(v) = m.payload() {
-        out.push_str(r#","value":""#);
-        push_base64(&mut out, v);
+
+    /// `m`'s element; `m` must come from this renderer's partition.
+    pub fn render<M: rdkafka::Message>(&self, m: &M) -> String {
+        use rdkafka::message::{Headers, Timestamp};
+        let (timestamp, kind) = match m.timestamp() {
+            Timestamp::CreateTime(t) => (t, "CREATE_TIME"),
+            Timestamp::LogAppendTime(t) => (t, "LOG_APPEND_TIME"),
+            Timestamp::NotAvailable => (-1, "NO_TIMESTAMP_TYPE"),
+        };
+        // librdkafka parses headers out of the record on every call: once only.
+        let headers = m.headers();
+        let b64_len = |b: Option<&[u8]>| b.map_or(0, |b| b.len().div_ceil(3) * 4);
+        let headers_len = headers.as_ref().map_or(0, |h| {
+            h.iter()
+                .map(|h| h.key.len() + 8 + h.value.map_or(0, <[u8]>::len) * 5)
+                .sum()
+        });
+        // Sized once, so that base64 of a large value never reallocates.
+        let mut out = String::with_capacity(
+            self.prefix.len() + 100 + b64_len(m.key()) + b64_len(m.payload()) + headers_len,
+        );
+        out.push_str(&self.prefix);
+        let mut num = itoa::Buffer::new();
+        out.push_str(num.format(m.offset()));
+        out.push_str(r#","timestamp":"#);
+        out.push_str(num.format(timestamp));
+        out.push_str(r#","timestampType":""#);
+        out.push_str(kind);
         out.push('"');
-    }
-    out.push_str(r#","headers":["#);
-    if let Some(headers) = m.headers() {
-        for (i, h) in headers.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push('{');
-            push_json_str(&mut out, h.key);
-            out.push_str(":[");
-            for (j, b) in h.value.unwrap_or_default().iter().enumerate() {
-                let _ = write!(out, "{}{}", if j > 0 { "," } else { "" }, *b as i8);
-            }
-            out.push_str("]}");
+        if let Some(k) = m.key() {
+            out.push_str(r#","key":""#);
+            push_base64(&mut out, k);
+            out.push('"');
         }
+        if let Some(v) = m.payload() {
+            out.push_str(r#","value":""#);
+            push_base64(&mut out, v);
+            out.push('"');
+        }
+        out.push_str(r#","headers":["#);
+        if let Some(headers) = headers {
+            for (i, h) in headers.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push('{');
+                push_json_str(&mut out, h.key);
+                out.push_str(":[");
+                for (j, b) in h.value.unwrap_or_default().iter().enumerate() {
+                    if j > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(num.format(*b as i8));
+                }
+                out.push_str("]}");
+            }
+        }
+        out.push_str("]}");
+        out
     }
-    out.push_str("]}");
-    out
 }
 
 fn table_json(t: &FieldTable) -> Value {
@@ -604,7 +623,8 @@ mod tests {
             15,
             Some(headers),
         );
-        let v: Value = serde_json::from_str(&kafka_fragment(&m)).unwrap();
+        let fragments = KafkaFragments::new("AWSKafkaTopic", 0);
+        let v: Value = serde_json::from_str(&fragments.render(&m)).unwrap();
         assert_eq!(
             v,
             json!({"topic":"AWSKafkaTopic","partition":0,"offset":15,"timestamp":1_595_035_749_700_i64,
@@ -612,7 +632,7 @@ mod tests {
                    "headers":[{"headerKey":[104,101,97,100,101,114,86,97,108,117,101]},{"accent":[-61,-85]}]})
         );
         let r = Record {
-            fragment: kafka_fragment(&m),
+            fragment: fragments.render(&m),
             id: None,
             key: None,
             position: 15,

@@ -28,7 +28,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{KafkaSource, SaslMechanism, StartingPosition};
-use crate::invoke::event::{Envelope, kafka_fragment};
+use crate::invoke::event::{Envelope, KafkaFragments};
 use crate::pipeline::batcher::{BatchLimits, Batcher};
 use crate::pipeline::offsets::OffsetTracker;
 use crate::pipeline::retry::Deliverer;
@@ -446,6 +446,7 @@ async fn partition_task(
     done: std::sync::mpsc::Sender<Option<u64>>,
 ) {
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let fragments = KafkaFragments::new(&topic, partition);
     let deliverer = Arc::new(Deliverer {
         envelope: Envelope::Kafka {
             bootstrap_servers: shared.bootstrap_servers.clone(),
@@ -495,7 +496,7 @@ async fn partition_task(
                 (h.finish() % n as u64) as usize
             }
         };
-        let record = to_record(&m);
+        let record = to_record(&m, &fragments);
         shared.deliverer.mapping.metrics.received.increment(1);
         tracker
             .lock()
@@ -514,7 +515,7 @@ async fn partition_task(
     let _ = done.send(position);
 }
 
-fn to_record<M: Message>(m: &M) -> Record {
+fn to_record<M: Message>(m: &M, fragments: &KafkaFragments) -> Record {
     let now = SystemTime::now();
     // Record age (max_record_age) counts from the record's own timestamp, as on AWS.
     let age = m
@@ -528,7 +529,7 @@ fn to_record<M: Message>(m: &M) -> Record {
         .unwrap_or_default();
     let received = tokio::time::Instant::now();
     Record {
-        fragment: kafka_fragment(m),
+        fragment: fragments.render(m),
         id: None,
         key: m.key().map(|k| String::from_utf8_lossy(k).into()),
         position: m.offset() as u64,
