@@ -476,6 +476,9 @@ async fn supervise(
         // Wait for a command that changes something (or shutdown).
         let (next, reply) = loop {
             let command = tokio::select! {
+                // Shutdown first: it also ends the source (its token is a child), and an
+                // unbiased select could see that end first and call it a panic (exit 70).
+                biased;
                 () = shutdown.cancelled() => None,
                 c = commands.recv() => c,
                 // A source runs until cancelled; ending on its own means it panicked.

@@ -491,12 +491,21 @@ impl Gateway {
             .unwrap();
         assert!(status.success());
         let child = &mut self.child;
-        wait_for(
+        let status = wait_for(
             "the gateway to exit after SIGTERM",
             Duration::from_secs(60),
             || child.try_wait().unwrap(),
         )
-        .await
+        .await;
+        if !status.success() {
+            // Shown (by the test runner) only if the test then fails.
+            let logs = self.logs.lock().unwrap();
+            eprintln!("gateway exited with {status}; its last log lines:");
+            for line in &logs[logs.len().saturating_sub(30)..] {
+                eprintln!("gateway: {line}");
+            }
+        }
+        status
     }
 }
 
