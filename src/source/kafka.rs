@@ -6,8 +6,9 @@
 //! at most one batch per partition is in flight, or with `parallelization_factor` one per
 //! lane, records spread over lanes by key so that each key keeps its order. A partition
 //! commits only past a contiguous run of resolved records (`pipeline::offsets`), after
-//! each batch (asynchronously) and, on revocation or shutdown, synchronously once its
-//! task has finished or abandoned the batch in flight within the revoke deadline.
+//! each batch (asynchronously, one request for every partition that finished a batch
+//! within the last 10 ms) and, on revocation or shutdown, synchronously once its task has
+//! finished or abandoned the batch in flight within the revoke deadline.
 //!
 //! The main queue is polled on a thread of its own, because the rebalance callback runs
 //! there and blocks while revoked partitions wind down.
@@ -123,6 +124,74 @@ struct Shared {
     permits: Option<Arc<Semaphore>>,
     shutdown: CancellationToken,
     runtime: tokio::runtime::Handle,
+    commits: Commits,
+}
+
+/// How long positions reported after a commit wait, at most, to go out together in the
+/// next one. Every batch's position is committed, but one OffsetCommit carries all the
+/// partitions that finished a batch meanwhile: per batch and partition, the commits cost
+/// the broker more than the fetches (Tansu: 3.1 instead of 1.9 µs per record).
+const COMMIT_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Positions waiting for the committer, at most one per partition (the furthest).
+#[derive(Default)]
+struct Commits {
+    pending: Mutex<HashMap<TopicPartition, u64>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Commits {
+    fn offer(&self, tp: TopicPartition, position: u64) {
+        let mut pending = self.pending.lock().expect("commits lock");
+        let p = pending.entry(tp).or_insert(position);
+        *p = (*p).max(position);
+        drop(pending);
+        self.wake.notify_one();
+    }
+
+    /// Sends what is pending as one asynchronous commit. The lock is held until the
+    /// commit is queued, so a revocation's synchronous commit (after [`Self::forget`])
+    /// always goes out after it.
+    fn flush<C: Consumer<Context>>(&self, consumer: &C) {
+        let mut pending = self.pending.lock().expect("commits lock");
+        if pending.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), position) in pending.drain() {
+            let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(position as i64));
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "async commit not sent; the next one covers it");
+        }
+    }
+
+    /// Drops what is pending for `partitions`: their final commit supersedes it.
+    fn forget(&self, partitions: &[TopicPartition]) {
+        let mut pending = self.pending.lock().expect("commits lock");
+        for tp in partitions {
+            pending.remove(tp);
+        }
+    }
+}
+
+/// Commits what the lanes offer: at once when idle, then at most every
+/// [`COMMIT_INTERVAL`].
+async fn committer(consumer: Arc<KafkaConsumer>, stop: CancellationToken) {
+    let commits = &consumer.context().shared.commits;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = commits.wake.notified() => {}
+        }
+        commits.flush(consumer.as_ref());
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(COMMIT_INTERVAL) => {}
+        }
+    }
 }
 
 /// A running partition task: how to stop it and where it reports its final position.
@@ -261,6 +330,7 @@ impl Context {
                 ),
             }
         }
+        self.shared.commits.forget(partitions);
         if tpl.count() > 0
             && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
         {
@@ -314,6 +384,7 @@ async fn session(
             .map(|n| Arc::new(Semaphore::new(n as usize))),
         shutdown: shutdown.clone(),
         runtime: tokio::runtime::Handle::current(),
+        commits: Commits::default(),
         deliverer,
     });
     let context = Context {
@@ -366,6 +437,9 @@ async fn session(
             .expect("spawn Kafka poll thread")
     };
 
+    let committer_stop = CancellationToken::new();
+    let committer = tokio::spawn(committer(consumer.clone(), committer_stop.clone()));
+
     shutdown.cancelled().await;
     // Shutdown: every partition finishes or abandons its batch, then commits its final
     // position synchronously; then the consumer leaves the group.
@@ -383,6 +457,8 @@ async fn session(
     })
     .await
     .expect("final commit task");
+    committer_stop.cancel();
+    let _ = committer.await;
     poll_stop.cancel();
     let _ = tokio::task::spawn_blocking(move || poller.join()).await;
     tokio::task::spawn_blocking(move || drop(consumer))
@@ -539,8 +615,8 @@ fn to_record<M: Message>(m: &M, fragments: &KafkaFragments) -> Record {
     }
 }
 
-/// One lane of a partition: batches in order, one at a time; after each, commits
-/// (asynchronously) as far as the partition's resolved records reach.
+/// One lane of a partition: batches in order, one at a time; after each, hands the
+/// committer the position the partition's resolved records reach.
 async fn lane(
     mut batcher: Batcher,
     deliverer: Arc<Deliverer>,
@@ -550,6 +626,7 @@ async fn lane(
     permits: Option<Arc<Semaphore>>,
     stop: CancellationToken,
 ) {
+    let commits = &consumer.context().shared.commits;
     loop {
         let batch = tokio::select! {
             biased;
@@ -576,11 +653,7 @@ async fn lane(
             t.advance()
         };
         if let Some(position) = position {
-            let mut tpl = TopicPartitionList::new();
-            let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(position as i64));
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                tracing::debug!(topic, partition, error = %e, "async commit not sent; the next one covers it");
-            }
+            commits.offer((topic.clone(), partition), position);
         }
         if !outcome.unresolved.is_empty() {
             return;
