@@ -569,7 +569,7 @@ bootstrap_servers = {bootstrap}
 topics = [{topic}]
 group_id = {group}
 starting_position = "trim_horizon"
-properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000" }}
+properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000"{extra} }}
 
 [mapping.batch]
 size = {batch}
@@ -578,6 +578,10 @@ window = "500ms"
         bootstrap = s(&params.bootstrap),
         topic = s(topic),
         group = s(group),
+        // More librdkafka properties for the gateway, as TOML key = value pairs.
+        extra = std::env::var("BENCH_GATEWAY_PROPERTIES")
+            .map(|p| format!(", {p}"))
+            .unwrap_or_default(),
         batch = params.batch,
     )
 }
