@@ -31,7 +31,6 @@ mod support;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -41,6 +40,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Message};
 
+use support::Drain;
+use support::gateway::Gateway;
 use support::lambda_stub::{self, EventKind};
 use support::proc_stats;
 
@@ -68,15 +69,7 @@ struct Params {
 
 impl Params {
     fn from_env() -> Result<Params> {
-        fn num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
-            match std::env::var(name) {
-                Ok(v) => v
-                    .parse()
-                    .ok()
-                    .with_context(|| format!("{name}={v:?} is not a number")),
-                Err(_) => Ok(default),
-            }
-        }
+        use support::env_num as num;
         let p = Params {
             bootstrap: std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into()),
             records: num("BENCH_RECORDS", 200_000)?,
@@ -99,18 +92,6 @@ impl Params {
         );
         ensure!(!p.delay.is_zero(), "BENCH_DELAY_MS must be positive");
         Ok(p)
-    }
-}
-
-/// A count of records over a span.
-struct Drain {
-    records: u64,
-    elapsed: Duration,
-}
-
-impl Drain {
-    fn rate(&self) -> f64 {
-        self.records as f64 / self.elapsed.as_secs_f64()
     }
 }
 
@@ -423,18 +404,6 @@ async fn raw_drain(
     })
 }
 
-/// Kills the gateway if the bench bails out before stopping it.
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn gateway_drain(
     params: &Params,
@@ -452,41 +421,17 @@ async fn gateway_drain(
         delay,
     })
     .await?;
-    let mut config = tempfile::Builder::new()
-        .prefix("esm-gateway-bench-")
-        .suffix(".toml")
-        .tempfile()?;
-    config.write_all(gateway_config(params, topic, group, stub).as_bytes())?;
-    config.flush()?;
-
     let (stub_before, broker_before) = (
         proc_stats::cpu_time("self", ticks)?,
         proc_stats::total_cpu_time(broker, ticks),
     );
     let started = Instant::now();
-    let mut gateway = Gateway(support::gateway::spawn(config.path())?);
-    let pid = gateway.0.id().to_string();
+    let mut gateway = Gateway::start(&gateway_config(params, topic, group, stub))?;
+    let pid = gateway.pid();
     eprintln!("gateway pid {pid} draining {topic}");
-
-    // Wait for the stub to count every record, watching for an early exit of the gateway.
-    let done = stats.done();
-    tokio::pin!(done);
-    loop {
-        tokio::select! {
-            () = &mut done => break,
-            () = tokio::time::sleep(Duration::from_millis(200)) => {
-                if let Some(status) = gateway.0.try_wait()? {
-                    bail!("the gateway exited early ({status}) after {} records", stats.records());
-                }
-                if started.elapsed() > limit {
-                    bail!(
-                        "timed out after {limit:?}: the stub saw {} of {records} records",
-                        stats.records(),
-                    );
-                }
-            }
-        }
-    }
+    gateway
+        .wait_for_stub(&stats, records, started, limit)
+        .await?;
     // Read the gateway's counters at once, before it starts shutting down.
     let cpu = proc_stats::cpu_time(&pid, ticks)?;
     let peak_rss_kib = proc_stats::peak_rss_kib(&pid)?;
@@ -505,24 +450,8 @@ async fn gateway_drain(
         eprintln!("warning: the stub counted {seen} records for {records} (redeliveries?)");
     }
 
-    // Stop the gateway the way an orchestrator would, and check it exits cleanly.
-    let status = Command::new("kill").args(["-TERM", &pid]).status()?;
-    ensure!(status.success(), "kill -TERM {pid} failed");
-    let stop_started = Instant::now();
-    let exit = loop {
-        if let Some(s) = gateway.0.try_wait()? {
-            break s;
-        }
-        ensure!(
-            stop_started.elapsed() < Duration::from_secs(30),
-            "the gateway did not stop within 30 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    if !exit.success() {
-        eprintln!("warning: the gateway exited with {exit} after SIGTERM");
-    }
-    eprintln!("gateway stopped in {:.2?}", stop_started.elapsed());
+    let stopped_in = gateway.stop().await?;
+    eprintln!("gateway stopped in {stopped_in:.2?}");
 
     let steady_records = if delay.is_zero() {
         seen - first_records

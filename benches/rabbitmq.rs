@@ -22,7 +22,6 @@ mod support;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -34,6 +33,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
+use support::Drain;
+use support::gateway::Gateway;
 use support::{lambda_stub, proc_stats};
 
 /// Prefetch of the raw consumer (and of the gateway, unless the batch is larger).
@@ -54,15 +55,7 @@ struct Params {
 
 impl Params {
     fn from_env() -> Result<Params> {
-        fn num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
-            match std::env::var(name) {
-                Ok(v) => v
-                    .parse()
-                    .ok()
-                    .with_context(|| format!("{name}={v:?} is not a number")),
-                Err(_) => Ok(default),
-            }
-        }
+        use support::env_num as num;
         let p = Params {
             amqp_url: std::env::var("AMQP_URL")
                 .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
@@ -76,18 +69,6 @@ impl Params {
             "BENCH_BATCH must be between 1 and 10000"
         );
         Ok(p)
-    }
-}
-
-/// One timed drain.
-struct Drain {
-    records: u64,
-    elapsed: Duration,
-}
-
-impl Drain {
-    fn rate(&self) -> f64 {
-        self.records as f64 / self.elapsed.as_secs_f64()
     }
 }
 
@@ -294,18 +275,6 @@ async fn raw_drain(conn: &Connection, queue: &str, n: u64) -> Result<Drain> {
     })
 }
 
-/// Kills the gateway if the bench bails out before stopping it.
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 async fn gateway_drain(
     params: &Params,
     queue: &str,
@@ -315,41 +284,16 @@ async fn gateway_drain(
     ticks: u64,
     limit: Duration,
 ) -> Result<GatewayRun> {
-    let mut config = tempfile::Builder::new()
-        .prefix("esm-gateway-bench-")
-        .suffix(".toml")
-        .tempfile()?;
-    config.write_all(gateway_config(params, queue, stub).as_bytes())?;
-    config.flush()?;
-
     let (stub_before, broker_before) = (
         proc_stats::cpu_time("self", ticks)?,
         proc_stats::total_cpu_time(broker, ticks),
     );
     let started = Instant::now();
-    let mut gateway = Gateway(support::gateway::spawn(config.path())?);
-    let pid = gateway.0.id().to_string();
-
-    // Wait for the stub to count every record, watching for an early exit of the gateway.
-    let done = stats.done();
-    tokio::pin!(done);
-    loop {
-        tokio::select! {
-            () = &mut done => break,
-            () = tokio::time::sleep(Duration::from_millis(200)) => {
-                if let Some(status) = gateway.0.try_wait()? {
-                    bail!("the gateway exited early ({status}) after {} records", stats.records());
-                }
-                if started.elapsed() > limit {
-                    bail!(
-                        "timed out after {limit:?}: the stub saw {} of {} records",
-                        stats.records(),
-                        params.messages
-                    );
-                }
-            }
-        }
-    }
+    let mut gateway = Gateway::start(&gateway_config(params, queue, stub))?;
+    let pid = gateway.pid();
+    gateway
+        .wait_for_stub(stats, params.messages, started, limit)
+        .await?;
     // Read the gateway's counters at once, before it starts shutting down.
     let cpu = proc_stats::cpu_time(&pid, ticks)?;
     let peak_rss_kib = proc_stats::peak_rss_kib(&pid)?;
@@ -371,23 +315,7 @@ async fn gateway_drain(
         );
     }
 
-    // Stop the gateway the way an orchestrator would, and check it exits cleanly.
-    let status = Command::new("kill").args(["-TERM", &pid]).status()?;
-    ensure!(status.success(), "kill -TERM {pid} failed");
-    let stop_started = Instant::now();
-    let exit = loop {
-        if let Some(s) = gateway.0.try_wait()? {
-            break s;
-        }
-        ensure!(
-            stop_started.elapsed() < Duration::from_secs(15),
-            "the gateway did not stop within 15 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    if !exit.success() {
-        eprintln!("warning: the gateway exited with {exit} after SIGTERM");
-    }
+    gateway.stop().await?;
 
     Ok(GatewayRun {
         drain: Drain {

@@ -19,9 +19,7 @@
 #[allow(dead_code)]
 mod support;
 
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -32,58 +30,9 @@ use axum::extract::State;
 use axum::routing::post;
 use chrono::{DateTime, TimeDelta, Utc};
 
+use support::env_num as num;
+use support::gateway::Gateway;
 use support::proc_stats;
-
-fn num(name: &str, default: u64) -> Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v.parse().with_context(|| format!("{name}={v:?}")),
-        Err(_) => Ok(default),
-    }
-}
-
-/// Kills the gateway if the bench bails out before stopping it.
-struct Gateway {
-    child: Child,
-    _config: tempfile::NamedTempFile,
-}
-
-impl Gateway {
-    fn start(config: &str) -> Result<Gateway> {
-        let mut file = tempfile::Builder::new()
-            .prefix("esm-gateway-bench-")
-            .suffix(".toml")
-            .tempfile()?;
-        file.write_all(config.as_bytes())?;
-        file.flush()?;
-        let child = support::gateway::spawn(file.path())?;
-        Ok(Gateway {
-            child,
-            _config: file,
-        })
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    fn stop(mut self) -> Result<()> {
-        Command::new("kill").args(["-TERM", &self.pid()]).status()?;
-        let status = self.child.wait()?;
-        if !status.success() {
-            eprintln!("warning: the gateway exited with {status} after SIGTERM");
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 fn config(stub: SocketAddr, schedules: impl Iterator<Item = (String, String)>) -> String {
     let mut out = format!(
@@ -174,7 +123,7 @@ async fn main() -> Result<()> {
     let idle_cpu = proc_stats::cpu_time(&pid, ticks)? - cpu_before;
     let idle_rss = rss_kib(&pid)?;
     let idle_peak = proc_stats::peak_rss_kib(&pid)?;
-    gw.stop()?;
+    gw.stop().await?;
     if !errors.lock().unwrap().is_empty() {
         bail!("an idle schedule fired");
     }
@@ -202,7 +151,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let fire_peak = proc_stats::peak_rss_kib(&pid)?;
-    gw.stop()?;
+    gw.stop().await?;
     let mut e = errors.lock().unwrap().clone();
     e.sort_by(f64::total_cmp);
 

@@ -13,13 +13,14 @@
 mod support;
 
 use std::io::Write as _;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, QueueAttributeName, SendMessageBatchRequestEntry,
 };
+
+use support::env_num;
 
 const ENDPOINT: &str = "http://127.0.0.1:4566";
 const FUNCTION: &str =
@@ -34,13 +35,6 @@ async fn sdk() -> aws_config::SdkConfig {
         ))
         .load()
         .await
-}
-
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 async fn fill(sqs: &aws_sdk_sqs::Client, name: &str, n: usize) -> Result<String> {
@@ -243,25 +237,20 @@ async fn gateway_drain(
     limit: Duration,
 ) -> Result<Drain> {
     let url = fill(sqs, &format!("bench-gw{batch}-{id}"), n).await?;
-    let config = tempfile::NamedTempFile::new()?;
-    std::fs::write(
-        config.path(),
-        format!(
-            "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{ENDPOINT}\"\n\n[admin]\nenabled = false\n\n[[mapping]]\nname = \"bench\"\nfunction = \"{function}\"\n\n\
+    let config = format!(
+        "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{ENDPOINT}\"\n\n[admin]\nenabled = false\n\n[[mapping]]\nname = \"bench\"\nfunction = \"{function}\"\n\n\
              [mapping.batch]\nsize = {batch}\nwindow = \"{window}s\"\n\n[mapping.source]\ntype = \"sqs\"\nqueue_url = \"{url}\"\nmax_concurrency = {}\n",
-            concurrency.max(2)
-        ),
-    )?;
+        concurrency.max(2)
+    );
     let start = Instant::now();
-    let mut gw = support::gateway::spawn(config.path())?;
+    let gw = support::gateway::Gateway::start(&config)?;
     let drained = wait_empty(sqs, &url, limit).await;
     let elapsed = start.elapsed();
-    let pid = gw.id().to_string();
+    let pid = gw.pid();
     let ticks = support::proc_stats::clock_ticks();
     let cpu = support::proc_stats::cpu_time(&pid, ticks)?;
     let rss_kib = support::proc_stats::peak_rss_kib(&pid)?;
-    Command::new("kill").args(["-TERM", &pid]).status()?;
-    gw.wait()?;
+    gw.stop().await?;
     drained?;
     sqs.delete_queue().queue_url(&url).send().await?;
     Ok(Drain {
@@ -273,9 +262,9 @@ async fn gateway_drain(
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let n = env_num("BENCH_MESSAGES", 10_000);
-    let concurrency = env_num("BENCH_CONCURRENCY", 10);
-    let batch_large = env_num("BENCH_LARGE_BATCH", 100) as i32;
+    let n = env_num("BENCH_MESSAGES", 10_000)?;
+    let concurrency = env_num("BENCH_CONCURRENCY", 10)?;
+    let batch_large = env_num("BENCH_LARGE_BATCH", 100)?;
     let sdk = sdk().await;
     let sqs = aws_sdk_sqs::Client::new(&sdk);
     let lambda = aws_sdk_lambda::Client::new(&sdk);
