@@ -3,7 +3,7 @@
 //! records of each event.
 //!
 //! It shares the machine's cores with the broker and the gateway, so it does as little as
-//! possible: records are counted with one pass over the body (see [`count_records`]) and
+//! possible: records are counted with one pass over the body (see [`EventKind::count_records`]) and
 //! only the first event is parsed in full, to check that the count is right.
 
 use std::net::SocketAddr;
@@ -127,18 +127,11 @@ pub async fn start_with(options: Options) -> std::io::Result<(SocketAddr, Arc<St
 
 async fn invoke(State(stats): State<Arc<Stats>>, body: Bytes) -> &'static str {
     let arrived = Instant::now();
-    let n = match stats.kind {
-        EventKind::RabbitMq => count_records(&body),
-        EventKind::Kafka => count_kafka_records(&body),
-    };
-    if stats.first_invoke.set((arrived, n)).is_ok() {
-        let checked = match stats.kind {
-            EventKind::RabbitMq => check_event(&body, n),
-            EventKind::Kafka => check_kafka_event(&body, n),
-        };
-        if let Err(e) = checked {
-            let _ = stats.bad_event.set(e);
-        }
+    let n = stats.kind.count_records(&body);
+    if stats.first_invoke.set((arrived, n)).is_ok()
+        && let Err(e) = stats.kind.check_event(&body, n)
+    {
+        let _ = stats.bad_event.set(e);
     }
     if !stats.delay.is_zero() {
         // The records count once the invoke is answered, as the gateway sees it.
@@ -156,67 +149,50 @@ async fn invoke(State(stats): State<Arc<Stats>>, body: Bytes) -> &'static str {
     "null"
 }
 
-/// Records in an `aws:rmq` event: each element of `rmqMessagesByQueue` has exactly one
-/// `"basicProperties"` key. Message bodies are base64 and contain no quotes, so splitting
-/// on quotes yields few pieces, and the key is the only piece equal to `basicProperties`
-/// (JSON punctuation between strings never is). One cheap pass, no parsing.
-pub fn count_records(body: &[u8]) -> u64 {
-    body.split(|&b| b == b'"')
-        .filter(|piece| *piece == b"basicProperties")
-        .count() as u64
-}
-
-/// Parses `body` in full and checks it is an `aws:rmq` event of `expected` records.
-fn check_event(body: &[u8], expected: u64) -> Result<(), String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("event is not JSON: {e}"))?;
-    if v["eventSource"] != "aws:rmq" {
-        return Err(format!("eventSource is {}", v["eventSource"]));
+impl EventKind {
+    /// The key each record has exactly once, the `eventSource` and the object that holds
+    /// the records (one queue or partition per event, as the gateway sends them).
+    fn shape(self) -> (&'static [u8], &'static str, &'static str) {
+        match self {
+            EventKind::RabbitMq => (b"basicProperties", "aws:rmq", "rmqMessagesByQueue"),
+            EventKind::Kafka => (b"offset", "SelfManagedKafka", "records"),
+        }
     }
-    let queues = v["rmqMessagesByQueue"]
-        .as_object()
-        .ok_or("no rmqMessagesByQueue object")?;
-    let [(_, records)] = queues.iter().collect::<Vec<_>>()[..] else {
-        return Err(format!("{} queues in rmqMessagesByQueue", queues.len()));
-    };
-    let parsed = records.as_array().ok_or("records are not an array")?.len() as u64;
-    if parsed == expected {
-        Ok(())
-    } else {
-        Err(format!(
-            "first event: fast count {expected}, parsed {parsed} records"
-        ))
-    }
-}
 
-/// Records in a `SelfManagedKafka` event: each record has exactly one `"offset"` key. Keys
-/// and values are base64 (no quotes) and header values are arrays of numbers, so, as in
-/// [`count_records`], the key is the only piece between quotes equal to `offset` (as long
-/// as no topic or header is named `offset`).
-pub fn count_kafka_records(body: &[u8]) -> u64 {
-    body.split(|&b| b == b'"')
-        .filter(|piece| *piece == b"offset")
-        .count() as u64
-}
-
-/// Parses `body` in full and checks it is a `SelfManagedKafka` event of `expected` records,
-/// all of one partition (the gateway sends one partition per event).
-fn check_kafka_event(body: &[u8], expected: u64) -> Result<(), String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("event is not JSON: {e}"))?;
-    if v["eventSource"] != "SelfManagedKafka" {
-        return Err(format!("eventSource is {}", v["eventSource"]));
+    /// Records in an event, by its per-record key. Bodies, keys and values are base64
+    /// (no quotes) and Kafka header values are arrays of numbers, so splitting on quotes
+    /// yields few pieces, and the key is the only piece equal to it (JSON punctuation
+    /// between strings never is; as long as no topic or header is named `offset`). One
+    /// cheap pass, no parsing.
+    pub fn count_records(self, body: &[u8]) -> u64 {
+        let (key, _, _) = self.shape();
+        body.split(|&b| b == b'"')
+            .filter(|piece| *piece == key)
+            .count() as u64
     }
-    let partitions = v["records"].as_object().ok_or("no records object")?;
-    let [(_, records)] = partitions.iter().collect::<Vec<_>>()[..] else {
-        return Err(format!("{} partitions in records", partitions.len()));
-    };
-    let parsed = records.as_array().ok_or("records are not an array")?.len() as u64;
-    if parsed == expected {
-        Ok(())
-    } else {
-        Err(format!(
-            "first event: fast count {expected}, parsed {parsed} records"
-        ))
+
+    /// Parses `body` in full and checks it is an event of this kind holding `expected`
+    /// records of one queue or partition.
+    fn check_event(self, body: &[u8], expected: u64) -> Result<(), String> {
+        let (_, source, field) = self.shape();
+        let v: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| format!("event is not JSON: {e}"))?;
+        if v["eventSource"] != source {
+            return Err(format!("eventSource is {}", v["eventSource"]));
+        }
+        let groups = v[field]
+            .as_object()
+            .ok_or_else(|| format!("no {field} object"))?;
+        let [(_, records)] = groups.iter().collect::<Vec<_>>()[..] else {
+            return Err(format!("{} entries in {field}", groups.len()));
+        };
+        let parsed = records.as_array().ok_or("records are not an array")?.len() as u64;
+        if parsed == expected {
+            Ok(())
+        } else {
+            Err(format!(
+                "first event: fast count {expected}, parsed {parsed} records"
+            ))
+        }
     }
 }
