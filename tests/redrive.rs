@@ -27,6 +27,14 @@ fn parked(body: &str, i: usize) -> String {
     .to_string()
 }
 
+/// Writes the config of a mapping into `f` that parks in `on_failure` (a TOML table);
+/// its path.
+fn config_parking_in(f: &Function, on_failure: &str) -> std::path::PathBuf {
+    let config = f.dir.path().join("gateway.toml");
+    std::fs::write(&config, rabbit_config(&f.name, "unused", on_failure)).unwrap();
+    config
+}
+
 fn redrive(config: &std::path::Path, extra: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_esm-gateway"))
         .args(["redrive", "--config"])
@@ -57,19 +65,13 @@ async fn redrive_removes_the_ninety_that_now_succeed_and_keeps_the_ten_that_do_n
         .map(|i| parked(&format!("msg-{i:04}"), i))
         .collect();
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    let config = f.dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        rabbit_config(
-            &f.name,
-            "unused",
-            &format!(
-                "[mapping.on_failure]\ntype = \"file\"\npath = \"{}\"",
-                file.display()
-            ),
+    let config = config_parking_in(
+        &f,
+        &format!(
+            "[mapping.on_failure]\ntype = \"file\"\npath = \"{}\"",
+            file.display()
         ),
-    )
-    .unwrap();
+    );
 
     let dry = redrive(&config, &["--dry-run"]);
     assert_eq!(dry.matches("would replay").count(), 100, "{dry}");
@@ -129,16 +131,12 @@ async fn a_kafka_topic_is_redriven_up_to_each_partitions_first_failure() {
             .unwrap();
     }
     let f = Function::deploy("kredrive", &[("POISON", "msg-0005")]).await;
-    let config = f.dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        rabbit_config(
-            &f.name,
-            "unused",
-            &format!("[mapping.on_failure]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\""),
+    let config = config_parking_in(
+        &f,
+        &format!(
+            "[mapping.on_failure]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\""
         ),
-    )
-    .unwrap();
+    );
     // Everything before the failure is committed past; the failure and what follows it
     // are read again next time.
     let out = redrive(&config, &[]);
