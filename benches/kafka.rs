@@ -41,7 +41,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Message};
 
 use support::Drain;
-use support::gateway::Gateway;
 use support::lambda_stub::{self, EventKind};
 use support::proc_stats;
 
@@ -421,59 +420,37 @@ async fn gateway_drain(
         delay,
     })
     .await?;
-    let (stub_before, broker_before) = (
-        proc_stats::cpu_time("self", ticks)?,
-        proc_stats::total_cpu_time(broker, ticks),
-    );
-    let started = Instant::now();
-    let mut gateway = Gateway::start(&gateway_config(params, topic, group, stub))?;
-    let pid = gateway.pid();
-    eprintln!("gateway pid {pid} draining {topic}");
-    gateway
-        .wait_for_stub(&stats, records, started, limit)
-        .await?;
-    // Read the gateway's counters at once, before it starts shutting down.
-    let cpu = proc_stats::cpu_time(&pid, ticks)?;
-    let peak_rss_kib = proc_stats::peak_rss_kib(&pid)?;
-    let stub_cpu = proc_stats::cpu_time("self", ticks)? - stub_before;
-    let broker_cpu = proc_stats::total_cpu_time(broker, ticks) - broker_before;
-
-    let reached = stats
-        .target_reached()
-        .context("target reached without a time")?;
-    let (first, first_records) = stats.first_invoke().context("no invoke seen")?;
-    let seen = stats.records();
-    if let Some(e) = stats.bad_event() {
-        bail!("the stub received a malformed event: {e}");
-    }
-    if seen != records {
-        eprintln!("warning: the stub counted {seen} records for {records} (redeliveries?)");
-    }
-
-    let stopped_in = gateway.stop().await?;
-    eprintln!("gateway stopped in {stopped_in:.2?}");
-
+    eprintln!("draining {topic}");
+    let run = support::gateway::drain_into_stub(
+        &gateway_config(params, topic, group, stub),
+        &stats,
+        records,
+        broker,
+        ticks,
+        limit,
+    )
+    .await?;
     let steady_records = if delay.is_zero() {
-        seen - first_records
+        run.records - run.first_records
     } else {
-        seen
+        run.records
     };
     Ok(GatewayRun {
         total: Drain {
-            records: seen,
-            elapsed: reached - started,
+            records: run.records,
+            elapsed: run.reached - run.started,
         },
         steady: Drain {
             records: steady_records,
-            elapsed: reached.saturating_duration_since(first),
+            elapsed: run.reached.saturating_duration_since(run.first),
         },
-        startup: first - started,
-        cpu,
-        peak_rss_kib,
+        startup: run.first - run.started,
+        cpu: run.cpu,
+        peak_rss_kib: run.peak_rss_kib,
         invokes: stats.invokes(),
         max_in_flight: stats.max_in_flight(),
-        stub_cpu,
-        broker_cpu,
+        stub_cpu: run.stub_cpu,
+        broker_cpu: run.broker_cpu,
     })
 }
 

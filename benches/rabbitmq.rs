@@ -24,7 +24,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use futures_util::{StreamExt, TryStreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -34,7 +34,6 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use support::Drain;
-use support::gateway::Gateway;
 use support::{lambda_stub, proc_stats};
 
 /// Prefetch of the raw consumer (and of the gateway, unless the batch is larger).
@@ -284,55 +283,31 @@ async fn gateway_drain(
     ticks: u64,
     limit: Duration,
 ) -> Result<GatewayRun> {
-    let (stub_before, broker_before) = (
-        proc_stats::cpu_time("self", ticks)?,
-        proc_stats::total_cpu_time(broker, ticks),
-    );
-    let started = Instant::now();
-    let mut gateway = Gateway::start(&gateway_config(params, queue, stub))?;
-    let pid = gateway.pid();
-    gateway
-        .wait_for_stub(stats, params.messages, started, limit)
-        .await?;
-    // Read the gateway's counters at once, before it starts shutting down.
-    let cpu = proc_stats::cpu_time(&pid, ticks)?;
-    let peak_rss_kib = proc_stats::peak_rss_kib(&pid)?;
-    let stub_cpu = proc_stats::cpu_time("self", ticks)? - stub_before;
-    let broker_cpu = proc_stats::total_cpu_time(broker, ticks) - broker_before;
-
-    let reached = stats
-        .target_reached()
-        .context("target reached without a time")?;
-    let (first, first_records) = stats.first_invoke().context("no invoke seen")?;
-    let records = stats.records();
-    if let Some(e) = stats.bad_event() {
-        bail!("the stub received a malformed event: {e}");
-    }
-    if records != params.messages {
-        eprintln!(
-            "warning: the stub counted {records} records for {} messages (redeliveries?)",
-            params.messages
-        );
-    }
-
-    gateway.stop().await?;
-
+    let run = support::gateway::drain_into_stub(
+        &gateway_config(params, queue, stub),
+        stats,
+        params.messages,
+        broker,
+        ticks,
+        limit,
+    )
+    .await?;
     Ok(GatewayRun {
         drain: Drain {
-            records,
-            elapsed: reached - started,
+            records: run.records,
+            elapsed: run.reached - run.started,
         },
         // The first invoke's records were all there at `first`: count the rest over the span.
-        steady: (reached > first).then(|| Drain {
-            records: records - first_records,
-            elapsed: reached - first,
+        steady: (run.reached > run.first).then(|| Drain {
+            records: run.records - run.first_records,
+            elapsed: run.reached - run.first,
         }),
-        startup: first - started,
-        cpu,
-        peak_rss_kib,
+        startup: run.first - run.started,
+        cpu: run.cpu,
+        peak_rss_kib: run.peak_rss_kib,
         invokes: stats.invokes(),
-        stub_cpu,
-        broker_cpu,
+        stub_cpu: run.stub_cpu,
+        broker_cpu: run.broker_cpu,
     })
 }
 

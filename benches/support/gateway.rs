@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 use super::lambda_stub::Stats;
+use super::proc_stats;
 
 /// The gateway binary; cargo builds it (same profile) before any benchmark that names it.
 const BIN: &str = env!("CARGO_BIN_EXE_esm-gateway");
@@ -111,6 +112,78 @@ impl Gateway {
         }
         Ok(started.elapsed())
     }
+}
+
+/// What one gateway run against the Lambda stub measured.
+pub struct StubDrain {
+    /// When the process was started.
+    pub started: Instant,
+    /// When the stub had counted every expected record.
+    pub reached: Instant,
+    /// When the first invoke arrived, and its records.
+    pub first: Instant,
+    pub first_records: u64,
+    /// Records the stub counted (more than expected if some were redelivered).
+    pub records: u64,
+    /// The gateway's CPU time and peak RSS, read before it was stopped.
+    pub cpu: Duration,
+    pub peak_rss_kib: u64,
+    /// CPU time of this process (the stub) and of `broker` over the run.
+    pub stub_cpu: Duration,
+    pub broker_cpu: Duration,
+}
+
+/// Starts a gateway on `config`, waits until `stats` has counted `expected` records,
+/// reads the gateway's counters, checks the stub's first event and stops the gateway.
+pub async fn drain_into_stub(
+    config: &str,
+    stats: &Stats,
+    expected: u64,
+    broker: &[String],
+    ticks: u64,
+    limit: Duration,
+) -> Result<StubDrain> {
+    let (stub_before, broker_before) = (
+        proc_stats::cpu_time("self", ticks)?,
+        proc_stats::total_cpu_time(broker, ticks),
+    );
+    let started = Instant::now();
+    let mut gateway = Gateway::start(config)?;
+    let pid = gateway.pid();
+    eprintln!("gateway pid {pid} draining");
+    gateway
+        .wait_for_stub(stats, expected, started, limit)
+        .await?;
+    // Read the gateway's counters at once, before it starts shutting down.
+    let cpu = proc_stats::cpu_time(&pid, ticks)?;
+    let peak_rss_kib = proc_stats::peak_rss_kib(&pid)?;
+    let stub_cpu = proc_stats::cpu_time("self", ticks)? - stub_before;
+    let broker_cpu = proc_stats::total_cpu_time(broker, ticks) - broker_before;
+
+    let reached = stats
+        .target_reached()
+        .context("target reached without a time")?;
+    let (first, first_records) = stats.first_invoke().context("no invoke seen")?;
+    let records = stats.records();
+    if let Some(e) = stats.bad_event() {
+        bail!("the stub received a malformed event: {e}");
+    }
+    if records != expected {
+        eprintln!("warning: the stub counted {records} records for {expected} (redeliveries?)");
+    }
+    let stopped_in = gateway.stop().await?;
+    eprintln!("gateway stopped in {stopped_in:.2?}");
+    Ok(StubDrain {
+        started,
+        reached,
+        first,
+        first_records,
+        records,
+        cpu,
+        peak_rss_kib,
+        stub_cpu,
+        broker_cpu,
+    })
 }
 
 impl Drop for Gateway {
