@@ -180,28 +180,24 @@ fn recorder_zip() -> Vec<u8> {
     buf.into_inner()
 }
 
-pub async fn sqs_client() -> aws_sdk_sqs::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+/// The SDK configuration of the test clients: MiniStack, dummy credentials.
+async fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(aws_endpoint())
         .region(aws_config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_sqs::config::Credentials::new(
             "test", "test", None, None, "test",
         ))
         .load()
-        .await;
-    aws_sdk_sqs::Client::new(&conf)
+        .await
+}
+
+pub async fn sqs_client() -> aws_sdk_sqs::Client {
+    aws_sdk_sqs::Client::new(&sdk_config().await)
 }
 
 pub async fn lambda_client() -> aws_sdk_lambda::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(aws_endpoint())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_lambda::config::Credentials::new(
-            "test", "test", None, None, "test",
-        ))
-        .load()
-        .await;
-    aws_sdk_lambda::Client::new(&conf)
+    aws_sdk_lambda::Client::new(&sdk_config().await)
 }
 
 // ------------------------------------------------------------------ RabbitMQ
