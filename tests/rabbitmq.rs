@@ -127,24 +127,8 @@ async fn a_partial_batch_response_retries_only_the_reported_messages() {
     let f = Function::deploy("partial", &[("FAIL_ONCE", "msg-0003,msg-0007")]).await;
     rabbit.publish(&queue, numbered(10)).await;
 
-    let gw = Gateway::start(&rabbit_config(
-        &f.name,
-        &queue,
-        r#"
-report_batch_item_failures = true
-
-[mapping.batch]
-size = 10
-window = "1s"
-
-[mapping.retry]
-backoff_min = "10ms"
-"#,
-    ));
-    wait_for("the retry of the two reported messages", LONG, || {
-        (f.invocations().len() >= 2).then_some(())
-    })
-    .await;
+    let gw = Gateway::start(&rabbit_config(&f.name, &queue, PARTIAL_BATCH));
+    f.wait_invocations(2, LONG).await;
     assert_eq!(gw.terminate().await.code(), Some(0));
     let inv = f.invocations();
     assert_eq!(inv.len(), 2, "one batch, one retry: {inv:?}");

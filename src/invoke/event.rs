@@ -116,32 +116,46 @@ impl Envelope {
         out
     }
 
-    /// Which record a partial batch response's `itemIdentifier` names. RabbitMQ: a
-    /// message id (string) or a position in the event (number). Kafka: AWS's
-    /// `{"partition":"topic-0","offset":N}`.
-    pub fn item_index(&self, id: &Value, records: &[Record]) -> Option<usize> {
+    /// Which records a partial batch response's `itemIdentifier` names (empty: none).
+    /// RabbitMQ: a message id (string) or a position in the event (number). Kafka: AWS's
+    /// `{"partition":"topic-0","offset":N}`. A message id names every record that carries
+    /// it: publishers reuse ids, and acking one copy of a reported failure loses it.
+    pub fn item_indexes(&self, id: &Value, records: &[Record]) -> Vec<usize> {
         match (self, id) {
             (Envelope::Rabbit { .. } | Envelope::Sqs { .. }, Value::String(s)) if !s.is_empty() => {
                 records
                     .iter()
-                    .position(|r| r.id.as_deref() == Some(s.as_str()))
+                    .enumerate()
+                    .filter(|(_, r)| r.id.as_deref() == Some(s.as_str()))
+                    .map(|(i, _)| i)
+                    .collect()
             }
             (Envelope::Rabbit { .. }, Value::Number(n)) => n
                 .as_u64()
                 .map(|i| i as usize)
-                .filter(|&i| i < records.len()),
+                .filter(|&i| i < records.len())
+                .into_iter()
+                .collect(),
             (
                 Envelope::Kafka {
                     topic, partition, ..
                 },
                 Value::Object(o),
             ) => {
-                let key = o.get("partition")?.as_str()?;
-                let offset = o.get("offset")?.as_u64()?;
-                (key == format!("{topic}-{partition}"))
-                    .then(|| records.iter().position(|r| r.position == offset))?
+                let named = o
+                    .get("partition")
+                    .and_then(Value::as_str)
+                    .zip(o.get("offset").and_then(Value::as_u64));
+                match named {
+                    Some((key, offset)) if key == format!("{topic}-{partition}") => records
+                        .iter()
+                        .position(|r| r.position == offset)
+                        .into_iter()
+                        .collect(),
+                    _ => Vec::new(),
+                }
             }
-            _ => None,
+            _ => Vec::new(),
         }
     }
 
@@ -652,9 +666,12 @@ mod tests {
         assert_eq!(recs[0].offset, 15);
         assert_eq!(recs[0].key, None);
         let id = json!({"partition":"AWSKafkaTopic-0","offset":15});
-        assert_eq!(env.item_index(&id, std::slice::from_ref(&r)), Some(0));
+        assert_eq!(env.item_indexes(&id, std::slice::from_ref(&r)), vec![0]);
         let wrong = json!({"partition":"AWSKafkaTopic-1","offset":15});
-        assert_eq!(env.item_index(&wrong, std::slice::from_ref(&r)), None);
+        assert!(
+            env.item_indexes(&wrong, std::slice::from_ref(&r))
+                .is_empty()
+        );
     }
 
     #[test]

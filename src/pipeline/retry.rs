@@ -464,7 +464,7 @@ fn function_error_message(body: &[u8]) -> String {
 }
 
 /// The indexes (into `records`) a partial batch response names (see
-/// `Envelope::item_index` for what identifies an item in each source). AWS's rules: an empty body, null, or an empty or missing list is full success;
+/// `Envelope::item_indexes` for what identifies an item in each source). AWS's rules: an empty body, null, or an empty or missing list is full success;
 /// invalid JSON or an empty, null or unknown identifier is full failure (Err).
 fn item_failures(
     body: &[u8],
@@ -484,10 +484,11 @@ fn item_failures(
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         let id = item.get("itemIdentifier").unwrap_or(&Value::Null);
-        match envelope.item_index(id, records) {
-            Some(i) => out.push(i),
-            None => return Err(format!("batchItemFailures names an unknown item: {item}")),
+        let named = envelope.item_indexes(id, records);
+        if named.is_empty() {
+            return Err(format!("batchItemFailures names an unknown item: {item}"));
         }
+        out.extend(named);
     }
     Ok(envelope.widen_failures(out, records))
 }
@@ -545,6 +546,17 @@ mod tests {
                 &r
             ),
             Ok(vec![2, 3])
+        );
+        // Every record that carries a reported id is retried, not just the first one
+        // (a publisher may reuse a message id).
+        let dup = recs(&["a", "x", "a", "b", "x"]);
+        assert_eq!(
+            item_failures(
+                br#"{"batchItemFailures":[{"itemIdentifier":"a"},{"itemIdentifier":"x"}]}"#,
+                &rabbit(),
+                &dup
+            ),
+            Ok(vec![0, 1, 2, 4])
         );
         // Kafka: everything from the lowest failed offset on is retried.
         let kafka = Envelope::Kafka {

@@ -145,6 +145,15 @@ impl Function {
             .collect()
     }
 
+    /// Waits until the function was invoked `n` times and returns the invocations.
+    pub async fn wait_invocations(&self, n: usize, timeout: Duration) -> Vec<Invocation> {
+        wait_for(&format!("{n} invocations"), timeout, || {
+            let i = self.invocations();
+            (i.len() >= n).then_some(i)
+        })
+        .await
+    }
+
     /// Waits until `n` bodies were delivered successfully.
     pub async fn wait_delivered(&self, n: usize, timeout: Duration) -> Vec<String> {
         wait_for(&format!("{n} delivered messages"), timeout, || {
@@ -583,6 +592,18 @@ queue = "{queue}"
         amqp = amqp_url(),
     )
 }
+
+/// Mapping keys for the partial batch tests: one batch of up to 10, quick retries.
+pub const PARTIAL_BATCH: &str = r#"
+report_batch_item_failures = true
+
+[mapping.batch]
+size = 10
+window = "1s"
+
+[mapping.retry]
+backoff_min = "10ms"
+"#;
 
 /// A config for one RabbitMQ mapping named "test"; see [`rabbit_mapping`] for `extra`.
 pub fn rabbit_config(function: &str, queue: &str, extra: &str) -> String {
