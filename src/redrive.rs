@@ -83,7 +83,7 @@ pub async fn run(
         (None, _) => return Err(RedriveError::NoSource(mapping.to_owned())),
     };
     let sdk = crate::invoke::lambda::sdk_config(&config.aws).await;
-    let invoker = Invoker::new(&sdk, &m.function, false);
+    let invoker = Invoker::new(&sdk, &m.function, false, m.function_timeout());
     let replay = Replay {
         invoker,
         mapping: m,

@@ -31,7 +31,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{AdminConfig, Config, InvocationType, Mapping, ScheduleSource, Secret, Source};
+use crate::config::{
+    AdminConfig, Config, InvocationType, Mapping, ScheduleSource, Secret, Source, SqsSource,
+};
 use crate::destination::Destination;
 use crate::invoke::event::Envelope;
 use crate::invoke::lambda::{FunctionRef, Invoker};
@@ -569,7 +571,12 @@ fn deliverer(mapping: &Mapping, env: &Env, status: Arc<MappingStatus>) -> Arc<De
     let r = &mapping.retry;
     Arc::new(Deliverer {
         mapping: status,
-        invoker: Invoker::with_client(env.lambda.clone(), &mapping.function, asynchronous),
+        invoker: Invoker::with_client(
+            env.lambda.clone(),
+            &mapping.function,
+            asynchronous,
+            mapping.function_timeout(),
+        ),
         function_arn: function.arn(region, account),
         envelope,
         policy: Policy {
@@ -610,7 +617,13 @@ async fn run_mapping(
         Source::Kafka(k) => crate::source::kafka::run(k, limits, deliverer, shutdown).await,
         Source::Sqs(q) => {
             let client = aws_sdk_sqs::Client::new(&env.sdk);
-            crate::source::sqs::run(q, client, env.region.clone(), limits, deliverer, shutdown)
+            // The visibility check follows the mapping's function_timeout when set (the
+            // source's own key is the older spelling of the same setting).
+            let q = SqsSource {
+                function_timeout: q.function_timeout.or(mapping.function_timeout),
+                ..q.clone()
+            };
+            crate::source::sqs::run(&q, client, env.region.clone(), limits, deliverer, shutdown)
                 .await
         }
         Source::Schedule(s) => {

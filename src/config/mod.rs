@@ -166,6 +166,14 @@ pub struct Mapping {
     /// Parse `{"batchItemFailures":[...]}` from the function's result. Default: false.
     #[serde(default)]
     pub report_batch_item_failures: bool,
+    /// Longest wait for one Invoke to answer, 1 s–15 min; past it the attempt is abandoned
+    /// and retried as a transient error (without spending a retry), so a connection that a
+    /// firewall dropped silently cannot stall the mapping. Set it to the function's own
+    /// timeout plus a margin. When set, an SQS source also checks at start-up that the
+    /// queue's visibility timeout covers the batching window plus this. Default: "15m"
+    /// (Lambda's maximum function timeout).
+    #[serde(default, with = "humantime_serde")]
+    pub function_timeout: Option<Duration>,
     /// Where records go when they cannot be delivered. Default: none.
     pub on_failure: Option<DestinationConfig>,
     /// Up to five AWS FilterCriteria patterns (JSON text); a record passes if any
@@ -174,6 +182,9 @@ pub struct Mapping {
     #[serde(default)]
     pub filters: Vec<String>,
 }
+
+/// Lambda's longest function timeout, and the default `function_timeout`.
+pub const MAX_FUNCTION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 fn yes() -> bool {
     true
@@ -308,8 +319,9 @@ pub struct SqsSource {
     pub queue_url: String,
     /// Most batches in flight at once, 2–1,000 (AWS's MaximumConcurrency). Default: 5.
     pub max_concurrency: Option<u32>,
-    /// The function's timeout, if you want the gateway to check at start-up that the
-    /// queue's visibility timeout covers the batching window plus this. Default: no check.
+    /// Kept for configurations written before the mapping's own `function_timeout`
+    /// (which is preferred): the same start-up check of the queue's visibility timeout.
+    /// Default: the mapping's `function_timeout` when set, else no check.
     #[serde(default, with = "humantime_serde")]
     pub function_timeout: Option<Duration>,
 }
@@ -584,6 +596,11 @@ impl Mapping {
         }
     }
 
+    /// How long one Invoke may take: the configured `function_timeout` or 15 minutes.
+    pub fn function_timeout(&self) -> Duration {
+        self.function_timeout.unwrap_or(MAX_FUNCTION_TIMEOUT)
+    }
+
     /// Records per batch: the configured size or AWS's default for the source.
     pub fn batch_size(&self) -> usize {
         match (self.batch.size, &self.source) {
@@ -665,6 +682,14 @@ impl Mapping {
                     b.0
                 ));
             }
+        }
+        if let Some(t) = self.function_timeout
+            && !(Duration::from_secs(1)..=MAX_FUNCTION_TIMEOUT).contains(&t)
+        {
+            out.push(format!(
+                "mapping {name:?}: function_timeout ({}) must be between 1s and 15m, Lambda's longest function timeout",
+                humantime::format_duration(t)
+            ));
         }
         if let Err(e) = crate::pipeline::filter::Filter::parse(&self.filters) {
             out.push(format!("mapping {name:?}: {e}"));

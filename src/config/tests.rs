@@ -65,6 +65,28 @@ source = { type = "rabbitmq", url = "amqp://h", queue = "q" }
     assert_eq!(m.retry.max_record_age, None);
     assert!(!m.retry.bisect_on_error && !m.report_batch_item_failures);
     assert_eq!(minimal.gateway.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(m.function_timeout(), Duration::from_secs(15 * 60));
+}
+
+#[test]
+fn the_function_timeout_is_between_one_second_and_fifteen_minutes() {
+    let set = |t: &str| {
+        with(
+            "function = \"process-orders:live\"",
+            &format!("function = \"process-orders:live\"\nfunction_timeout = \"{t}\""),
+        )
+    };
+    assert_eq!(
+        parse(&set("90s")).unwrap().mappings[0].function_timeout(),
+        Duration::from_secs(90)
+    );
+    for bad in ["500ms", "16m"] {
+        let err = parse(&set(bad)).unwrap_err();
+        assert!(
+            err.contains("function_timeout") && err.contains("between 1s and 15m"),
+            "{bad}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -16,9 +16,30 @@ use aws_smithy_types::timeout::TimeoutConfig;
 
 use crate::config::AwsConfig;
 
+/// Idle time before the first TCP keepalive probe on an AWS connection: well under the
+/// 5–6 minutes after which NATs and firewalls commonly forget an idle flow, so that a
+/// long synchronous invoke keeps its connection.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// The SDK's default HTTPS client (rustls, proxy settings from the environment) with TCP
+/// keepalive, which the default client leaves off.
+fn http_client() -> aws_smithy_http_client::pool::Client {
+    use aws_smithy_http_client::{pool, proxy::ProxyConfig, tls};
+    let pool = pool::ConnectionPool::builder()
+        .tcp_keepalive(TCP_KEEPALIVE)
+        .proxy_config(ProxyConfig::from_env())
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ))
+        .build_https()
+        .expect("a TLS connection pool with default settings builds");
+    pool::Client::new(&pool).expect("a pool's anonymous partition exists")
+}
+
 /// Builds the SDK configuration shared by every AWS client of the process.
 pub async fn sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(http_client())
         .retry_config(RetryConfig::disabled())
         .timeout_config(
             TimeoutConfig::builder()
@@ -164,20 +185,33 @@ pub struct Invoker {
     client: Client,
     function: String,
     asynchronous: bool,
+    /// Longest wait for one answer (the mapping's `function_timeout`).
+    timeout: Duration,
 }
 
 impl Invoker {
-    pub fn new(sdk: &aws_config::SdkConfig, function: &str, asynchronous: bool) -> Invoker {
-        Self::with_client(Client::new(sdk), function, asynchronous)
+    pub fn new(
+        sdk: &aws_config::SdkConfig,
+        function: &str,
+        asynchronous: bool,
+        timeout: Duration,
+    ) -> Invoker {
+        Self::with_client(Client::new(sdk), function, asynchronous, timeout)
     }
 
     /// An invoker on a client shared with other mappings: a client is cheap to clone,
     /// but building one per mapping costs tens of KiB each (10,000 schedules).
-    pub fn with_client(client: Client, function: &str, asynchronous: bool) -> Invoker {
+    pub fn with_client(
+        client: Client,
+        function: &str,
+        asynchronous: bool,
+        timeout: Duration,
+    ) -> Invoker {
         Invoker {
             client,
             function: function.to_owned(),
             asynchronous,
+            timeout,
         }
     }
 
@@ -187,7 +221,7 @@ impl Invoker {
 
     pub async fn invoke(&self, event: Vec<u8>) -> Result<Response, InvokeError> {
         let bytes = event.len();
-        let result = self
+        let call = self
             .client
             .invoke()
             .function_name(&self.function)
@@ -197,8 +231,18 @@ impl Invoker {
                 InvocationType::RequestResponse
             })
             .payload(Blob::new(event))
-            .send()
-            .await;
+            .send();
+        // Dropping the call on timeout closes its connection: a flow that a NAT or
+        // firewall forgot would otherwise never answer, and the batch would wait forever.
+        let Ok(result) = tokio::time::timeout(self.timeout, call).await else {
+            return Err(InvokeError::Transient {
+                function: self.function.clone(),
+                message: format!(
+                    "no answer within the function timeout ({})",
+                    humantime::format_duration(self.timeout)
+                ),
+            });
+        };
         match result {
             Ok(out) => Ok(Response {
                 status: out.status_code(),
