@@ -219,18 +219,6 @@ async fn a_rabbitmq_restart_mid_stream_is_survived_without_loss() {
     rabbit.delete(&queue).await;
 }
 
-fn rabbitmqctl(args: &[&str]) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("run rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test]
 async fn empty_non_utf8_and_oversized_bodies_are_delivered_or_parked_not_crashed_on() {
     let rabbit = Rabbit::connect().await;

@@ -122,26 +122,50 @@ impl<'de> Deserialize<'de> for SecretUrl {
     }
 }
 
-/// `scheme://user:***@host/path`: everything between the first ':' after the scheme's
-/// "//" and the last '@' of the authority is hidden.
+/// `scheme://user:***@host/path?password=***`. The userinfo runs to the URL's last '@'
+/// (a password may hold '/', '?', '#' or '@', and parsers take it up to an '@'), and
+/// everything after the user name's ':' is hidden; so are the values of query parameters
+/// that name a password, secret or token. A string that is not a URL (a key-value
+/// connection string) shows as `***`. Hiding too much is harmless; too little is a leak.
 impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.0;
         let Some(start) = s.find("://").map(|i| i + 3) else {
             return f.write_str("***");
         };
-        let authority_end = s[start..].find('/').map_or(s.len(), |i| start + i);
-        let authority = &s[start..authority_end];
-        match authority.rfind('@') {
+        f.write_str(&s[..start])?;
+        let rest = &s[start..];
+        let location = match rest.rfind('@') {
             Some(at) => {
-                let userinfo = &authority[..at];
-                let user = userinfo.split(':').next().unwrap_or("");
-                let masked = if userinfo.contains(':') { ":***" } else { "" };
-                write!(f, "{}{}{}{}", &s[..start], user, masked, &s[start + at..])
+                let userinfo = &rest[..at];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => write!(f, "{user}:***@")?,
+                    None => write!(f, "{userinfo}@")?,
+                }
+                &rest[at + 1..]
             }
-            None => f.write_str(s),
+            None => rest,
+        };
+        let Some((path, query)) = location.split_once('?') else {
+            return f.write_str(location);
+        };
+        write!(f, "{path}?")?;
+        for (i, param) in query.split('&').enumerate() {
+            if i > 0 {
+                f.write_str("&")?;
+            }
+            match param.split_once('=') {
+                Some((key, _)) if is_secret_key(key) => write!(f, "{key}=***")?,
+                _ => f.write_str(param)?,
+            }
         }
+        Ok(())
     }
+}
+
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["pass", "secret", "token"].iter().any(|k| key.contains(k))
 }
 
 impl fmt::Debug for SecretUrl {
@@ -205,6 +229,35 @@ mod tests {
             SecretUrl::new("amqp://guest@h").to_string(),
             "amqp://guest@h"
         );
+    }
+
+    #[test]
+    fn every_url_form_hides_its_credentials() {
+        for (url, shown) in [
+            // A '/' in the password: libpq and tokio-postgres take the userinfo up to
+            // the '@', so the authority does not end at the first '/'.
+            (
+                "postgres://ledger:s3/cr@t@127.0.0.1:5432/postgres",
+                "postgres://ledger:***@127.0.0.1:5432/postgres",
+            ),
+            (
+                "postgres://ledger:a?b#c@db:5432/x",
+                "postgres://ledger:***@db:5432/x",
+            ),
+            // Credentials as query parameters.
+            (
+                "postgres://db:5432/x?user=ledger&password=hunter2&sslmode=require",
+                "postgres://db:5432/x?user=ledger&password=***&sslmode=require",
+            ),
+            (
+                "amqps://h/v?auth_mechanism=plain&sslpassword=hunter2",
+                "amqps://h/v?auth_mechanism=plain&sslpassword=***",
+            ),
+            // A key-value connection string is not a URL: shown as nothing but ***.
+            ("host=db password=hunter2", "***"),
+        ] {
+            assert_eq!(SecretUrl::new(url).to_string(), shown, "{url}");
+        }
     }
 
     #[test]

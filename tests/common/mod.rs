@@ -297,6 +297,19 @@ impl Rabbit {
     }
 }
 
+/// Runs `rabbitmqctl` on the local broker; panics with its stderr if it fails.
+pub fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `msg-0000` … as bodies.
 pub fn numbered(n: usize) -> Vec<Vec<u8>> {
     (0..n).map(|i| format!("msg-{i:04}").into_bytes()).collect()
