@@ -72,6 +72,10 @@ enum Command {
         /// Base URL of the admin API.
         #[arg(long, env = "ESM_GATEWAY_ADMIN", default_value = DEFAULT_ADMIN)]
         admin: String,
+        /// Bearer token for reads, when the gateway sets `[admin] read_token` (its admin
+        /// token works too).
+        #[arg(long, env = "ESM_GATEWAY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Probe a running gateway: exit 0 if /healthz (or with --ready, /readyz) answers 200,
     /// 1 if it answers otherwise, 69 if it cannot be reached. For container health checks.
@@ -174,7 +178,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { admin } => status(&admin),
+        Command::Status { admin, token } => status(&admin, token.as_deref()),
         Command::Health { admin, ready } => {
             let path = if ready { "/readyz" } else { "/healthz" };
             match client::get(&admin, path) {
@@ -256,8 +260,8 @@ async fn on_signal(shutdown: CancellationToken, handle: runtime::Handle) {
 }
 
 /// `esm-gateway status`: /mappings as a table.
-fn status(admin: &str) -> ExitCode {
-    let reply = match client::get(admin, "/mappings") {
+fn status(admin: &str, token: Option<&str>) -> ExitCode {
+    let reply = match client::get_with_token(admin, "/mappings", token) {
         Ok(r) if r.status == 200 => r,
         Ok(r) => {
             eprintln!("error: /mappings: HTTP {}: {}", r.status, r.body.trim_end());
@@ -287,6 +291,8 @@ fn status(admin: &str) -> ExitCode {
                 m.last_success.unwrap_or_else(|| "-".into()),
                 m.last_error.unwrap_or_else(|| "-".into()),
             ]
+            // The gateway sanitises what it records; this also covers another one's.
+            .map(|cell| esm_gateway::status::shown(&cell))
         })
         .collect();
     print!("{}", format_table(&table));

@@ -83,6 +83,7 @@ enum Control {
 pub struct Handle {
     mappings: Arc<RwLock<BTreeMap<String, Arc<MappingStatus>>>>,
     admin_token: Arc<RwLock<Option<Secret>>>,
+    read_token: Arc<RwLock<Option<Secret>>>,
     control: mpsc::Sender<Control>,
 }
 
@@ -109,6 +110,7 @@ pub fn handle(config: &Config) -> (Handle, Controls) {
     let handle = Handle {
         mappings: Arc::new(RwLock::new(mappings)),
         admin_token: Arc::new(RwLock::new(config.admin.token.clone())),
+        read_token: Arc::new(RwLock::new(config.admin.read_token.clone())),
         control: tx,
     };
     (handle, Controls(rx))
@@ -123,6 +125,11 @@ impl Handle {
     /// The admin token currently configured (it follows reloads).
     pub fn admin_token(&self) -> Option<Secret> {
         read(&self.admin_token).clone()
+    }
+
+    /// The read token currently configured (it follows reloads).
+    pub fn read_token(&self) -> Option<Secret> {
+        read(&self.read_token).clone()
     }
 
     /// AWS's Enabled flag, at run time only (the file is not written). Returns once the
@@ -394,6 +401,7 @@ impl Gateway {
             );
         }
         *write(&self.handle.admin_token) = new.admin.token.clone();
+        *write(&self.handle.read_token) = new.admin.read_token.clone();
 
         let (mut added, mut changed, mut removed, mut unchanged) = (0, 0, 0, 0);
         let names: Vec<String> = self.slots.keys().cloned().collect();
@@ -436,6 +444,7 @@ impl Gateway {
             listen: current.admin.listen,
             enabled: current.admin.enabled,
             token: new.admin.token,
+            read_token: new.admin.read_token,
         };
         tracing::info!(added, changed, removed, unchanged, "configuration reloaded");
         Ok(())

@@ -102,7 +102,7 @@ impl MappingStatus {
     pub fn fail(&self, error: impl ToString) {
         let mut s = self.lock();
         s.state = State::Failed;
-        s.last_error = Some(error.to_string());
+        s.last_error = Some(shown(&error.to_string()));
         let enabled = s.enabled;
         drop(s);
         self.gauges(State::Failed, enabled);
@@ -110,7 +110,7 @@ impl MappingStatus {
 
     /// Records an error that does not stop the mapping (a retried batch, a reconnect).
     pub fn error(&self, error: impl ToString) {
-        self.lock().last_error = Some(error.to_string());
+        self.lock().last_error = Some(shown(&error.to_string()));
     }
 
     /// The function answered: a mapping that had failed is running again.
@@ -151,5 +151,51 @@ impl MappingStatus {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Longest error text kept for display, in characters.
+pub const SHOWN_CHARS: usize = 512;
+
+/// Text as it may be shown to an operator (admin API, `status`): at most
+/// [`SHOWN_CHARS`] characters, with control characters written as escapes. A function's
+/// error message often holds record data, and an escape sequence in it must not reach an
+/// operator's terminal.
+pub fn shown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(SHOWN_CHARS + 32));
+    for (n, c) in text.chars().enumerate() {
+        if n == SHOWN_CHARS {
+            let rest = text.chars().count() - n;
+            out.push_str(&format!("… ({rest} more characters)"));
+            break;
+        }
+        // Also the bidirectional overrides, which reorder what a terminal shows.
+        if c.is_control()
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+        {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_text_is_bounded_and_has_no_control_characters() {
+        assert_eq!(shown("plain text"), "plain text");
+        assert_eq!(
+            shown("red \u{1b}[31mtext\r\n\u{202e}"),
+            "red \\u{1b}[31mtext\\u{d}\\u{a}\\u{202e}"
+        );
+        let long = "é".repeat(SHOWN_CHARS + 10);
+        let s = shown(&long);
+        assert!(s.starts_with(&"é".repeat(SHOWN_CHARS)));
+        assert!(s.ends_with("… (10 more characters)"), "{s}");
     }
 }

@@ -234,6 +234,79 @@ async fn admin_state_changes_need_the_token() {
 }
 
 #[tokio::test]
+async fn reads_need_the_read_token_and_error_texts_are_bounded_and_escaped() {
+    const READ_TOKEN: &str = "test-read-token-0123456789";
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("read-token").await;
+    rabbit.publish(&queue, vec![b"evil".to_vec()]).await;
+    // An error message that retitles a terminal and turns its text red, and is long.
+    let message = format!("\u{1b}]0;pwned\u{7}\u{1b}[31mred{}", "x".repeat(2000));
+    let f = Function::deploy(
+        "read-token",
+        &[("POISON", "evil"), ("ERROR_MESSAGE", message.as_str())],
+    )
+    .await;
+    let config = rabbit_config(
+        &f.name,
+        &queue,
+        "[mapping.retry]\nbackoff_min = \"10ms\"\nbackoff_max = \"100ms\"",
+    )
+    .replace(
+        &format!("token = \"{ADMIN_TOKEN}\"\n"),
+        &format!("token = \"{ADMIN_TOKEN}\"\nread_token = \"{READ_TOKEN}\"\n"),
+    );
+    assert!(config.contains(READ_TOKEN));
+    let gw = Gateway::start(&config);
+    gw.wait_admin().await;
+    let error = wait_for("the function's error in /mappings", LONG, || {
+        let (status, body) = gw.get_as("/mappings", Some(READ_TOKEN));
+        assert_eq!(status, 200, "{body}");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        rows[0]["last_error"]
+            .as_str()
+            .filter(|e| e.contains("red"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(!error.chars().any(char::is_control), "{error:?}");
+    assert!(error.contains("\\u{1b}[31mred"), "{error:?}");
+    assert!(error.chars().count() < 600, "bounded: {error}");
+
+    for path in ["/mappings", "/metrics"] {
+        assert_eq!(gw.get_as(path, None).0, 401, "{path} without a token");
+        assert_eq!(
+            gw.get_as(path, Some("wrong-token-0123456789")).0,
+            401,
+            "{path}"
+        );
+        assert_eq!(gw.get_as(path, Some(READ_TOKEN)).0, 200, "{path}");
+        assert_eq!(gw.get_as(path, Some(ADMIN_TOKEN)).0, 200, "{path}");
+    }
+    // Probes keep /healthz and /readyz's status code; only the token sees the reasons.
+    assert_eq!(gw.get("/healthz").0, 200);
+    let open: serde_json::Value = serde_json::from_str(&gw.get("/readyz").1).unwrap();
+    assert!(open.get("reasons").is_none(), "{open}");
+    let full: serde_json::Value =
+        serde_json::from_str(&gw.get_as("/readyz", Some(READ_TOKEN)).1).unwrap();
+    assert!(full.get("reasons").is_some(), "{full}");
+
+    let admin = gw.admin.clone().unwrap();
+    assert_eq!(cli(&["status", "--admin", &admin]).status.code(), Some(1));
+    let status = cli(&["status", "--admin", &admin, "--token", READ_TOKEN]);
+    assert_eq!(status.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        table.contains("red") && !table.contains('\u{1b}'),
+        "{table}"
+    );
+
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    // The count: the poison message was never acked, so it is back in the queue.
+    assert_eq!(rabbit.ready(&queue).await, 1);
+    rabbit.delete(&queue).await;
+}
+
+#[tokio::test]
 async fn readyz_is_503_for_a_failed_mapping_and_200_when_healthy() {
     let rabbit = Rabbit::connect().await;
     let queue = rabbit.queue("ready").await;

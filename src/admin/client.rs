@@ -28,6 +28,11 @@ pub fn get(base: &str, path: &str) -> Result<Reply, ClientError> {
     request("GET", base, path, None)
 }
 
+/// `GET base/path` with an optional bearer token (`[admin] read_token`).
+pub fn get_with_token(base: &str, path: &str, token: Option<&str>) -> Result<Reply, ClientError> {
+    request("GET", base, path, token)
+}
+
 /// `POST base/path` with an optional bearer token and no body.
 pub fn post(base: &str, path: &str, token: Option<&str>) -> Result<Reply, ClientError> {
     request("POST", base, path, token)

@@ -2,9 +2,13 @@
 //! or disabling a mapping at run time. Served on its own listener (`[admin] listen`,
 //! loopback by default).
 //!
-//! Reading is open; changing state needs the bearer token of `[admin] token`. Without a
-//! configured token the state-changing endpoints are refused outright (403), so that a
-//! gateway never runs with an unauthenticated control surface by accident.
+//! Reading is open unless `[admin] read_token` is set: then `/mappings` and `/metrics`
+//! need it (or the admin token) and `/readyz` shows its reasons only to them, keeping its
+//! status code for probes. Changing state needs the bearer token of `[admin] token`.
+//! Without a configured token the state-changing endpoints are refused outright (403), so
+//! that a gateway never runs with an unauthenticated control surface by accident. Error
+//! texts shown here were truncated and stripped of control characters when recorded
+//! (`status::shown`).
 
 pub mod client;
 
@@ -92,7 +96,7 @@ async fn healthz() -> &'static str {
 }
 
 /// 200 when every enabled mapping is connected and not failed; 503 with the reasons.
-async fn readyz(State(a): State<Admin>) -> Response {
+async fn readyz(State(a): State<Admin>, headers: HeaderMap) -> Response {
     let reasons: Vec<String> = a
         .runtime
         .mappings()
@@ -116,14 +120,18 @@ async fn readyz(State(a): State<Admin>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        Json(json!({"ready": reasons.is_empty(), "reasons": reasons})),
-    )
-        .into_response()
+    let body = match refuse_read(&a.runtime, &headers) {
+        None => json!({"ready": reasons.is_empty(), "reasons": reasons}),
+        // A probe without the read token learns only whether the gateway is ready.
+        Some(_) => json!({"ready": reasons.is_empty()}),
+    };
+    (status, Json(body)).into_response()
 }
 
-async fn render_metrics(State(a): State<Admin>) -> Response {
+async fn render_metrics(State(a): State<Admin>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refuse_read(&a.runtime, &headers) {
+        return refusal;
+    }
     let mut text = a.metrics.render();
     crate::telemetry::render_process_metrics(&mut text);
     (
@@ -136,14 +144,17 @@ async fn render_metrics(State(a): State<Admin>) -> Response {
         .into_response()
 }
 
-async fn mappings(State(a): State<Admin>) -> Json<Vec<MappingView>> {
-    Json(
-        a.runtime
-            .mappings()
-            .iter()
-            .map(|m| MappingView::of(m))
-            .collect(),
-    )
+async fn mappings(State(a): State<Admin>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refuse_read(&a.runtime, &headers) {
+        return refusal;
+    }
+    let rows: Vec<MappingView> = a
+        .runtime
+        .mappings()
+        .iter()
+        .map(|m| MappingView::of(m))
+        .collect();
+    Json(rows).into_response()
 }
 
 async fn enable(state: State<Admin>, headers: HeaderMap, name: Path<String>) -> Response {
@@ -188,24 +199,40 @@ fn refuse(runtime: &Handle, headers: &HeaderMap) -> Option<Response> {
                 .into(),
         ));
     };
-    let given = headers
+    if bearer_is(headers, &token) {
+        None
+    } else {
+        Some(unauthorized("admin.token"))
+    }
+}
+
+/// Checks the bearer token of a read, when `[admin] read_token` is set: the read token
+/// or the admin token passes.
+fn refuse_read(runtime: &Handle, headers: &HeaderMap) -> Option<Response> {
+    let read = runtime.read_token()?;
+    let admin = runtime.admin_token();
+    let passes = bearer_is(headers, &read) || admin.is_some_and(|t| bearer_is(headers, &t));
+    (!passes).then(|| unauthorized("admin.read_token"))
+}
+
+fn bearer_is(headers: &HeaderMap, token: &crate::config::Secret) -> bool {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(g) if constant_time_eq(g.as_bytes(), token.expose().as_bytes()) => None,
-        _ => {
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
-                "a valid bearer token is required (Authorization: Bearer <admin.token>)".into(),
-            );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            Some(r)
-        }
-    }
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes()))
+}
+
+fn unauthorized(key: &str) -> Response {
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        format!("a valid bearer token is required (Authorization: Bearer <{key}>)"),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    r
 }
 
 /// Compares without an early exit, so response times do not leak how much matched.

@@ -122,6 +122,11 @@ pub struct AdminConfig {
     /// Bearer token required by the endpoints that change state; `${ENV}` is expanded.
     /// Default: none, and those endpoints are refused.
     pub token: Option<Secret>,
+    /// Bearer token required to read `/mappings` and `/metrics` (the admin token works
+    /// too), and to see `/readyz`'s reasons; its status code stays open for probes, and
+    /// `/healthz` stays open. Error texts in them can hold record data. Default: none,
+    /// and reads are open.
+    pub read_token: Option<Secret>,
 }
 
 impl Default for AdminConfig {
@@ -130,6 +135,7 @@ impl Default for AdminConfig {
             enabled: true,
             listen: default_admin_listen(),
             token: None,
+            read_token: None,
         }
     }
 }
@@ -860,12 +866,17 @@ impl Config {
             message: e.to_string().trim_end().to_owned(),
         })?;
         let mut problems = Vec::new();
-        if let Some(t) = &config.admin.token
-            && t.expose().len() < 16
-        {
-            problems.push(
-                "admin.token is shorter than 16 characters; use a long random string".to_owned(),
-            );
+        for (key, token) in [
+            ("admin.token", &config.admin.token),
+            ("admin.read_token", &config.admin.read_token),
+        ] {
+            if let Some(t) = token
+                && t.expose().len() < 16
+            {
+                problems.push(format!(
+                    "{key} is shorter than 16 characters; use a long random string"
+                ));
+            }
         }
         let mut names = HashSet::new();
         for m in &config.mappings {

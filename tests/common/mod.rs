@@ -419,6 +419,13 @@ impl Gateway {
         (r.status, r.body)
     }
 
+    /// `GET` on the admin API with an optional bearer token: status and body.
+    pub fn get_as(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let r = esm_gateway::admin::client::get_with_token(self.admin_url(), path, token)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        (r.status, r.body)
+    }
+
     /// `POST` on the admin API with an optional bearer token: status and body.
     pub fn post(&self, path: &str, token: Option<&str>) -> (u16, String) {
         let r = esm_gateway::admin::client::post(self.admin_url(), path, token)

@@ -4,7 +4,8 @@ It parses its event with Powertools (RabbitMQEvent, touching every field AWS sen
 KafkaSelfManagedEventModel parser model, or for a schedule's Scheduled Event the
 EventBridgeModel), so a missing field fails the invoke; appends one JSON line per invoke
 to $LOG_FILE, and then behaves as its environment says:
-  POISON=b1,b2      raise if any of these bodies is in the batch
+  POISON=b1,b2      raise if any of these bodies is in the batch (with $ERROR_MESSAGE
+                    as the error message, when set)
   FAIL_ONCE=b1,b2   report these bodies as batchItemFailures (by messageId) the first
                     time each is seen (marker files in $STATE_DIR)
   SLEEP_MS=n        sleep this long per invoke
@@ -37,7 +38,7 @@ def _finish(line, what, poison, failures):
     # MiniStack waits for output after a silent invoke; a line keeps warm invokes fast.
     print(f"{len(line['bodies'])} {what}(s)")
     if poison:
-        raise ValueError(f"poison {what}(s) {sorted(poison)}")
+        raise ValueError(os.environ.get("ERROR_MESSAGE") or f"poison {what}(s) {sorted(poison)}")
     return {"batchItemFailures": failures}
 
 
