@@ -215,18 +215,18 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
     .parse(i)
 }
 
-fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Error> {
-    String::from_utf8(i.iter_elements().collect())
+fn make_short_string<I: Input<Item = u8>>(i: I) -> Result<ShortString, ShortStringError> {
+    ShortString::from_bytes(i.iter_elements().collect())
 }
 
 /// Parse a [ShortString](../type.ShortString.html)
+///
+/// Bytes that are not UTF-8 do not fail the parse (that would fail the whole frame, and a
+/// broker redelivers the message forever): see [ShortString] for how they are kept.
 pub fn parse_short_string<I: ParsableInput>(i: I) -> ParserResult<I, ShortString> {
     context(
         "parse_short_string",
-        map(
-            map_res(flat_map(parse_short_short_uint, take), make_str),
-            ShortString::from,
-        ),
+        map_res(flat_map(parse_short_short_uint, take), make_short_string),
     )
     .parse(i)
 }
@@ -484,6 +484,12 @@ mod test {
             parse_short_string(&[4, 116, 101, 115, 116][..]),
             Ok((EMPTY, "test".into()))
         );
+        let (rest, s) = parse_short_string(&[3, 0xff, 0xfe, b'n'][..]).unwrap();
+        assert_eq!(rest, EMPTY);
+        assert_eq!(s.as_str(), "\u{fffd}\u{fffd}n");
+        assert_eq!(s.as_bytes(), &[0xff, 0xfe, b'n'][..]);
+        assert!(!s.is_utf8());
+        assert_ne!(s, ShortString::from("\u{fffd}\u{fffd}n"));
     }
 
     #[test]

@@ -168,8 +168,31 @@ impl fmt::Display for ShortStringError {
 impl std::error::Error for ShortStringError {}
 
 /// A String (deprecated)
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
-pub struct ShortString(String);
+///
+/// Brokers do not check that short strings are UTF-8 (RabbitMQ passes any bytes through in
+/// message properties and header names), so a received one may not be: its text then has
+/// U+FFFD in place of each invalid sequence and the bytes as received are kept beside it
+/// ([ShortString::as_bytes], [ShortString::is_utf8]). Equality and order compare the text,
+/// then the bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ShortString {
+    text: String,
+    /// The bytes as received, only when they are not valid UTF-8.
+    raw: Option<Box<[u8]>>,
+}
+
+// Serialized as its text, as the former newtype was.
+impl Serialize for ShortString {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.text.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for ShortString {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(|text| Self { text, raw: None })
+    }
+}
 /// A String
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 pub struct LongString(Vec<u8>);
@@ -196,7 +219,20 @@ impl ShortString {
     /// Get a reference to a ShortString as &str
     #[must_use]
     pub fn as_str(&self) -> &str {
-        self.0.as_str()
+        self.text.as_str()
+    }
+
+    /// The bytes as received (or as constructed): the text's own bytes unless they were
+    /// not valid UTF-8
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8] {
+        self.raw.as_deref().unwrap_or(self.text.as_bytes())
+    }
+
+    /// Whether the bytes were valid UTF-8, so that [ShortString::as_str] is exactly them
+    #[must_use]
+    pub fn is_utf8(&self) -> bool {
+        self.raw.is_none()
     }
 
     /// Fallibly construct a [ShortString], returning an error if the string exceeds [MAX_SHORT_STRING_LENGTH] bytes
@@ -205,7 +241,22 @@ impl ShortString {
         if s.len() > MAX_SHORT_STRING_LENGTH {
             return Err(ShortStringError(s.len()));
         }
-        Ok(Self(s))
+        Ok(Self { text: s, raw: None })
+    }
+
+    /// Construct a [ShortString] from bytes that need not be UTF-8, returning an error if
+    /// they exceed [MAX_SHORT_STRING_LENGTH] bytes
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, ShortStringError> {
+        if bytes.len() > MAX_SHORT_STRING_LENGTH {
+            return Err(ShortStringError(bytes.len()));
+        }
+        Ok(match String::from_utf8(bytes) {
+            Ok(text) => Self { text, raw: None },
+            Err(e) => Self {
+                text: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+                raw: Some(e.into_bytes().into_boxed_slice()),
+            },
+        })
     }
 }
 
@@ -223,19 +274,19 @@ impl From<&str> for ShortString {
 
 impl borrow::Borrow<str> for ShortString {
     fn borrow(&self) -> &str {
-        self.0.borrow()
+        self.text.borrow()
     }
 }
 
 impl fmt::Display for ShortString {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        self.text.fmt(f)
     }
 }
 
 impl From<ShortString> for String {
     fn from(value: ShortString) -> Self {
-        value.0
+        value.text
     }
 }
 
