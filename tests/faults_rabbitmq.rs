@@ -157,3 +157,104 @@ path = "{}"
     assert_eq!(rabbit.ready(&queue).await, 0, "the queue ends empty");
     rabbit.delete(&queue).await;
 }
+
+/// The broker's id of the one connection whose client properties name `mapping` (its
+/// connection name is "esm-gateway <mapping>").
+fn gateway_connection(mapping: &str) -> Option<String> {
+    let text = run(
+        "rabbitmqctl",
+        &["list_connections", "-q", "pid", "client_properties"],
+    );
+    let mut pids = text
+        .lines()
+        .filter(|l| l.contains(&format!("esm-gateway {mapping}")))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned));
+    let pid = pids.next()?;
+    assert!(pids.next().is_none(), "one connection per mapping:\n{text}");
+    Some(pid)
+}
+
+#[tokio::test]
+async fn a_batch_whose_connection_the_broker_closed_is_not_invoked_again() {
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("chandeath").await;
+    let f = Function::deploy("chandeath", &[("POISON", "msg-0000,msg-0001,msg-0002")]).await;
+    rabbit.publish(&queue, numbered(3)).await;
+
+    let name = unique("chandeath");
+    let config = gateway_header()
+        + &rabbit_mapping(
+            &name,
+            &f.name,
+            &queue,
+            r#"
+[mapping.batch]
+size = 10
+window = "100ms"
+
+[mapping.retry]
+max_attempts = -1
+backoff_min = "50ms"
+backoff_max = "100ms"
+"#,
+        );
+    let gw = Gateway::start(&config);
+    // The first delivery (redelivered = false) is being retried.
+    let first = |f: &Function| {
+        f.invocations()
+            .iter()
+            .filter(|i| i.redelivered.iter().all(|r| !r))
+            .count()
+    };
+    wait_for("three invokes of the first delivery", LONG, || {
+        (first(&f) >= 3).then_some(())
+    })
+    .await;
+
+    let pid = wait_for("the gateway's connection in rabbitmqctl", LONG, || {
+        gateway_connection(&name)
+    })
+    .await;
+    run(
+        "rabbitmqctl",
+        &[
+            "close_connection",
+            &pid,
+            "fault test closes the gateway's connection",
+        ],
+    );
+
+    // The batch is given up once its channel is gone ...
+    gw.wait_log("channel closed during the batch", LONG).await;
+    let at_close = first(&f);
+    // ... and the broker's redelivery, on the next session, is what gets retried.
+    wait_for("three invokes of the redelivery", LONG, || {
+        let again = f
+            .invocations()
+            .iter()
+            .filter(|i| i.redelivered.iter().all(|r| *r))
+            .count();
+        (again >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        first(&f),
+        at_close,
+        "the first delivery was not invoked after its channel closed"
+    );
+    assert!(
+        f.invocations().iter().all(|i| i.bodies.len() == 3),
+        "one batch, whole, each time"
+    );
+
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    // Nothing delivered or parked (the function always fails, retries are forever):
+    // all 3 are back in the queue.
+    assert!(f.delivered().is_empty());
+    assert_eq!(
+        rabbit.ready(&queue).await,
+        3,
+        "every message is back in the queue"
+    );
+    rabbit.delete(&queue).await;
+}

@@ -4,8 +4,10 @@
 //! prefetched) until every record of the current one is delivered or parked, and only
 //! then is the batch acknowledged, with one `multiple` ack of its last delivery tag.
 //! A dropped connection or channel ends the session: unacknowledged deliveries go back
-//! to the queue (`redelivered = true`) and the source reconnects with backoff. The only
-//! duplicates are therefore the batch that was in flight.
+//! to the queue (`redelivered = true`) and the source reconnects with backoff. The batch
+//! in flight when its channel closes (connection lost, consumer_timeout) is given up at
+//! once, retries and all: the broker owns its deliveries again. The only duplicates are
+//! therefore the batch that was in flight.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -186,7 +188,13 @@ async fn session(
     let received = status.metrics.received.clone();
     let undecodable = Arc::new(Undecodable::default());
     let to_park = undecodable.clone();
+    // Cancelled by shutdown, or when the consumer ends with its channel: the batch in
+    // flight then stops retrying, since the broker has taken its deliveries back (and may
+    // be redelivering them to another consumer) and no ack on the dead channel can land.
+    let batch_stop = shutdown.child_token();
+    let channel_lost = batch_stop.clone().drop_guard();
     let reader = tokio::spawn(async move {
+        let _channel_lost = channel_lost;
         while let Some(delivery) = consumer.next().await {
             let d = match delivery {
                 Ok(d) => d,
@@ -240,7 +248,14 @@ async fn session(
         };
         let in_flight = &status.metrics.in_flight;
         in_flight.increment(1.0);
-        let outcome = deliver_in_order(deliverer, batch, &undecodable, shutdown).await;
+        let outcome = deliver_in_order(deliverer, batch, &undecodable, &batch_stop).await;
+        if batch_stop.is_cancelled() && !shutdown.is_cancelled() {
+            in_flight.decrement(1.0);
+            tracing::warn!(mapping = %status.name, queue, resolved = outcome.resolved.len(),
+                unresolved = outcome.unresolved.len(),
+                "channel closed during the batch; it is given up, the broker redelivers all of it");
+            return Err(SessionError::ConsumerEnded(queue.to_owned()));
+        }
         let acked = acknowledge(outcome).await;
         in_flight.decrement(1.0);
         acked.map_err(|message| SessionError::Ack {
