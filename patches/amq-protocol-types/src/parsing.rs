@@ -490,6 +490,9 @@ mod test {
         assert_eq!(s.as_bytes(), &[0xff, 0xfe, b'n'][..]);
         assert!(!s.is_utf8());
         assert_ne!(s, ShortString::from("\u{fffd}\u{fffd}n"));
+        // Found by its text, as a valid one is (Borrow<str> needs the text's hash).
+        let set: std::collections::HashSet<ShortString> = [s, "test".into()].into();
+        assert!(set.contains("\u{fffd}\u{fffd}n") && set.contains("test"));
     }
 
     #[test]

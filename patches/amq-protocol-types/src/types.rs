@@ -173,12 +173,18 @@ impl std::error::Error for ShortStringError {}
 /// message properties and header names), so a received one may not be: its text then has
 /// U+FFFD in place of each invalid sequence and the bytes as received are kept beside it
 /// ([ShortString::as_bytes], [ShortString::is_utf8]). Equality and order compare the text,
-/// then the bytes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// then the bytes; the hash is the text's, as `Borrow<str>` requires.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ShortString {
     text: String,
     /// The bytes as received, only when they are not valid UTF-8.
     raw: Option<Box<[u8]>>,
+}
+
+impl std::hash::Hash for ShortString {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
 }
 
 // Serialized as its text, as the former newtype was.
