@@ -146,6 +146,15 @@ path = "{}"
     }
     let invoked: usize = f.invocations().iter().map(|i| i.bodies.len()).sum();
     assert_eq!(invoked, 15, "the undecodable messages were never invoked");
+    let metrics = gw.metrics();
+    let parked_metric = |condition| {
+        metrics.value(
+            "esm_gateway_records_dead_lettered_total",
+            &[("mapping", &name), ("condition", condition)],
+        )
+    };
+    assert_eq!(parked_metric("UndecodableRecord"), 2.0);
+    assert_eq!(parked_metric("RetryAttemptsExhausted"), 0.0);
 
     assert_eq!(
         gw.log_count("RabbitMQ session ended"),
