@@ -71,10 +71,11 @@ pub const INVOKE_OUTCOMES: [&str; 6] = [
 ];
 
 /// Failure conditions, the values of `esm_gateway_records_dead_lettered_total{condition}`.
-pub const CONDITIONS: [&str; 3] = [
+pub const CONDITIONS: [&str; 4] = [
     "RetryAttemptsExhausted",
     "RecordAgeExceeded",
     "MaximumPayloadSizeExceeded",
+    "UndecodableRecord",
 ];
 
 /// Installs the Prometheus recorder (histograms with buckets, not summaries) and returns

@@ -150,6 +150,9 @@ pub enum Condition {
     RetryAttemptsExhausted,
     RecordAgeExceeded,
     MaximumPayloadSizeExceeded,
+    /// The record cannot be put in an event as it is (a RabbitMQ property or header name
+    /// that is not UTF-8): parked without an invoke. Not one of AWS's conditions.
+    UndecodableRecord,
 }
 
 impl Condition {
@@ -158,6 +161,7 @@ impl Condition {
             Condition::RetryAttemptsExhausted => "RetryAttemptsExhausted",
             Condition::RecordAgeExceeded => "RecordAgeExceeded",
             Condition::MaximumPayloadSizeExceeded => "MaximumPayloadSizeExceeded",
+            Condition::UndecodableRecord => "UndecodableRecord",
         }
     }
 }

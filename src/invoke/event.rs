@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde_json::{Value, json};
 
 use crate::record::Record;
@@ -278,11 +278,16 @@ pub fn rabbit_fragment(
     // serde_json map first costs more than the rest of the path together.
     let p = properties;
     let mut out = String::with_capacity(420 + body.len().div_ceil(3) * 4);
-    let short = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    let short = short_properties(p);
+    let push_short = |out: &mut String, from: usize, to: usize| {
+        for (key, value) in &short[from..to] {
+            let _ = write!(out, r#","{key}":"#);
+            push_opt_str(out, value.as_ref().map(|s| s.as_str()));
+        }
+    };
     out.push_str(r#"{"basicProperties":{"contentType":"#);
-    push_opt_str(&mut out, short(p.content_type()).as_deref());
-    out.push_str(r#","contentEncoding":"#);
-    push_opt_str(&mut out, short(p.content_encoding()).as_deref());
+    push_opt_str(&mut out, p.content_type().as_ref().map(|s| s.as_str()));
+    push_short(&mut out, 1, 2);
     out.push_str(r#","headers":"#);
     match p.headers() {
         Some(t) => out.push_str(&table_json(t).to_string()),
@@ -292,26 +297,10 @@ pub fn rabbit_fragment(
     push_opt_num(&mut out, p.delivery_mode().map(u64::from));
     out.push_str(r#","priority":"#);
     push_opt_num(&mut out, p.priority().map(u64::from));
-    for (key, value) in [
-        ("correlationId", p.correlation_id()),
-        ("replyTo", p.reply_to()),
-        ("expiration", p.expiration()),
-        ("messageId", p.message_id()),
-    ] {
-        let _ = write!(out, r#","{key}":"#);
-        push_opt_str(&mut out, value.as_ref().map(|s| s.as_str()));
-    }
+    push_short(&mut out, 2, 6);
     out.push_str(r#","timestamp":"#);
     push_opt_str(&mut out, p.timestamp().map(java_date).as_deref());
-    for (key, value) in [
-        ("type", p.kind()),
-        ("userId", p.user_id()),
-        ("appId", p.app_id()),
-        ("clusterId", p.cluster_id()),
-    ] {
-        let _ = write!(out, r#","{key}":"#);
-        push_opt_str(&mut out, value.as_ref().map(|s| s.as_str()));
-    }
+    push_short(&mut out, 6, 10);
     let _ = write!(
         out,
         r#","bodySize":{}}},"redelivered":{redelivered},"data":""#,
@@ -320,6 +309,90 @@ pub fn rabbit_fragment(
     push_base64(&mut out, body);
     out.push_str("\"}");
     out
+}
+
+/// The short-string basic properties by their event names, in the event's order.
+fn short_properties(p: &lapin::BasicProperties) -> [(&'static str, &Option<ShortString>); 10] {
+    [
+        ("contentType", p.content_type()),
+        ("contentEncoding", p.content_encoding()),
+        ("correlationId", p.correlation_id()),
+        ("replyTo", p.reply_to()),
+        ("expiration", p.expiration()),
+        ("messageId", p.message_id()),
+        ("type", p.kind()),
+        ("userId", p.user_id()),
+        ("appId", p.app_id()),
+        ("clusterId", p.cluster_id()),
+    ]
+}
+
+/// A short string of a RabbitMQ message that is not UTF-8 where the event needs text (a
+/// basic property or a header name): the event could only show it altered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecodable {
+    /// Where it is: `basicProperties.messageId`, or for a header name the table holding
+    /// it, `basicProperties.headers[.<parent>…]`.
+    pub field: String,
+    /// Its bytes as received.
+    pub raw: Vec<u8>,
+}
+
+/// The short strings of a message that its event cannot carry as they are. Header
+/// values are rendered as bytes, so only their names count.
+pub fn rabbit_undecodable(properties: &lapin::BasicProperties) -> Vec<Undecodable> {
+    let mut out: Vec<Undecodable> = short_properties(properties)
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let s = value.as_ref().filter(|s| !s.is_utf8())?;
+            Some(Undecodable {
+                field: format!("basicProperties.{key}"),
+                raw: s.as_bytes().to_vec(),
+            })
+        })
+        .collect();
+    if let Some(headers) = properties.headers() {
+        undecodable_names(headers, "basicProperties.headers", &mut out);
+    }
+    out
+}
+
+fn undecodable_names(table: &FieldTable, at: &str, out: &mut Vec<Undecodable>) {
+    for (name, value) in table.inner() {
+        if !name.is_utf8() {
+            out.push(Undecodable {
+                field: at.to_owned(),
+                raw: name.as_bytes().to_vec(),
+            });
+        }
+        undecodable_in_value(value, &format!("{at}.{name}"), out);
+    }
+}
+
+fn undecodable_in_value(value: &AMQPValue, at: &str, out: &mut Vec<Undecodable>) {
+    match value {
+        AMQPValue::FieldTable(t) => undecodable_names(t, at, out),
+        AMQPValue::FieldArray(a) => {
+            for v in a.as_slice() {
+                undecodable_in_value(v, at, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Adds to a message's element (for its failure record, never for an invoke) the bytes
+/// of its undecodable short strings, as `"undecodable":[{"field":…,"raw":{"bytes":[…]}}]`
+/// of signed bytes like the headers.
+pub fn with_undecodable(mut fragment: String, undecodable: &[Undecodable]) -> String {
+    let list: Vec<Value> = undecodable
+        .iter()
+        .map(|u| json!({ "field": u.field, "raw": signed_bytes(&u.raw) }))
+        .collect();
+    debug_assert!(fragment.ends_with('}'));
+    fragment.pop();
+    let _ = write!(fragment, r#","undecodable":{}}}"#, Value::Array(list));
+    fragment
 }
 
 /// One SQS message as an element of `Records`, exactly as Lambda's SQS trigger sends
@@ -506,7 +579,7 @@ fn amqp_json(v: &AMQPValue) -> Value {
         AMQPValue::Float(n) => json!(n),
         AMQPValue::Double(n) => json!(n),
         AMQPValue::DecimalValue(d) => json!(d.value as f64 / 10f64.powi(d.scale as i32)),
-        AMQPValue::ShortString(s) => signed_bytes(s.as_str().as_bytes()),
+        AMQPValue::ShortString(s) => signed_bytes(s.as_bytes()),
         AMQPValue::LongString(s) => signed_bytes(s.as_bytes()),
         AMQPValue::ByteArray(b) => signed_bytes(b.as_slice()),
         AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_json).collect()),
@@ -558,7 +631,49 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::types::{LongString, ShortString};
+    use lapin::types::LongString;
+
+    #[test]
+    fn undecodable_short_strings_are_found_with_their_bytes_and_values_stay_exact() {
+        let bad = |b: &[u8]| ShortString::from_bytes(b.to_vec()).unwrap();
+        let mut inner = FieldTable::default();
+        inner.insert(bad(b"\xffin"), AMQPValue::LongInt(1));
+        let mut headers = FieldTable::default();
+        headers.insert("outer".into(), AMQPValue::FieldTable(inner));
+        headers.insert("value".into(), AMQPValue::ShortString(bad(b"\xfe")));
+        let props = lapin::BasicProperties::default()
+            .with_message_id(bad(b"\xff\xfe"))
+            .with_app_id("fine".into())
+            .with_headers(headers);
+        assert_eq!(
+            rabbit_undecodable(&props),
+            [
+                Undecodable {
+                    field: "basicProperties.messageId".into(),
+                    raw: b"\xff\xfe".to_vec()
+                },
+                Undecodable {
+                    field: "basicProperties.headers.outer".into(),
+                    raw: b"\xffin".to_vec()
+                },
+            ]
+        );
+        let fragment = with_undecodable(
+            rabbit_fragment(&props, false, b""),
+            &rabbit_undecodable(&props),
+        );
+        let v: Value = serde_json::from_str(&fragment).unwrap();
+        // A short-string header value is rendered as bytes: exact, not undecodable.
+        assert_eq!(
+            v["basicProperties"]["headers"]["value"]["bytes"],
+            json!([-2])
+        );
+        assert_eq!(v["undecodable"][0]["raw"]["bytes"], json!([-1, -2]));
+        assert_eq!(
+            v["undecodable"][1]["field"],
+            "basicProperties.headers.outer"
+        );
+    }
 
     #[test]
     fn java_dates_match_amazon_mq() {

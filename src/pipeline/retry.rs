@@ -171,6 +171,30 @@ impl Deliverer {
         out
     }
 
+    /// Parks records without invoking the function (their event would misrepresent them);
+    /// on shutdown first they come back unresolved.
+    pub async fn park_uninvoked(
+        &self,
+        records: Vec<Record>,
+        condition: Condition,
+        error: &str,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        let mut out = Outcome::default();
+        let piece = Piece {
+            records,
+            failures: 0,
+            invokes: 0,
+        };
+        if let Err(p) = self
+            .park(piece, condition, None, error, &mut out, shutdown)
+            .await
+        {
+            out.unresolved.extend(p.records);
+        }
+        out
+    }
+
     /// Parks the records of `piece` that are older than max_record_age (a prefix: they
     /// arrived in order) and returns the rest.
     async fn park_expired(

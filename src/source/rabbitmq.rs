@@ -4,11 +4,14 @@
 //! prefetched) until every record of the current one is delivered or parked, and only
 //! then is the batch acknowledged, with one `multiple` ack of its last delivery tag.
 //! A dropped connection or channel ends the session: unacknowledged deliveries go back
-//! to the queue (`redelivered = true`) and the source reconnects with backoff. The only
-//! duplicates are therefore the batch that was in flight.
+//! to the queue (`redelivered = true`) and the source reconnects with backoff. The batch
+//! in flight when its channel closes (connection lost, consumer_timeout) is given up at
+//! once, retries and all: the broker owns its deliveries again. The only duplicates are
+//! therefore the batch that was in flight.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
@@ -19,6 +22,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{RabbitSource, SecretUrl};
+use crate::destination::Condition;
+use crate::invoke::event;
 use crate::pipeline::batcher::{BatchLimits, Batcher};
 use crate::pipeline::retry::{Deliverer, Outcome};
 use crate::record::{Ack, Record};
@@ -181,7 +186,15 @@ async fn session(
     let (tx, rx) = mpsc::channel(prefetch as usize);
     let name = status.name.clone();
     let received = status.metrics.received.clone();
+    let undecodable = Arc::new(Undecodable::default());
+    let to_park = undecodable.clone();
+    // Cancelled by shutdown, or when the consumer ends with its channel: the batch in
+    // flight then stops retrying, since the broker has taken its deliveries back (and may
+    // be redelivering them to another consumer) and no ack on the dead channel can land.
+    let batch_stop = shutdown.child_token();
+    let channel_lost = batch_stop.clone().drop_guard();
     let reader = tokio::spawn(async move {
+        let _channel_lost = channel_lost;
         while let Some(delivery) = consumer.next().await {
             let d = match delivery {
                 Ok(d) => d,
@@ -191,12 +204,17 @@ async fn session(
                 }
             };
             received.increment(1);
+            let mut fragment = event::rabbit_fragment(&d.properties, d.redelivered, &d.data);
+            let bad = event::rabbit_undecodable(&d.properties);
+            if !bad.is_empty() {
+                let error = undecodable_error(&bad);
+                tracing::warn!(mapping = %name, delivery_tag = d.delivery_tag, error = %error,
+                    "message cannot be put in an event unaltered; it will be parked without an invoke");
+                fragment = event::with_undecodable(fragment, &bad);
+                to_park.mark(d.delivery_tag, error);
+            }
             let record = Record {
-                fragment: crate::invoke::event::rabbit_fragment(
-                    &d.properties,
-                    d.redelivered,
-                    &d.data,
-                ),
+                fragment,
                 id: d
                     .properties
                     .message_id()
@@ -230,7 +248,14 @@ async fn session(
         };
         let in_flight = &status.metrics.in_flight;
         in_flight.increment(1.0);
-        let outcome = deliverer.deliver(batch, shutdown).await;
+        let outcome = deliver_in_order(deliverer, batch, &undecodable, &batch_stop).await;
+        if batch_stop.is_cancelled() && !shutdown.is_cancelled() {
+            in_flight.decrement(1.0);
+            tracing::warn!(mapping = %status.name, queue, resolved = outcome.resolved.len(),
+                unresolved = outcome.unresolved.len(),
+                "channel closed during the batch; it is given up, the broker redelivers all of it");
+            return Err(SessionError::ConsumerEnded(queue.to_owned()));
+        }
         let acked = acknowledge(outcome).await;
         in_flight.decrement(1.0);
         acked.map_err(|message| SessionError::Ack {
@@ -250,6 +275,85 @@ async fn session(
         tracing::debug!(mapping = %status.name, error = %e, "closing the connection");
     }
     Ok(())
+}
+
+/// The delivery tags of this session's messages that must be parked uninvoked, with why.
+#[derive(Default)]
+struct Undecodable(Mutex<HashMap<u64, String>>);
+
+impl Undecodable {
+    fn mark(&self, tag: u64, error: String) {
+        self.lock().insert(tag, error);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {
+        // The map stays consistent whatever panicked while holding it.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The failure record's error for a message with undecodable short strings.
+fn undecodable_error(bad: &[event::Undecodable]) -> String {
+    let fields: Vec<String> = bad
+        .iter()
+        .map(|u| {
+            let hex: String = u.raw.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{} (bytes {hex})", u.field)
+        })
+        .collect();
+    format!(
+        "not valid UTF-8, so the event cannot carry it unaltered: {}; the bytes are in the message's \"undecodable\" list",
+        fields.join(", ")
+    )
+}
+
+/// Delivers a batch in order, parking each message marked undecodable alone and
+/// uninvoked at its place: the messages before it are resolved first, those after it
+/// next. Once a step leaves records unresolved (shutdown), the rest are left too.
+async fn deliver_in_order(
+    deliverer: &Deliverer,
+    batch: Vec<Record>,
+    undecodable: &Undecodable,
+    shutdown: &CancellationToken,
+) -> Outcome {
+    let mut pending = VecDeque::from(batch);
+    let mut out = Outcome::default();
+    while !pending.is_empty() {
+        let next_bad = {
+            let marked = undecodable.lock();
+            pending
+                .iter()
+                .position(|r| marked.contains_key(&r.position))
+        };
+        let step = match next_bad {
+            Some(0) => {
+                let record = pending.pop_front().expect("not empty");
+                let error = undecodable
+                    .lock()
+                    .remove(&record.position)
+                    .unwrap_or_default();
+                deliverer
+                    .park_uninvoked(vec![record], Condition::UndecodableRecord, &error, shutdown)
+                    .await
+            }
+            Some(i) => {
+                deliverer
+                    .deliver(pending.drain(..i).collect(), shutdown)
+                    .await
+            }
+            None => {
+                deliverer
+                    .deliver(pending.drain(..).collect(), shutdown)
+                    .await
+            }
+        };
+        out.resolved.extend(step.resolved);
+        if !step.unresolved.is_empty() {
+            out.unresolved.extend(step.unresolved);
+            out.unresolved.extend(pending.drain(..));
+        }
+    }
+    out
 }
 
 /// How often the queue's depth is asked for.

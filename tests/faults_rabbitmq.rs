@@ -1,0 +1,269 @@
+//! Fault injection on the RabbitMQ source, against the local stack: what the broker lets
+//! through (short strings that are not UTF-8) and what it does to a consumer (closing
+//! its connection in the middle of a batch's retries). Every test counts every message
+//! at the end: delivered, parked, or still in the queue.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// Publishes through pika (the stack's Python), which sends `bytes` short strings as they
+/// are: lapin cannot, its short strings are Rust strings. Each message is
+/// `(body, message_id, header_name)`, the last two hex-encoded bytes; publisher confirms
+/// make the call return only once the broker holds them all.
+fn publish_raw(queue: &str, messages: &[(String, String, Option<String>)]) {
+    const SCRIPT: &str = r#"
+import json, sys, pika
+queue, messages = sys.argv[1], json.loads(sys.argv[2])
+conn = pika.BlockingConnection(pika.URLParameters(sys.argv[3]))
+ch = conn.channel()
+ch.confirm_delivery()
+for body, message_id, header in messages:
+    headers = {bytes.fromhex(header): "value"} if header else None
+    props = pika.BasicProperties(message_id=bytes.fromhex(message_id), delivery_mode=2, headers=headers)
+    ch.basic_publish(exchange="", routing_key=queue, body=body.encode(), properties=props, mandatory=True)
+conn.close()
+"#;
+    let python = std::env::var("STACK_PYTHON")
+        .expect("STACK_PYTHON names the stack's Python with pika (eval \"$(scripts/stack env)\")");
+    let messages = serde_json::to_string(messages).unwrap();
+    run(&python, &["-c", SCRIPT, queue, &messages, &amqp_url()]);
+}
+
+/// Runs a program to success and returns its standard output.
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A message as the harness publishes it: body `msg-NNNN`, message id `id-msg-NNNN`.
+fn good(i: usize) -> (String, String, Option<String>) {
+    let body = format!("msg-{i:04}");
+    let id = hex(format!("id-{body}").as_bytes());
+    (body, id, None)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The `{"bytes": [...]}` of signed (Java) bytes the events use.
+fn signed(bytes: &[u8]) -> serde_json::Value {
+    serde_json::json!({ "bytes": bytes.iter().map(|&b| b as i8).collect::<Vec<_>>() })
+}
+
+#[tokio::test]
+async fn a_non_utf8_message_id_or_header_name_is_parked_with_its_bytes_and_the_queue_flows() {
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("nonutf8").await;
+    let f = Function::deploy("nonutf8", &[]).await;
+    let parked = f.dir.path().join("parked.jsonl");
+
+    // 5 good, one whose message id is ff fe, 5 good, one with a header named ff fe 'n',
+    // 5 good.
+    let mut messages: Vec<_> = (0..17).map(good).collect();
+    messages[5].1 = "fffe".into();
+    messages[11].2 = Some("fffe6e".into());
+    publish_raw(&queue, &messages);
+
+    let name = unique("nonutf8");
+    let config = gateway_header()
+        + &rabbit_mapping(
+            &name,
+            &f.name,
+            &queue,
+            &format!(
+                r#"
+[mapping.batch]
+size = 4
+window = "100ms"
+
+[mapping.on_failure]
+type = "file"
+path = "{}"
+"#,
+                parked.display()
+            ),
+        );
+    let gw = Gateway::start(&config);
+
+    let mut expected = numbered_strings(0..17);
+    expected.retain(|b| b != "msg-0005" && b != "msg-0011");
+    let delivered = f.wait_delivered(15, LONG).await;
+    assert_eq!(delivered, expected, "every good message once, in order");
+    let records = wait_for("two failure records", LONG, || {
+        let r = failure_records(&parked);
+        (r.len() >= 2).then_some(r)
+    })
+    .await;
+    assert_eq!(records.len(), 2, "{records:#?}");
+
+    // Each is parked alone, without an invoke, with the bytes the event cannot carry.
+    let key = format!("{queue}::/");
+    for (r, body, field, bytes) in [
+        (
+            &records[0],
+            "msg-0005",
+            "basicProperties.messageId",
+            &[0xff, 0xfe][..],
+        ),
+        (
+            &records[1],
+            "msg-0011",
+            "basicProperties.headers",
+            &[0xff, 0xfe, b'n'][..],
+        ),
+    ] {
+        assert_eq!(r["requestContext"]["condition"], "UndecodableRecord", "{r}");
+        assert_eq!(r["requestContext"]["approximateInvokeCount"], 0, "{r}");
+        let msgs = r["payload"]["rmqMessagesByQueue"][&key].as_array().unwrap();
+        assert_eq!(msgs.len(), 1, "{r}");
+        let data = base64_simd::STANDARD
+            .decode_to_vec(msgs[0]["data"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(data, body.as_bytes());
+        let raw = msgs[0]["undecodable"].as_array().unwrap();
+        assert_eq!(raw.len(), 1, "{r}");
+        assert_eq!(raw[0]["field"], field, "{r}");
+        assert_eq!(raw[0]["raw"], signed(bytes), "{r}");
+        assert!(
+            r["error"].as_str().unwrap().contains("not valid UTF-8"),
+            "{r}"
+        );
+    }
+    let invoked: usize = f.invocations().iter().map(|i| i.bodies.len()).sum();
+    assert_eq!(invoked, 15, "the undecodable messages were never invoked");
+    let metrics = gw.metrics();
+    let parked_metric = |condition| {
+        metrics.value(
+            "esm_gateway_records_dead_lettered_total",
+            &[("mapping", &name), ("condition", condition)],
+        )
+    };
+    assert_eq!(parked_metric("UndecodableRecord"), 2.0);
+    assert_eq!(parked_metric("RetryAttemptsExhausted"), 0.0);
+
+    assert_eq!(
+        gw.log_count("RabbitMQ session ended"),
+        0,
+        "the connection was never dropped"
+    );
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    // 15 delivered + 2 parked + 0 in the queue = 17.
+    assert_eq!(rabbit.ready(&queue).await, 0, "the queue ends empty");
+    rabbit.delete(&queue).await;
+}
+
+/// The broker's id of the one connection whose client properties name `mapping` (its
+/// connection name is "esm-gateway <mapping>").
+fn gateway_connection(mapping: &str) -> Option<String> {
+    let text = run(
+        "rabbitmqctl",
+        &["list_connections", "-q", "pid", "client_properties"],
+    );
+    let mut pids = text
+        .lines()
+        .filter(|l| l.contains(&format!("esm-gateway {mapping}")))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned));
+    let pid = pids.next()?;
+    assert!(pids.next().is_none(), "one connection per mapping:\n{text}");
+    Some(pid)
+}
+
+#[tokio::test]
+async fn a_batch_whose_connection_the_broker_closed_is_not_invoked_again() {
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("chandeath").await;
+    let f = Function::deploy("chandeath", &[("POISON", "msg-0000,msg-0001,msg-0002")]).await;
+    rabbit.publish(&queue, numbered(3)).await;
+
+    let name = unique("chandeath");
+    let config = gateway_header()
+        + &rabbit_mapping(
+            &name,
+            &f.name,
+            &queue,
+            r#"
+[mapping.batch]
+size = 10
+window = "100ms"
+
+[mapping.retry]
+max_attempts = -1
+backoff_min = "50ms"
+backoff_max = "100ms"
+"#,
+        );
+    let gw = Gateway::start(&config);
+    // The first delivery (redelivered = false) is being retried.
+    let first = |f: &Function| {
+        f.invocations()
+            .iter()
+            .filter(|i| i.redelivered.iter().all(|r| !r))
+            .count()
+    };
+    wait_for("three invokes of the first delivery", LONG, || {
+        (first(&f) >= 3).then_some(())
+    })
+    .await;
+
+    let pid = wait_for("the gateway's connection in rabbitmqctl", LONG, || {
+        gateway_connection(&name)
+    })
+    .await;
+    run(
+        "rabbitmqctl",
+        &[
+            "close_connection",
+            &pid,
+            "fault test closes the gateway's connection",
+        ],
+    );
+
+    // The batch is given up once its channel is gone ...
+    gw.wait_log("channel closed during the batch", LONG).await;
+    let at_close = first(&f);
+    // ... and the broker's redelivery, on the next session, is what gets retried.
+    wait_for("three invokes of the redelivery", LONG, || {
+        let again = f
+            .invocations()
+            .iter()
+            .filter(|i| i.redelivered.iter().all(|r| *r))
+            .count();
+        (again >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        first(&f),
+        at_close,
+        "the first delivery was not invoked after its channel closed"
+    );
+    assert!(
+        f.invocations().iter().all(|i| i.bodies.len() == 3),
+        "one batch, whole, each time"
+    );
+
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    // Nothing delivered or parked (the function always fails, retries are forever):
+    // all 3 are back in the queue.
+    assert!(f.delivered().is_empty());
+    assert_eq!(
+        rabbit.ready(&queue).await,
+        3,
+        "every message is back in the queue"
+    );
+    rabbit.delete(&queue).await;
+}
