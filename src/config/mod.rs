@@ -552,10 +552,12 @@ pub struct FileDestination {
     /// The JSON-lines file; created if missing (its directory must exist).
     #[serde(deserialize_with = "env::expand_path")]
     pub path: PathBuf,
-    /// Rotate when the file reaches this many bytes: it becomes `<path>.1`, older ones
-    /// shift to `.2` … and the oldest beyond `keep` is removed. Default: no rotation.
+    /// Rotate when the file reaches this many bytes: it is renamed `<path>.<n>`, n one
+    /// above the highest already there, and kept until an operator removes it (a
+    /// redrive reads it too). Default: no rotation.
     pub rotate_bytes: Option<u64>,
-    /// Rotated files to keep. Default: 5.
+    /// No longer accepted (refused at load): it removed the oldest rotated file, the only
+    /// copy of records already acknowledged. Default: unset.
     pub keep: Option<u32>,
 }
 
@@ -814,6 +816,20 @@ impl Mapping {
             out.push(format!(
                 "mapping {name:?}: on_failure.url is not an AMQP URL: {e}"
             ));
+        }
+        if let Some(DestinationConfig::File(f)) = &self.on_failure {
+            if f.keep.is_some() {
+                out.push(format!(
+                    "mapping {name:?}: on_failure.keep is no longer supported: rotated files are kept until an operator removes them \
+                     (removing the oldest lost acknowledged records); remove keep"
+                ));
+            }
+            if f.path.file_name().is_none() {
+                out.push(format!(
+                    "mapping {name:?}: on_failure.path {} does not name a file",
+                    f.path.display()
+                ));
+            }
         }
     }
 }

@@ -418,3 +418,16 @@ fn schedule_rules_across_fields() {
     assert!(err.contains("not a PostgreSQL URL"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[test]
+fn a_file_destination_refuses_keep_which_deleted_parked_records() {
+    let err = parse(&with(
+        "path = \"/tmp/failed.jsonl\"",
+        "path = \"/tmp/failed.jsonl\"\nrotate_bytes = 1000\nkeep = 5",
+    ))
+    .unwrap_err();
+    assert!(
+        err.contains("mapping \"orders\": on_failure.keep is no longer supported"),
+        "{err}"
+    );
+}
