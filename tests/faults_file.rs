@@ -1,12 +1,13 @@
 //! Faults at the file edges of parking: a full filesystem under the file destination and
-//! under the payload files of a size-limited destination. Every record ends delivered,
+//! under the payload files of a size-limited destination, a redrive while the gateway
+//! keeps parking into the same file, and size rotation. Every record ends delivered,
 //! parked (a whole line in a destination file, or a whole payload file), or still in the
 //! RabbitMQ queue: nothing else.
 
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -221,4 +222,125 @@ async fn a_full_filesystem_under_the_payload_dir_acknowledges_nothing_unwritten(
         .map(|m| payload_file(m["payloadLocation"].as_str().expect("payloadLocation")))
         .collect();
     assert_eq!(distinct(parked_ids(&whole)).len(), 60);
+}
+
+/// The file destination's file and its rotated files `<path>.<n>`, oldest first.
+fn destination_files(path: &Path) -> Vec<PathBuf> {
+    let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+    let mut rotated: Vec<(u64, PathBuf)> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let n = e
+                .file_name()
+                .to_str()?
+                .strip_prefix(&format!("{name}."))?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    rotated.sort();
+    let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+    files.push(path.to_owned());
+    files
+}
+
+/// Every failure record in the destination's files (each line must be whole JSON).
+fn all_records(path: &Path) -> Vec<Value> {
+    destination_files(path)
+        .iter()
+        .flat_map(|p| failure_records(p))
+        .collect()
+}
+
+/// A function that fails each body once (so the gateway parks it) and takes it when a
+/// redrive replays it, and a config parking into `file` with `destination_extra`.
+async fn fail_once_then_redrive(
+    prefix: &str,
+    n: usize,
+    destination_extra: &str,
+) -> (Function, Rabbit, String, PathBuf, PathBuf) {
+    let bodies = numbered_strings(0..n).join(",");
+    let f = Function::deploy(prefix, &[("FAIL_ONCE", &bodies)]).await;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue(prefix).await;
+    let file = f.dir.path().join("parked.jsonl");
+    let config = f.dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        rabbit_config(
+            &f.name,
+            &queue,
+            &parking(
+                "report_batch_item_failures = true",
+                &file_destination(&file, destination_extra),
+            ),
+        ),
+    )
+    .unwrap();
+    (f, rabbit, queue, file, config)
+}
+
+#[tokio::test]
+async fn a_redrive_while_the_gateway_keeps_parking_into_the_same_file_loses_nothing() {
+    let (f, rabbit, queue, file, config) = fail_once_then_redrive("fredrive", 120, "").await;
+    rabbit.publish(&queue, numbered(120)).await;
+    let gw = Gateway::start(&std::fs::read_to_string(&config).unwrap());
+    // Two redrives while the gateway parks the rest into the same file.
+    gw.wait_log_count(PARKED, 10, LONG).await;
+    let first = redrive(&config, &[]);
+    assert!(first.contains("remaining 0"), "{first}");
+    let during = gw.log_count(PARKED);
+    let second = redrive(&config, &[]);
+    assert!(second.contains("remaining 0"), "{second}");
+    assert!(
+        gw.log_count(PARKED) > during && during < 120,
+        "the gateway parked records while the redrives ran"
+    );
+    gw.wait_log_count(PARKED, 120, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let last = redrive(&config, &[]);
+    assert!(last.contains("remaining 0"), "{last}");
+
+    // Every record was parked once and then delivered once by a redrive; none is left.
+    let delivered = distinct(f.delivered());
+    assert_eq!(delivered, numbered_strings(0..120).into_iter().collect());
+    assert!(all_records(&file).is_empty());
+    assert_eq!(rabbit.ready(&queue).await, 0);
+    rabbit.delete(&queue).await;
+}
+
+#[tokio::test]
+async fn rotation_keeps_every_parked_record_and_redrive_reads_the_rotated_files() {
+    let (f, rabbit, queue, file, config) =
+        fail_once_then_redrive("frotate", 30, "rotate_bytes = 3000").await;
+    rabbit.publish(&queue, numbered(30)).await;
+    let gw = Gateway::start(&std::fs::read_to_string(&config).unwrap());
+    gw.wait_log_count(PARKED, 30, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let files = destination_files(&file);
+    assert_eq!(
+        distinct(parked_ids(&all_records(&file))),
+        numbered_strings(0..30).into_iter().collect(),
+        "the lines across {files:?} are every parked record"
+    );
+    assert!(
+        files.len() > 6,
+        "rotated more often than the old keep of 5: {files:?}"
+    );
+    assert_eq!(rabbit.ready(&queue).await, 0);
+    assert!(f.delivered().is_empty());
+
+    let out = redrive(&config, &[]);
+    assert!(
+        out.contains("replayed 30, removed 30, remaining 0"),
+        "{out}"
+    );
+    assert_eq!(
+        distinct(f.delivered()),
+        numbered_strings(0..30).into_iter().collect()
+    );
+    assert!(all_records(&file).is_empty());
+    rabbit.delete(&queue).await;
 }

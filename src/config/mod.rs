@@ -9,7 +9,7 @@
 mod env;
 mod types;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -859,9 +859,28 @@ impl Config {
             );
         }
         let mut names = HashSet::new();
+        // Two writers rotating one file would each rotate the other's records, and a
+        // redrive would replay them into the wrong function.
+        let mut files: HashMap<PathBuf, &str> = HashMap::new();
         for m in &config.mappings {
             if !names.insert(m.name.as_str()) {
                 problems.push(format!("mapping {:?} is defined twice", m.name));
+            }
+            if let Some(DestinationConfig::File(f)) = &m.on_failure {
+                let key = std::path::absolute(&f.path)
+                    .unwrap_or_else(|_| f.path.clone())
+                    .components()
+                    .collect();
+                match files.get(&key) {
+                    Some(other) if *other != m.name => problems.push(format!(
+                        "mappings {other:?} and {:?} both park into the file {}; give each mapping its own on_failure.path",
+                        m.name,
+                        f.path.display()
+                    )),
+                    _ => {
+                        files.insert(key, &m.name);
+                    }
+                }
             }
             m.problems(&mut problems);
             if let Source::Schedule(s) = &m.source
