@@ -4,8 +4,10 @@
 //! Each failure record carries the event that failed (`payload`, or `payloadLocation`
 //! naming the file that holds the whole record); it is invoked synchronously as it was.
 //! A replay succeeds when the function returns without a function error and, with
-//! `report_batch_item_failures`, reports no failed item. Removal: a file is rewritten
-//! with the records that remain (atomically, by rename); an SQS message is deleted; a
+//! `report_batch_item_failures`, reports no failed item. Removal: a file destination's
+//! rotated files are read too, and its live file is first moved aside under the lock the
+//! gateway appends under (so a running gateway loses nothing); each is rewritten with the
+//! records that remain (atomically, by rename) or removed; an SQS message is deleted; a
 //! RabbitMQ message (from a queue bound to the exchange destination) is acked, and a
 //! failed one is requeued; a Kafka topic's records are consumed by the group
 //! `esm-gateway-redrive-<mapping>`, which commits past each partition's records up to its
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::config::{Config, DestinationConfig, Mapping};
+use crate::destination::file;
 use crate::invoke::lambda::{Invoker, Response};
 
 /// Where the parked records are read from.
@@ -164,29 +167,75 @@ impl Replay<'_> {
         Ok(ok)
     }
 
+    /// Replays a file destination's records: its rotated files, oldest first, and the
+    /// live file, which is first moved aside (under the lock the gateway takes to append)
+    /// as the newest rotated file, so that a running gateway appends to a fresh file and
+    /// never to one read here. Each file is then rewritten with what remains, or removed.
     async fn file(&self, path: &Path) -> Result<Report, RedriveError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| RedriveError::Read(format!("cannot read {}: {e}", path.display())))?;
-        let mut report = Report::default();
-        let mut keep = String::new();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            report.replayed += 1;
-            if self.one(line.as_bytes()).await? {
-                report.removed += 1;
-            } else {
-                report.remaining += 1;
-                keep.push_str(line);
-                keep.push('\n');
-            }
+        let io = |what: &str, p: &Path, e: std::io::Error| {
+            RedriveError::Read(format!("cannot {what} {}: {e}", p.display()))
+        };
+        if !path.exists()
+            && file::rotated(path)
+                .map_err(|e| io("list the rotated files of", path, e))?
+                .is_empty()
+        {
+            return Err(RedriveError::Read(format!(
+                "there is no {} (nor any rotated {}.<n>) to redrive",
+                path.display(),
+                path.display()
+            )));
         }
-        if !self.dry_run {
-            let tmp = path.with_extension("redrive.tmp");
-            std::fs::write(&tmp, keep)
-                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, path))
-                .map_err(|e| {
-                    RedriveError::Read(format!("cannot rewrite {}: {e}", path.display()))
-                })?;
+        // Two redrives of one file would replay each record twice.
+        let one = file::sibling(path, "redrive.lock");
+        let _only = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&one)
+            .map_err(|e| io("open", &one, e))?;
+        _only.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => RedriveError::Read(format!(
+                "another redrive of {} is running (it holds {})",
+                path.display(),
+                one.display()
+            )),
+            std::fs::TryLockError::Error(e) => io("lock", &one, e),
+        })?;
+        let files = {
+            let _lock = file::lock(path).map_err(|e| io("lock", path, e))?;
+            let live = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+            if live && !self.dry_run {
+                file::rotate(path).map_err(|e| io("move aside", path, e))?;
+            }
+            let mut files =
+                file::rotated(path).map_err(|e| io("list the rotated files of", path, e))?;
+            if live && self.dry_run {
+                files.push((u64::MAX, path.to_owned()));
+            }
+            // Read under the lock: a dry run must not see a line half appended.
+            files
+                .into_iter()
+                .map(|(_, p)| std::fs::read_to_string(&p).map(|t| (p, t)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| io("read", path, e))?
+        };
+        let mut report = Report::default();
+        for (p, text) in files {
+            let mut keep = String::new();
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                report.replayed += 1;
+                if self.one(line.as_bytes()).await? {
+                    report.removed += 1;
+                } else {
+                    report.remaining += 1;
+                    keep.push_str(line);
+                    keep.push('\n');
+                }
+            }
+            if !self.dry_run {
+                rewrite(path, &p, &keep).map_err(|e| io("rewrite", &p, e))?;
+            }
         }
         Ok(report)
     }
@@ -328,6 +377,21 @@ impl Replay<'_> {
         }
         Ok(report)
     }
+}
+
+/// Replaces the rotated file `p` of `live` with `keep` atomically (a temporary file,
+/// fsynced, renamed over it, the directory fsynced), or removes it when `keep` is empty.
+fn rewrite(live: &Path, p: &Path, keep: &str) -> std::io::Result<()> {
+    let _lock = file::lock(live)?;
+    if keep.is_empty() {
+        std::fs::remove_file(p)?;
+    } else {
+        let tmp = file::sibling(p, "redrive.tmp");
+        std::fs::write(&tmp, keep)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, p)?;
+    }
+    file::sync_dir(p)
 }
 
 fn succeeded(r: &Response, item_failures: bool) -> bool {

@@ -9,7 +9,7 @@
 mod env;
 mod types;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -570,10 +570,12 @@ pub struct FileDestination {
     /// The JSON-lines file; created if missing (its directory must exist).
     #[serde(deserialize_with = "env::expand_path")]
     pub path: PathBuf,
-    /// Rotate when the file reaches this many bytes: it becomes `<path>.1`, older ones
-    /// shift to `.2` … and the oldest beyond `keep` is removed. Default: no rotation.
+    /// Rotate when the file reaches this many bytes: it is renamed `<path>.<n>`, n one
+    /// above the highest already there, and kept until an operator removes it (a
+    /// redrive reads it too). Default: no rotation.
     pub rotate_bytes: Option<u64>,
-    /// Rotated files to keep. Default: 5.
+    /// No longer accepted (refused at load): it removed the oldest rotated file, the only
+    /// copy of records already acknowledged. Default: unset.
     pub keep: Option<u32>,
 }
 
@@ -846,6 +848,20 @@ impl Mapping {
                 "mapping {name:?}: on_failure.url is not an AMQP URL: {e}"
             ));
         }
+        if let Some(DestinationConfig::File(f)) = &self.on_failure {
+            if f.keep.is_some() {
+                out.push(format!(
+                    "mapping {name:?}: on_failure.keep is no longer supported: rotated files are kept until an operator removes them \
+                     (removing the oldest lost acknowledged records); remove keep"
+                ));
+            }
+            if f.path.file_name().is_none() {
+                out.push(format!(
+                    "mapping {name:?}: on_failure.path {} does not name a file",
+                    f.path.display()
+                ));
+            }
+        }
     }
 }
 
@@ -879,9 +895,28 @@ impl Config {
             }
         }
         let mut names = HashSet::new();
+        // Two writers rotating one file would each rotate the other's records, and a
+        // redrive would replay them into the wrong function.
+        let mut files: HashMap<PathBuf, &str> = HashMap::new();
         for m in &config.mappings {
             if !names.insert(m.name.as_str()) {
                 problems.push(format!("mapping {:?} is defined twice", m.name));
+            }
+            if let Some(DestinationConfig::File(f)) = &m.on_failure {
+                let key = std::path::absolute(&f.path)
+                    .unwrap_or_else(|_| f.path.clone())
+                    .components()
+                    .collect();
+                match files.get(&key) {
+                    Some(other) if *other != m.name => problems.push(format!(
+                        "mappings {other:?} and {:?} both park into the file {}; give each mapping its own on_failure.path",
+                        m.name,
+                        f.path.display()
+                    )),
+                    _ => {
+                        files.insert(key, &m.name);
+                    }
+                }
             }
             m.problems(&mut problems);
             if let Source::Schedule(s) = &m.source

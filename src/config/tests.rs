@@ -440,3 +440,33 @@ fn schedule_rules_across_fields() {
     assert!(err.contains("not a PostgreSQL URL"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[test]
+fn two_mappings_parking_into_one_file_are_refused_by_name() {
+    let second = GOOD.split("[[mapping]]").nth(1).unwrap();
+    let second = second
+        .replacen("name = \"orders\"", "name = \"refunds\"", 1)
+        .replacen("/tmp/failed.jsonl", "/tmp/./failed.jsonl", 1);
+    let err = parse(&format!("{GOOD}\n[[mapping]]{second}")).unwrap_err();
+    assert!(
+        err.contains(
+            "mappings \"orders\" and \"refunds\" both park into the file /tmp/./failed.jsonl"
+        ),
+        "{err}"
+    );
+    let own = second.replacen("/tmp/./failed.jsonl", "/tmp/refunds.jsonl", 1);
+    parse(&format!("{GOOD}\n[[mapping]]{own}")).unwrap();
+}
+
+#[test]
+fn a_file_destination_refuses_keep_which_deleted_parked_records() {
+    let err = parse(&with(
+        "path = \"/tmp/failed.jsonl\"",
+        "path = \"/tmp/failed.jsonl\"\nrotate_bytes = 1000\nkeep = 5",
+    ))
+    .unwrap_err();
+    assert!(
+        err.contains("mapping \"orders\": on_failure.keep is no longer supported"),
+        "{err}"
+    );
+}

@@ -5,7 +5,7 @@
 //! broker); the pipeline acknowledges the source only after that, and retries a failed
 //! write with backoff for as long as it takes, acknowledging nothing meanwhile.
 
-mod file;
+pub(crate) mod file;
 mod kafka;
 mod lambda;
 mod rabbitmq;
@@ -122,16 +122,14 @@ pub async fn within_limit<'a>(
         .unwrap_or("record")
         .to_owned();
     let path = dir.join(format!("{id}.json"));
-    let io = |source| DestinationError::PayloadDir {
-        dir: dir.to_owned(),
-        source,
-    };
-    tokio::fs::create_dir_all(dir).await.map_err(io)?;
-    let mut f = tokio::fs::File::create(&path).await.map_err(io)?;
-    tokio::io::AsyncWriteExt::write_all(&mut f, record)
+    let (kept, whole) = (path.clone(), record.to_vec());
+    tokio::task::spawn_blocking(move || keep_payload(&kept, &whole))
         .await
-        .map_err(io)?;
-    f.sync_all().await.map_err(io)?;
+        .expect("the payload write does not panic")
+        .map_err(|source| DestinationError::PayloadDir {
+            dir: dir.to_owned(),
+            source,
+        })?;
     if let Some(o) = v.as_object_mut() {
         o.remove("payload");
         o.insert(
@@ -142,6 +140,25 @@ pub async fn within_limit<'a>(
     Ok(Cow::Owned(
         serde_json::to_vec(&v).expect("JSON value to bytes"),
     ))
+}
+
+/// Writes `record` to `path` whole or not at all: into a temporary file that is fsynced,
+/// renamed into place and its directory fsynced, each result checked (tokio's `File`
+/// would report a failed write only on the next call).
+fn keep_payload(path: &Path, record: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().expect("a payload file is inside payload_dir");
+    std::fs::create_dir_all(dir)?;
+    let tmp = file::sibling(path, "tmp");
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(record).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| file::sync_dir(path));
+    if written.is_err() {
+        // Frees the space for the retry: nothing refers to a file that was not parked.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Why records were parked (AWS's `requestContext.condition`).

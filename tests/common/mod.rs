@@ -638,3 +638,23 @@ pub fn failure_records(path: &Path) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).expect("failure record line"))
         .collect()
 }
+
+/// Runs `esm-gateway redrive` for the mapping "test" of `config` with `extra` arguments;
+/// asserts that it succeeded and returns its output.
+pub fn redrive(config: &Path, extra: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_esm-gateway"))
+        .args(["redrive", "--config"])
+        .arg(config)
+        .args(["--mapping", "test"])
+        .args(extra)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

@@ -6,6 +6,7 @@ EventBridgeModel), so a missing field fails the invoke; appends one JSON line pe
 to $LOG_FILE, and then behaves as its environment says:
   POISON=b1,b2      raise if any of these bodies is in the batch (with $ERROR_MESSAGE
                     as the error message, when set)
+  FAIL_ALL=1        raise on every batch (RabbitMQ, Kafka or SQS)
   FAIL_ONCE=b1,b2   report these bodies as batchItemFailures (by messageId) the first
                     time each is seen (marker files in $STATE_DIR)
   SLEEP_MS=n        sleep this long per invoke
@@ -29,6 +30,13 @@ PROPS = ("content_type", "content_encoding", "headers", "delivery_mode", "priori
 
 def _set(name):
     return {b for b in os.environ.get(name, "").split(",") if b}
+
+
+def _poison(bodies):
+    """The bodies this invoke fails on: every one with FAIL_ALL, else those in POISON."""
+    if os.environ.get("FAIL_ALL"):
+        return set(bodies)
+    return _set("POISON") & set(bodies)
 
 
 def _finish(line, what, poison, failures):
@@ -116,7 +124,7 @@ def sqs_handler(event):
 
     model = parse(event=copy.deepcopy(event), model=SqsModel)
     bodies = [r.body for r in model.Records]
-    poison = _set("POISON") & set(bodies)
+    poison = _poison(bodies)
     for r in model.Records:
         assert r.eventSource == "aws:sqs" and r.eventSourceARN.startswith("arn:aws:sqs:"), r
     failures = [{"itemIdentifier": r.messageId} for r in model.Records if _fail_once(r.body)]
@@ -137,7 +145,7 @@ def kafka_handler(event):
     records = kafka(event)
     bodies = [r.value.decode("utf-8", errors="replace") if isinstance(r.value, bytes) else str(r.value)
               for r in records]
-    poison = _set("POISON") & set(bodies)
+    poison = _poison(bodies)
     failures = [{"itemIdentifier": {"partition": f"{r.topic}-{r.partition}", "offset": r.offset}}
                 for body, r in zip(bodies, records) if _fail_once(body)]
     time.sleep(int(os.environ.get("SLEEP_MS", "0")) / 1000)
@@ -168,7 +176,7 @@ def rabbit_handler(event):
             messages.append((raw.decode("utf-8", errors="replace"), props.message_id, m.redelivered))
     bodies = [b for b, _, _ in messages]
 
-    poison = _set("POISON") & set(bodies)
+    poison = _poison(bodies)
     failures = [{"itemIdentifier": message_id} for body, message_id, _ in messages if _fail_once(body)]
 
     time.sleep(int(os.environ.get("SLEEP_MS", "0")) / 1000)
