@@ -733,6 +733,16 @@ impl Mapping {
                         self.batch_size()
                     ));
                 }
+                // Without a destination an exhausted half goes back to the queue, while
+                // the half after it may already be delivered and deleted: the group's
+                // order would be lost.
+                if q.is_fifo() && r.bisect_on_error && self.on_failure.is_none() {
+                    out.push(format!(
+                        "mapping {name:?}: retry.bisect_on_error on a FIFO queue needs an on_failure destination: \
+                         without one, a failed first half returns to the queue after the second half was deleted, \
+                         which reorders the message group; set on_failure or remove retry.bisect_on_error"
+                    ));
+                }
             }
             Source::Schedule(s) => {
                 if r.max_attempts
