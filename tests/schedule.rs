@@ -284,23 +284,73 @@ fn successes_of_one_fire(f: &Function, tick: DateTime<Utc>) -> usize {
     invocations.iter().filter(|i| i.ok).count()
 }
 
+/// One tick of a fresh function (deployed with `vars`), with a 2 s lease on the shared
+/// ledger or (`store` false) no store.
+struct OneTick {
+    f: Function,
+    parked: std::path::PathBuf,
+    name: String,
+    config: String,
+    tick: DateTime<Utc>,
+}
+
+impl OneTick {
+    async fn new(prefix: &str, vars: &[(&str, &str)], store: bool) -> OneTick {
+        let f = Function::deploy(prefix, vars).await;
+        let parked = f.dir.path().join("parked.jsonl");
+        let name = unique(prefix);
+        let head = if store {
+            format!(
+                "[schedules]\nstore = \"{}\"\nlease = \"2s\"",
+                postgres_url()
+            )
+        } else {
+            String::new()
+        };
+        let (config, tick) = one_tick_config(&name, &f, &parked, &head);
+        OneTick {
+            f,
+            parked,
+            name,
+            config,
+            tick,
+        }
+    }
+
+    /// Starts a gateway on the config and waits for the fire's first (failed) attempt.
+    async fn start_until_first_attempt(&self) -> Gateway {
+        let gw = Gateway::start(&self.config);
+        wait_for("the first failed attempt", LONG, || {
+            (!self.f.invocations().is_empty()).then_some(())
+        })
+        .await;
+        gw
+    }
+
+    async fn wait_delivered(&self) {
+        wait_for("the fire delivered", LONG, || {
+            self.f.invocations().iter().any(|i| i.ok).then_some(())
+        })
+        .await;
+    }
+
+    /// The count: the one fire delivered once, nothing parked.
+    fn assert_delivered_once(&self) {
+        assert_eq!(
+            successes_of_one_fire(&self.f, self.tick),
+            1,
+            "delivered once"
+        );
+        assert_eq!(failure_records(&self.parked).len(), 0, "nothing parked");
+    }
+}
+
 /// A gateway stopped (`kill9`, else SIGTERM) while its fire retries; a second one on the
 /// same ledger resumes it: the fire ends delivered exactly once, nothing parked.
 async fn a_fire_interrupted_during_retries_is_resumed(kill9: bool) {
     // Three failures: the first gateway sees at least one, the second the rest.
-    let f = Function::deploy("schedresume", &[("FAIL_SCHEDULE_TIMES", "3")]).await;
-    let parked = f.dir.path().join("parked.jsonl");
-    let name = unique("resume");
-    let head = format!(
-        "[schedules]\nstore = \"{}\"\nlease = \"2s\"",
-        postgres_url()
-    );
-    let (config, tick) = one_tick_config(&name, &f, &parked, &head);
-    let a = Gateway::start(&config);
-    wait_for("the first failed attempt", LONG, || {
-        (!f.invocations().is_empty()).then_some(())
-    })
-    .await;
+    let t = OneTick::new("schedresume", &[("FAIL_SCHEDULE_TIMES", "3")], true).await;
+    let a = t.start_until_first_attempt().await;
     if kill9 {
         a.kill9();
     } else {
@@ -313,20 +363,16 @@ async fn a_fire_interrupted_during_retries_is_resumed(kill9: bool) {
             .any(|l| l.contains("its lease is released"));
         assert!(released, "the stopped gateway released its lease");
     }
-    let b = Gateway::start(&config);
-    wait_for("the fire delivered", LONG, || {
-        f.invocations().iter().any(|i| i.ok).then_some(())
-    })
-    .await;
+    let b = Gateway::start(&t.config);
+    t.wait_delivered().await;
     b.wait_log("resuming a fire", LONG).await;
     assert_eq!(b.terminate().await.code(), Some(0));
 
-    assert_eq!(successes_of_one_fire(&f, tick), 1, "delivered once");
+    t.assert_delivered_once();
     assert!(
-        f.invocations().len() >= 4,
+        t.f.invocations().len() >= 4,
         "three failures, then the success"
     );
-    assert_eq!(failure_records(&parked).len(), 0, "nothing parked");
 }
 
 #[tokio::test]
@@ -342,18 +388,13 @@ async fn a_fire_stopped_during_its_retries_is_resumed_by_another_gateway() {
 /// Without a ledger nothing can resume a fire: shutdown during its retries parks it.
 #[tokio::test]
 async fn without_a_store_shutdown_during_retries_parks_the_fire() {
-    let f = Function::deploy("schedstop", &[("FAIL_SCHEDULE", "1")]).await;
-    let parked = f.dir.path().join("parked.jsonl");
-    let (config, tick) = one_tick_config(&unique("stop"), &f, &parked, "");
-    let gw = Gateway::start(&config);
-    wait_for("the first failed attempt", LONG, || {
-        (!f.invocations().is_empty()).then_some(())
-    })
-    .await;
+    let t = OneTick::new("schedstop", &[("FAIL_SCHEDULE", "1")], false).await;
+    let gw = t.start_until_first_attempt().await;
     assert_eq!(gw.terminate().await.code(), Some(0));
+    let (f, parked, tick) = (&t.f, &t.parked, t.tick);
 
-    assert_eq!(successes_of_one_fire(&f, tick), 0);
-    let records = failure_records(&parked);
+    assert_eq!(successes_of_one_fire(f, tick), 0);
+    let records = failure_records(parked);
     assert_eq!(records.len(), 1, "the fire is parked: {records:?}");
     let r = &records[0];
     assert_eq!(
@@ -452,4 +493,23 @@ async fn the_ledger_migrates_an_old_table_and_keeps_a_lost_claim_reply_ours() {
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await
         .unwrap();
+}
+
+/// Disabling a schedule during its fire's retries releases the fire; enabling it again
+/// resumes it in the same process: delivered once, nothing parked.
+#[tokio::test]
+async fn a_fire_disabled_during_its_retries_is_resumed_when_enabled() {
+    let t = OneTick::new("scheddisable", &[("FAIL_SCHEDULE_TIMES", "2")], true).await;
+    let gw = t.start_until_first_attempt().await;
+    // Returns once the mapping's fires stopped.
+    let (status, body) = gw.post(&format!("/mappings/{}/disable", t.name), Some(ADMIN_TOKEN));
+    assert_eq!(status, 200, "{body}");
+    assert!(gw.log_contains("its lease is released"));
+    let (status, body) = gw.post(&format!("/mappings/{}/enable", t.name), Some(ADMIN_TOKEN));
+    assert_eq!(status, 200, "{body}");
+    t.wait_delivered().await;
+    assert!(gw.log_contains("resuming a fire"));
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    t.assert_delivered_once();
 }

@@ -417,6 +417,19 @@ fn schedule_rules_across_fields() {
     .unwrap_err();
     assert!(err.contains("not a PostgreSQL URL"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
+    assert_eq!(
+        parse(SCHEDULE).unwrap().schedules.lease,
+        Duration::from_secs(30)
+    );
+    let err = parse(&SCHEDULE.replace(
+        "postgres://postgres@127.0.0.1:5432/postgres\"",
+        "postgres://postgres@127.0.0.1:5432/postgres\"\nlease = \"500ms\"",
+    ))
+    .unwrap_err();
+    assert!(
+        err.contains("[schedules] lease must be at least 1s, got 500ms"),
+        "{err}"
+    );
 }
 
 /// Bisection halves a FIFO batch and retries the halves in order; without a destination

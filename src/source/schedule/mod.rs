@@ -454,6 +454,13 @@ async fn run_fire(
     shutdown: &CancellationToken,
 ) {
     let name = &s.when.name;
+    let _running = match &store {
+        Some(store) => match store.deliver_once(name, scheduled) {
+            Some(guard) => Some(guard),
+            None => return,
+        },
+        None => None,
+    };
     let now = tokio::time::Instant::now();
     let record = Record {
         key: None,
@@ -589,6 +596,12 @@ async fn adopt(
                 }
             };
             for o in orphans {
+                // Our own lease, expired while the store was unreachable, on a fire this
+                // process still delivers: it is ours again, and already running. (The
+                // guard taken here drops at once; run_fire takes its own.)
+                if store.deliver_once(name, o.scheduled).is_none() {
+                    continue;
+                }
                 let age = (Utc::now() - o.scheduled).to_std().unwrap_or_default();
                 tracing::info!(mapping = %name, scheduled = %rfc3339(o.scheduled), execution_id = %o.execution_id,
                     "resuming a fire another replica or run left unfinished");

@@ -12,6 +12,8 @@
 //! an earlier version gets the lease columns added (its rows, with no lease, count as
 //! finished).
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -60,7 +62,26 @@ pub struct Store {
     owner: String,
     /// How long a claim stays this replica's without a renewal.
     lease: Duration,
-    client: Mutex<Option<std::sync::Arc<Client>>>,
+    /// Fires this process is delivering: a lease that expired while the store was
+    /// unreachable comes back to this same owner, and must not start a second delivery.
+    running: Arc<std::sync::Mutex<HashSet<FireKey>>>,
+    client: Mutex<Option<Arc<Client>>>,
+}
+
+/// (schedule, scheduled time): one fire.
+type FireKey = (String, DateTime<Utc>);
+
+/// A fire this process is delivering (see [`Store::deliver_once`]).
+pub struct Running {
+    set: Arc<std::sync::Mutex<HashSet<FireKey>>>,
+    key: FireKey,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.key);
+    }
 }
 
 impl Store {
@@ -77,11 +98,12 @@ impl Store {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
             lease,
+            running: Arc::default(),
             client: Mutex::new(None),
         }
     }
 
-    async fn client(&self) -> Result<std::sync::Arc<Client>, StoreError> {
+    async fn client(&self) -> Result<Arc<Client>, StoreError> {
         let mut slot = self.client.lock().await;
         if let Some(c) = slot.as_ref()
             && !c.is_closed()
@@ -117,7 +139,7 @@ impl Store {
                 }
             }
         }
-        let client = std::sync::Arc::new(client);
+        let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)
     }
@@ -127,6 +149,17 @@ impl Store {
             url: self.url.to_string(),
             message: e.to_string(),
         }
+    }
+
+    /// Marks a fire as being delivered by this process until the guard drops; None if it
+    /// already is.
+    pub fn deliver_once(&self, schedule: &str, at: DateTime<Utc>) -> Option<Running> {
+        let key = (schedule.to_owned(), at);
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.insert(key.clone()).then(|| Running {
+            set: self.running.clone(),
+            key,
+        })
     }
 
     pub fn lease(&self) -> Duration {
