@@ -554,8 +554,9 @@ async fn renew(
     }
 }
 
-/// Marks a resolved fire finished, retrying while the store is unreachable; a fire left
-/// unfinished is resumed by a replica once its lease expires (a second delivery).
+/// Marks a resolved fire finished, retrying while the store is unreachable until
+/// shutdown (even past the lease: until a replica takes the fire over, finishing it still
+/// saves a second delivery); a fire left unfinished is resumed and delivered again.
 async fn finish(name: &str, scheduled: DateTime<Utc>, store: &Store, shutdown: &CancellationToken) {
     let mut tries = 0u32;
     loop {
@@ -566,7 +567,7 @@ async fn finish(name: &str, scheduled: DateTime<Utc>, store: &Store, shutdown: &
                 tracing::warn!(mapping = %name, scheduled = %rfc3339(scheduled), error = %e,
                     "cannot mark a delivered fire finished; retrying");
                 let delay = Duration::from_millis(100).saturating_mul(1 << tries.min(6));
-                if delay > store.lease() || shutdown.is_cancelled() {
+                if shutdown.is_cancelled() {
                     tracing::error!(mapping = %name, scheduled = %rfc3339(scheduled),
                         "a delivered fire is not marked finished; it is fired again when its lease expires");
                     return;
