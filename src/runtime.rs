@@ -191,11 +191,12 @@ impl Env {
             sdk,
             region,
             account: config.account_id().to_owned(),
-            store: config
-                .schedules
-                .store
-                .as_ref()
-                .map(|url| Arc::new(crate::source::schedule::store::Store::new(url))),
+            store: config.schedules.store.as_ref().map(|url| {
+                Arc::new(crate::source::schedule::store::Store::new(
+                    url,
+                    config.schedules.lease,
+                ))
+            }),
         })
     }
 }

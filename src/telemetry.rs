@@ -27,6 +27,8 @@
 //! - `esm_gateway_records_dropped_total`: schedule fires that ran out of retries with no destination
 //! - `esm_gateway_schedule_fires_total`, `esm_gateway_schedule_fire_delay_seconds`: fires this
 //!   replica made, and the delay from scheduled time to invoke start
+//! - `esm_gateway_schedule_resumed_fires_total`: unfinished fires (their replica died or
+//!   stopped during the retries) that this replica took over and resumed
 //!
 //! Process-wide: `esm_gateway_config_reloads_total{outcome}`, `esm_gateway_build_info`,
 //! and the standard `process_*` series (rendered from /proc at scrape time).

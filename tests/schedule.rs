@@ -235,3 +235,281 @@ async fn two_gateways_sharing_postgres_fire_every_tick_exactly_once() {
         );
     }
 }
+
+/// A rate schedule with one tick a few seconds from now (its start; its end is before the
+/// next), a function failing its first `fails` invokes of that tick, retries every 1-2 s
+/// and a file destination; `head` goes before the mapping.
+fn one_tick_config(
+    name: &str,
+    f: &Function,
+    parked: &std::path::Path,
+    head: &str,
+) -> (String, DateTime<Utc>) {
+    let start = DateTime::from_timestamp(Utc::now().timestamp() + 4, 0).unwrap();
+    let config = schedule_config(
+        name,
+        &f.name,
+        head,
+        &format!(
+            "expression = \"rate(1 hour)\"\nstart = \"{}\"\nend = \"{}\"",
+            start.to_rfc3339_opts(SecondsFormat::Secs, true),
+            (start + TimeDelta::seconds(30)).to_rfc3339_opts(SecondsFormat::Secs, true)
+        ),
+        &format!(
+            r#"
+[mapping.retry]
+backoff_min = "2s"
+backoff_max = "2s"
+
+[mapping.on_failure]
+type = "file"
+path = "{}"
+"#,
+            parked.display()
+        ),
+    );
+    (config, start)
+}
+
+/// Every invoke was of the one tick and one fire (one execution id); returns how many
+/// succeeded.
+fn successes_of_one_fire(f: &Function, tick: DateTime<Utc>) -> usize {
+    let invocations = f.invocations();
+    let ids: HashSet<String> = invocations
+        .iter()
+        .map(|i| i.event.as_ref().unwrap()["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 1, "one fire, one execution id: {ids:?}");
+    assert!(scheduled_times(f).iter().all(|t| *t == tick));
+    invocations.iter().filter(|i| i.ok).count()
+}
+
+/// One tick of a fresh function (deployed with `vars`), with a 2 s lease on the shared
+/// ledger or (`store` false) no store.
+struct OneTick {
+    f: Function,
+    parked: std::path::PathBuf,
+    name: String,
+    config: String,
+    tick: DateTime<Utc>,
+}
+
+impl OneTick {
+    async fn new(prefix: &str, vars: &[(&str, &str)], store: bool) -> OneTick {
+        let f = Function::deploy(prefix, vars).await;
+        let parked = f.dir.path().join("parked.jsonl");
+        let name = unique(prefix);
+        let head = if store {
+            format!(
+                "[schedules]\nstore = \"{}\"\nlease = \"2s\"",
+                postgres_url()
+            )
+        } else {
+            String::new()
+        };
+        let (config, tick) = one_tick_config(&name, &f, &parked, &head);
+        OneTick {
+            f,
+            parked,
+            name,
+            config,
+            tick,
+        }
+    }
+
+    /// Starts a gateway on the config and waits for the fire's first (failed) attempt.
+    async fn start_until_first_attempt(&self) -> Gateway {
+        let gw = Gateway::start(&self.config);
+        wait_for("the first failed attempt", LONG, || {
+            (!self.f.invocations().is_empty()).then_some(())
+        })
+        .await;
+        gw
+    }
+
+    async fn wait_delivered(&self) {
+        wait_for("the fire delivered", LONG, || {
+            self.f.invocations().iter().any(|i| i.ok).then_some(())
+        })
+        .await;
+    }
+
+    /// The count: the one fire delivered once, nothing parked.
+    fn assert_delivered_once(&self) {
+        assert_eq!(
+            successes_of_one_fire(&self.f, self.tick),
+            1,
+            "delivered once"
+        );
+        assert_eq!(failure_records(&self.parked).len(), 0, "nothing parked");
+    }
+}
+
+/// A gateway stopped (`kill9`, else SIGTERM) while its fire retries; a second one on the
+/// same ledger resumes it: the fire ends delivered exactly once, nothing parked.
+async fn a_fire_interrupted_during_retries_is_resumed(kill9: bool) {
+    // Three failures: the first gateway sees at least one, the second the rest.
+    let t = OneTick::new("schedresume", &[("FAIL_SCHEDULE_TIMES", "3")], true).await;
+    let a = t.start_until_first_attempt().await;
+    if kill9 {
+        a.kill9();
+    } else {
+        let logs = a.logs.clone();
+        assert_eq!(a.terminate().await.code(), Some(0));
+        let released = logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("its lease is released"));
+        assert!(released, "the stopped gateway released its lease");
+    }
+    let b = Gateway::start(&t.config);
+    t.wait_delivered().await;
+    b.wait_log("resuming a fire", LONG).await;
+    assert_eq!(b.terminate().await.code(), Some(0));
+
+    t.assert_delivered_once();
+    assert!(
+        t.f.invocations().len() >= 4,
+        "three failures, then the success"
+    );
+}
+
+#[tokio::test]
+async fn a_fire_killed_during_its_retries_is_resumed_by_another_gateway() {
+    a_fire_interrupted_during_retries_is_resumed(true).await;
+}
+
+#[tokio::test]
+async fn a_fire_stopped_during_its_retries_is_resumed_by_another_gateway() {
+    a_fire_interrupted_during_retries_is_resumed(false).await;
+}
+
+/// Without a ledger nothing can resume a fire: shutdown during its retries parks it.
+#[tokio::test]
+async fn without_a_store_shutdown_during_retries_parks_the_fire() {
+    let t = OneTick::new("schedstop", &[("FAIL_SCHEDULE", "1")], false).await;
+    let gw = t.start_until_first_attempt().await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let (f, parked, tick) = (&t.f, &t.parked, t.tick);
+
+    assert_eq!(successes_of_one_fire(f, tick), 0);
+    let records = failure_records(parked);
+    assert_eq!(records.len(), 1, "the fire is parked: {records:?}");
+    let r = &records[0];
+    assert_eq!(
+        r["ScheduleInfo"]["executionId"],
+        f.invocations()[0].event.as_ref().unwrap()["id"]
+    );
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("stopped during the fire's retries"),
+        "{r}"
+    );
+    assert_eq!(
+        r["requestContext"]["approximateInvokeCount"],
+        f.invocations().len()
+    );
+}
+
+/// The ledger, driven directly in a schema of its own that starts with the table of an
+/// earlier version: the lease columns are added, its old rows count as finished, a claim
+/// retried after a lost reply is still ours, and an expired lease is taken over once.
+#[tokio::test]
+async fn the_ledger_migrates_an_old_table_and_keeps_a_lost_claim_reply_ours() {
+    use esm_gateway::config::SecretUrl;
+    use esm_gateway::source::schedule::store::{Orphan, Store};
+
+    let schema = unique("ledger").replace('-', "_");
+    let (admin, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema};
+             CREATE TABLE {schema}.esm_gateway_schedule_fires (
+                 schedule text NOT NULL, scheduled_time timestamptz NOT NULL,
+                 fired_at timestamptz NOT NULL DEFAULT now(), owner text NOT NULL,
+                 PRIMARY KEY (schedule, scheduled_time));
+             INSERT INTO {schema}.esm_gateway_schedule_fires VALUES ('s', '2026-01-01T00:00:00Z', now(), 'old')"
+        ))
+        .await
+        .unwrap();
+    let sep = if postgres_url().contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    let url = SecretUrl::new(format!(
+        "{}{sep}options=-csearch_path%3D{schema}",
+        postgres_url()
+    ));
+    let a = Store::new(&url, Duration::from_secs(1));
+    let b = Store::new(&url, Duration::from_secs(1));
+    let tick: DateTime<Utc> = "2026-06-01T00:00:00Z".parse().unwrap();
+
+    assert!(a.claim("s", tick, "exec-1").await.unwrap());
+    // The reply to that insert was lost and it is tried again: still ours.
+    assert!(a.claim("s", tick, "exec-1").await.unwrap());
+    assert!(
+        !b.claim("s", tick, "exec-2").await.unwrap(),
+        "another replica's"
+    );
+    assert!(b.take_over("s").await.unwrap().is_empty(), "a live lease");
+
+    // `a` dies; once its lease expires `b` takes the fire over, and only once.
+    assert!(a.renew("s", tick).await.unwrap());
+    // The lease is a time in the database: poll for it, as wait_for does.
+    let orphans = tokio::time::timeout(LONG, async {
+        loop {
+            let o = b.take_over("s").await.unwrap();
+            if !o.is_empty() {
+                return o;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the lease to expire");
+    assert!(
+        b.take_over("s").await.unwrap().is_empty(),
+        "taken over once"
+    );
+    assert_eq!(
+        orphans,
+        [Orphan {
+            scheduled: tick,
+            execution_id: "exec-1".into()
+        }],
+        "the old row, with no lease, is not resumed"
+    );
+    assert!(!a.renew("s", tick).await.unwrap(), "no longer a's");
+    b.finish("s", tick).await.unwrap();
+    assert!(!b.renew("s", tick).await.unwrap(), "finished");
+    admin
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+/// Disabling a schedule during its fire's retries releases the fire; enabling it again
+/// resumes it in the same process: delivered once, nothing parked.
+#[tokio::test]
+async fn a_fire_disabled_during_its_retries_is_resumed_when_enabled() {
+    let t = OneTick::new("scheddisable", &[("FAIL_SCHEDULE_TIMES", "2")], true).await;
+    let gw = t.start_until_first_attempt().await;
+    // Returns once the mapping's fires stopped.
+    let (status, body) = gw.post(&format!("/mappings/{}/disable", t.name), Some(ADMIN_TOKEN));
+    assert_eq!(status, 200, "{body}");
+    assert!(gw.log_contains("its lease is released"));
+    let (status, body) = gw.post(&format!("/mappings/{}/enable", t.name), Some(ADMIN_TOKEN));
+    assert_eq!(status, 200, "{body}");
+    t.wait_delivered().await;
+    assert!(gw.log_contains("resuming a fire"));
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    t.assert_delivered_once();
+}

@@ -61,13 +61,31 @@ pub struct Config {
 }
 
 /// `[schedules]`
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulesConfig {
     /// PostgreSQL URL of the fire ledger that lets several replicas fire each scheduled
     /// time once, e.g. "postgres://gateway:${PGPASSWORD}@db:5432/gateway" (`${ENV}` is
     /// expanded). Default: none; a single process needs none.
     pub store: Option<SecretUrl>,
+    /// With a store: how long a claimed fire stays this replica's without a renewal (it
+    /// is renewed every third of this while the fire retries). A fire whose replica died
+    /// is resumed by another one this long after its last renewal. Default: "30s".
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for SchedulesConfig {
+    fn default() -> Self {
+        Self {
+            store: None,
+            lease: default_lease(),
+        }
+    }
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[aws]`
@@ -766,6 +784,16 @@ impl Mapping {
                         self.batch_size()
                     ));
                 }
+                // Without a destination an exhausted half goes back to the queue, while
+                // the half after it may already be delivered and deleted: the group's
+                // order would be lost.
+                if q.is_fifo() && r.bisect_on_error && self.on_failure.is_none() {
+                    out.push(format!(
+                        "mapping {name:?}: retry.bisect_on_error on a FIFO queue needs an on_failure destination: \
+                         without one, a failed first half returns to the queue after the second half was deleted, \
+                         which reorders the message group; set on_failure or remove retry.bisect_on_error"
+                    ));
+                }
             }
             Source::Schedule(s) => {
                 if r.max_attempts
@@ -928,6 +956,12 @@ impl Config {
                     m.name
                 ));
             }
+        }
+        if config.schedules.lease < Duration::from_secs(1) {
+            problems.push(format!(
+                "[schedules] lease must be at least 1s, got {}",
+                humantime::format_duration(config.schedules.lease)
+            ));
         }
         if let Some(store) = &config.schedules.store
             && let Err(e) = store.expose().parse::<tokio_postgres::Config>()

@@ -439,6 +439,48 @@ fn schedule_rules_across_fields() {
     .unwrap_err();
     assert!(err.contains("not a PostgreSQL URL"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
+    assert_eq!(
+        parse(SCHEDULE).unwrap().schedules.lease,
+        Duration::from_secs(30)
+    );
+    let err = parse(&SCHEDULE.replace(
+        "postgres://postgres@127.0.0.1:5432/postgres\"",
+        "postgres://postgres@127.0.0.1:5432/postgres\"\nlease = \"500ms\"",
+    ))
+    .unwrap_err();
+    assert!(
+        err.contains("[schedules] lease must be at least 1s, got 500ms"),
+        "{err}"
+    );
+}
+
+/// Bisection halves a FIFO batch and retries the halves in order; without a destination
+/// a half that runs out of retries goes back to the queue while the later half was
+/// already delivered and deleted, so the group would be reordered.
+#[test]
+fn a_fifo_queue_refuses_bisection_without_a_destination() {
+    let fifo = |url: &str, extra: &str| {
+        format!(
+            "[[mapping]]\nname = \"fifo-orders\"\nfunction = \"f\"\n\
+             source = {{ type = \"sqs\", queue_url = \"{url}\" }}\n\
+             retry = {{ bisect_on_error = true }}\n{extra}"
+        )
+    };
+    let err = parse(&fifo("http://127.0.0.1:4566/000000000000/q.fifo", "")).unwrap_err();
+    for want in [
+        "mapping \"fifo-orders\"",
+        "retry.bisect_on_error",
+        "on_failure",
+        "FIFO",
+    ] {
+        assert!(err.contains(want), "{err:?} lacks {want:?}");
+    }
+    parse(&fifo("http://127.0.0.1:4566/000000000000/q", "")).unwrap();
+    parse(&fifo(
+        "http://127.0.0.1:4566/000000000000/q.fifo",
+        "on_failure = { type = \"file\", path = \"/tmp/p.jsonl\" }\n",
+    ))
+    .unwrap();
 }
 
 #[test]

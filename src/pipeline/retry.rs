@@ -60,6 +60,16 @@ impl Policy {
 pub struct Outcome {
     pub resolved: Vec<(Record, Resolution)>,
     pub unresolved: Vec<Record>,
+    /// The most invokes any unresolved record took part in: what a source that parks
+    /// them itself (a schedule without a ledger) reports as the invoke count.
+    pub unresolved_invokes: u32,
+}
+
+impl Outcome {
+    fn leave(&mut self, piece: Piece) {
+        self.unresolved_invokes = self.unresolved_invokes.max(piece.invokes);
+        self.unresolved.extend(piece.records);
+    }
 }
 
 /// Everything needed to deliver a mapping's batches (cheap to clone: a partitioned
@@ -125,7 +135,7 @@ impl Deliverer {
                 Ok(Some(p)) => p,
                 Ok(None) => continue,
                 Err(p) => {
-                    out.unresolved.extend(p.records);
+                    out.leave(p);
                     break;
                 }
             };
@@ -141,7 +151,7 @@ impl Deliverer {
                     tokio::select! {
                         () = tokio::time::sleep(delay) => work.push_front(piece),
                         () = shutdown.cancelled() => {
-                            out.unresolved.extend(piece.records);
+                            out.leave(piece);
                             break;
                         }
                     }
@@ -158,7 +168,7 @@ impl Deliverer {
                         )
                         .await
                     {
-                        out.unresolved.extend(p.records);
+                        out.leave(p);
                         break;
                     }
                 }
@@ -166,7 +176,39 @@ impl Deliverer {
         }
         // What the shutdown left behind.
         for piece in work {
-            out.unresolved.extend(piece.records);
+            out.leave(piece);
+        }
+        out
+    }
+
+    /// Parks records that a shutdown interrupted, for a source with nowhere to leave
+    /// them (a schedule without a ledger): like an exhausted piece, retrying the
+    /// destination until it confirms or `give_up` is cancelled, when they stay unresolved.
+    pub async fn park_interrupted(
+        &self,
+        records: Vec<Record>,
+        invokes: u32,
+        error: &str,
+        give_up: &CancellationToken,
+    ) -> Outcome {
+        let mut out = Outcome::default();
+        let piece = Piece {
+            records,
+            failures: 0,
+            invokes,
+        };
+        if let Err(p) = self
+            .park(
+                piece,
+                Condition::RetryAttemptsExhausted,
+                None,
+                error,
+                &mut out,
+                give_up,
+            )
+            .await
+        {
+            out.leave(p);
         }
         out
     }

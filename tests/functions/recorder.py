@@ -11,6 +11,8 @@ to $LOG_FILE, and then behaves as its environment says:
                     time each is seen (marker files in $STATE_DIR)
   SLEEP_MS=n        sleep this long per invoke
   FAIL_SCHEDULE=1   raise on every scheduled event
+  FAIL_SCHEDULE_TIMES=n  raise on the first n invokes of each scheduled time (counted
+                    in $STATE_DIR, so across gateways)
 A scheduled event (anything that is neither RabbitMQ nor Kafka: the Scheduled Event or a
 schedule's own input) is logged whole, with its "time" as the one body.
 """
@@ -61,6 +63,17 @@ def _fail_once(body):
     return True
 
 
+def _fail_first(time_):
+    """True for the first FAIL_SCHEDULE_TIMES invokes of a scheduled time."""
+    n = int(os.environ.get("FAIL_SCHEDULE_TIMES", "0"))
+    if n == 0:
+        return False
+    counter = os.path.join(os.environ.get("STATE_DIR", ""), "tries-" + time_.replace(":", "-"))
+    with open(counter, "a") as f:
+        f.write("x")
+    return os.path.getsize(counter) <= n
+
+
 def kafka(event):
     """A self-managed Kafka event, validated by Powertools' parser model."""
     from aws_lambda_powertools.utilities.parser import parse
@@ -100,7 +113,7 @@ def schedule_handler(event):
         model = parse(event=copy.deepcopy(event), model=EventBridgeModel)
         assert model.source == "aws.events", model.source
         assert model.detail_type == "Scheduled Event", model.detail_type
-    fail = bool(os.environ.get("FAIL_SCHEDULE"))
+    fail = bool(os.environ.get("FAIL_SCHEDULE")) or _fail_first(str(event.get("time")))
     line = {
         "bodies": [str(event.get("time"))],
         "redelivered": [],

@@ -1,10 +1,20 @@
 //! The PostgreSQL ledger of schedule fires: one row per (schedule, scheduled time).
 //!
-//! A replica fires a tick only if its `INSERT … ON CONFLICT DO NOTHING` inserted the row,
-//! so each tick fires once however many replicas compute it. The rows are also the
-//! history the missed-fire policy reads at start-up. One connection, opened on first use
-//! and reopened after it breaks; tokio-postgres pipelines concurrent claims over it. The
-//! table is created if missing.
+//! A row is a claim and a lease. A replica fires a tick only if its insert made the row
+//! (or found a row of its own execution id and owner: a claim whose reply was lost is
+//! still ours). The owner renews `lease_until` while the fire retries and sets
+//! `finished_at` when the fire is delivered, parked or dropped; a row left unfinished
+//! with its lease expired (the owner crashed, or released it on shutdown) is taken over
+//! by the next replica that looks, which resumes the fire under the same execution id.
+//! The rows are also the history the missed-fire policy reads at start-up. One
+//! connection, opened on first use and reopened after it breaks; tokio-postgres
+//! pipelines concurrent queries over it. The table is created if missing, and a table of
+//! an earlier version gets the lease columns added (its rows, with no lease, count as
+//! finished).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
@@ -21,6 +31,22 @@ const TABLE: &str = "CREATE TABLE IF NOT EXISTS esm_gateway_schedule_fires (
     PRIMARY KEY (schedule, scheduled_time)
 )";
 
+/// The lease columns, added to a ledger created by an earlier version.
+const MIGRATE: &str = "ALTER TABLE esm_gateway_schedule_fires
+    ADD COLUMN IF NOT EXISTS execution_id text,
+    ADD COLUMN IF NOT EXISTS lease_until  timestamptz,
+    ADD COLUMN IF NOT EXISTS finished_at  timestamptz";
+
+/// `now()` plus the lease (bound as float seconds).
+const LEASE_END: &str = "now() + make_interval(secs => $LEASE::float8)";
+
+/// A fire some replica claimed and did not finish, whose lease expired: now ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub scheduled: DateTime<Utc>,
+    pub execution_id: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("schedule store {url} is unreachable: {message}")]
@@ -31,25 +57,53 @@ pub enum StoreError {
 
 pub struct Store {
     url: SecretUrl,
-    /// Who claimed a row (host:pid), for people reading the table.
+    /// This replica (host:pid and a random suffix, since two containers may both run as
+    /// pid 1 on hosts of one name): a lease is renewed, released or taken by owner.
     owner: String,
-    client: Mutex<Option<std::sync::Arc<Client>>>,
+    /// How long a claim stays this replica's without a renewal.
+    lease: Duration,
+    /// Fires this process is delivering: a lease that expired while the store was
+    /// unreachable comes back to this same owner, and must not start a second delivery.
+    running: Arc<std::sync::Mutex<HashSet<FireKey>>>,
+    client: Mutex<Option<Arc<Client>>>,
+}
+
+/// (schedule, scheduled time): one fire.
+type FireKey = (String, DateTime<Utc>);
+
+/// A fire this process is delivering (see [`Store::deliver_once`]).
+pub struct Running {
+    set: Arc<std::sync::Mutex<HashSet<FireKey>>>,
+    key: FireKey,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.key);
+    }
 }
 
 impl Store {
     /// Connects lazily: nothing happens until the first claim.
-    pub fn new(url: &SecretUrl) -> Store {
+    pub fn new(url: &SecretUrl, lease: Duration) -> Store {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "unknown".into());
         Store {
             url: url.clone(),
-            owner: format!("{host}:{}", std::process::id()),
+            owner: format!(
+                "{host}:{}:{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            lease,
+            running: Arc::default(),
             client: Mutex::new(None),
         }
     }
 
-    async fn client(&self) -> Result<std::sync::Arc<Client>, StoreError> {
+    async fn client(&self) -> Result<Arc<Client>, StoreError> {
         let mut slot = self.client.lock().await;
         if let Some(c) = slot.as_ref()
             && !c.is_closed()
@@ -68,16 +122,24 @@ impl Store {
                 tracing::warn!(store = %url, error = %e, "schedule store connection lost");
             }
         });
-        if let Err(e) = client.batch_execute(TABLE).await {
-            // Two replicas creating the table at once: one loses the race on the
-            // catalog's unique index, and the table exists all the same.
-            let raced = e.code() == Some(&SqlState::UNIQUE_VIOLATION)
-                || e.code() == Some(&SqlState::DUPLICATE_TABLE);
-            if !raced {
-                return Err(self.query_error(e));
+        for ddl in [TABLE, MIGRATE] {
+            if let Err(e) = client.batch_execute(ddl).await {
+                // Two replicas creating the table (or adding a column) at once: one loses
+                // the race on the catalog's unique index, and the result exists all the
+                // same.
+                let raced = [
+                    SqlState::UNIQUE_VIOLATION,
+                    SqlState::DUPLICATE_TABLE,
+                    SqlState::DUPLICATE_COLUMN,
+                ]
+                .iter()
+                .any(|c| e.code() == Some(c));
+                if !raced {
+                    return Err(self.query_error(e));
+                }
             }
         }
-        let client = std::sync::Arc::new(client);
+        let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)
     }
@@ -89,18 +151,127 @@ impl Store {
         }
     }
 
-    /// True if this process won the tick and must fire it.
-    pub async fn claim(&self, schedule: &str, at: DateTime<Utc>) -> Result<bool, StoreError> {
+    /// Marks a fire as being delivered by this process until the guard drops; None if it
+    /// already is.
+    pub fn deliver_once(&self, schedule: &str, at: DateTime<Utc>) -> Option<Running> {
+        let key = (schedule.to_owned(), at);
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.insert(key.clone()).then(|| Running {
+            set: self.running.clone(),
+            key,
+        })
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    fn lease_secs(&self) -> f64 {
+        self.lease.as_secs_f64()
+    }
+
+    /// True if this process won the tick and must fire it. Claiming again with the same
+    /// execution id (the reply to the first try was lost) finds our own row: true again.
+    pub async fn claim(
+        &self,
+        schedule: &str,
+        at: DateTime<Utc>,
+        execution_id: &str,
+    ) -> Result<bool, StoreError> {
         let c = self.client().await?;
+        let sql = format!(
+            "INSERT INTO esm_gateway_schedule_fires AS f (schedule, scheduled_time, owner, execution_id, lease_until) \
+             VALUES ($1, $2, $3, $4, {}) \
+             ON CONFLICT (schedule, scheduled_time) DO UPDATE SET lease_until = EXCLUDED.lease_until \
+             WHERE f.execution_id = EXCLUDED.execution_id AND f.owner = EXCLUDED.owner AND f.finished_at IS NULL",
+            LEASE_END.replace("$LEASE", "$5")
+        );
         let n = c
             .execute(
-                "INSERT INTO esm_gateway_schedule_fires (schedule, scheduled_time, owner) \
-                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                &[&schedule, &at, &self.owner],
+                &sql,
+                &[
+                    &schedule,
+                    &at,
+                    &self.owner,
+                    &execution_id,
+                    &self.lease_secs(),
+                ],
             )
             .await
             .map_err(|e| self.query_error(e))?;
         Ok(n == 1)
+    }
+
+    /// Extends our lease on a fire still retrying; false if it is no longer ours
+    /// (another replica took it over after the lease expired) or already finished.
+    pub async fn renew(&self, schedule: &str, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let sql = format!(
+            "UPDATE esm_gateway_schedule_fires SET lease_until = {} \
+             WHERE schedule = $1 AND scheduled_time = $2 AND owner = $3 AND finished_at IS NULL",
+            LEASE_END.replace("$LEASE", "$4")
+        );
+        let n = c
+            .execute(&sql, &[&schedule, &at, &self.owner, &self.lease_secs()])
+            .await
+            .map_err(|e| self.query_error(e))?;
+        Ok(n == 1)
+    }
+
+    /// Marks a fire delivered, parked or dropped: nobody resumes it.
+    pub async fn finish(&self, schedule: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE esm_gateway_schedule_fires SET finished_at = now() \
+             WHERE schedule = $1 AND scheduled_time = $2 AND finished_at IS NULL",
+            &[&schedule, &at],
+        )
+        .await
+        .map_err(|e| self.query_error(e))?;
+        Ok(())
+    }
+
+    /// Ends our lease at once on a fire we stop before it finished (shutdown, reload,
+    /// disable), so that the next replica to look resumes it without waiting.
+    pub async fn release(&self, schedule: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE esm_gateway_schedule_fires SET lease_until = now() \
+             WHERE schedule = $1 AND scheduled_time = $2 AND owner = $3 AND finished_at IS NULL",
+            &[&schedule, &at, &self.owner],
+        )
+        .await
+        .map_err(|e| self.query_error(e))?;
+        Ok(())
+    }
+
+    /// Takes over the unfinished fires of `schedule` whose lease expired, oldest first.
+    /// Rows without a lease (written by an earlier version) count as finished.
+    pub async fn take_over(&self, schedule: &str) -> Result<Vec<Orphan>, StoreError> {
+        let c = self.client().await?;
+        // Two replicas taking over at once: the row lock makes the second re-check the
+        // lease after the first's update, and it no longer matches.
+        let sql = format!(
+            "UPDATE esm_gateway_schedule_fires SET owner = $2, lease_until = {} \
+             WHERE schedule = $1 AND finished_at IS NULL AND lease_until IS NOT NULL AND lease_until <= now() \
+             RETURNING scheduled_time, execution_id",
+            LEASE_END.replace("$LEASE", "$3")
+        );
+        let rows = c
+            .query(&sql, &[&schedule, &self.owner, &self.lease_secs()])
+            .await
+            .map_err(|e| self.query_error(e))?;
+        let mut orphans: Vec<Orphan> = rows
+            .iter()
+            .map(|r| Orphan {
+                scheduled: r.get(0),
+                execution_id: r
+                    .get::<_, Option<String>>(1)
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            })
+            .collect();
+        orphans.sort_by_key(|o| o.scheduled);
+        Ok(orphans)
     }
 
     /// The latest scheduled time fired for `schedule`, if any.
