@@ -384,15 +384,7 @@ async fn two_gateways_split_the_partitions_and_one_takes_over_when_the_other_die
     let f = Function::deploy("kgroup", &[("SLEEP_MS", "20")]).await;
     let group = unique("g");
     // Each gateway gets its own config, and so its own admin port.
-    let config = || {
-        kafka_config(
-            &b,
-            &f.name,
-            &topic,
-            &group,
-            "[mapping.batch]\nsize = 10\nwindow = \"100ms\"",
-        )
-    };
+    let config = || member_config(&b, &f, &topic, &group, 10);
 
     let first = Gateway::start(&config());
     first.wait_log("partition assigned", LONG).await;
@@ -509,6 +501,18 @@ fn start_draining(b: &str, f: &Function, topic: &str, group: &str, start: &str) 
         "[mapping.batch]\nwindow = \"100ms\"",
         start,
     ))
+}
+
+/// The config of one member of `group`, with batches of `size` gathered for at most
+/// 100 ms (each call gets its own admin port).
+fn member_config(b: &str, f: &Function, topic: &str, group: &str, size: usize) -> String {
+    kafka_config(
+        b,
+        &f.name,
+        topic,
+        group,
+        &format!("[mapping.batch]\nsize = {size}\nwindow = \"100ms\""),
+    )
 }
 
 /// The records' values, each once, sorted.
@@ -645,4 +649,53 @@ async fn at_timestamp_after_the_last_record_starts_at_the_end_without_a_gap_or_a
     // The ten new records delivered, the ten old ones still in the broker.
     assert_eq!(delivered_once(&f), values("new", 10));
     assert_eq!(failures, 0, "the consumer never failed and reconnected");
+}
+
+#[tokio::test]
+async fn a_partition_revoked_during_a_slow_invoke_never_commits_behind_its_new_owner() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "revoke", 2).await;
+    produce_numbered(&b, &topic, 2, "r", 40).await;
+    // Each partition's first batch takes 12 s, far past the revoke deadline (3 s, half
+    // the session timeout); every other invoke is quick.
+    let f = Function::deploy("krevoke", &[("SLOW_ONCE", "r-0,r-1"), ("SLOW_MS", "12000")]).await;
+    let group = unique("g");
+    let config = || member_config(&b, &f, &topic, &group, 5);
+    let first = Gateway::start(&config());
+    for marker in ["slow-r-0", "slow-r-1"] {
+        let path = f.dir.path().join(marker);
+        wait_for("both slow batches in flight", LONG, || {
+            path.exists().then_some(())
+        })
+        .await;
+    }
+    // A second member: one partition leaves the first while its slow batch runs on.
+    let second = Gateway::start(&config());
+    second.wait_log("partition assigned", LONG).await;
+    // Everything delivered, and the first member has finished both slow batches (and
+    // the three quick ones of the partition it kept): the revoked one's late position
+    // is what must not reach the broker.
+    wait_for("every record, and the revoked batch finished", LONG, || {
+        (delivered_once(&f).len() == 40 && first.log_count("batch delivered") >= 5).then_some(())
+    })
+    .await;
+    assert_eq!(first.terminate().await.code(), Some(0));
+
+    // Both partitions committed at their end, the new owner's position: nothing left in
+    // the broker to deliver, nothing moved back.
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&topic, 0);
+    tpl.add_partition(&topic, 1);
+    let committed = reader
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let offsets: Vec<Offset> = committed.elements().iter().map(|e| e.offset()).collect();
+    assert_eq!(offsets, vec![Offset::Offset(20), Offset::Offset(20)]);
+    assert_eq!(second.terminate().await.code(), Some(0));
+    assert_eq!(delivered_once(&f), values("r", 40));
 }

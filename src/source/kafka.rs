@@ -18,6 +18,11 @@
 //!
 //! A partition's task supervises its reader and lanes: a panic fails the mapping
 //! visibly and restarts the partition from its first unresolved record.
+//!
+//! Every assignment of a partition has a generation; only the current one's task may
+//! commit, so a task revoked while its batch ran past the revoke deadline can no longer
+//! move the offset back behind the new owner. If the partition comes back to this
+//! process meanwhile, its new task waits for the old one to end.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -145,32 +150,52 @@ struct Shared {
 /// the broker more than the fetches (Tansu: 3.1 instead of 1.9 µs per record).
 const COMMIT_INTERVAL: Duration = Duration::from_millis(10);
 
-/// Positions waiting for the committer, at most one per partition (the furthest).
+/// Positions waiting for the committer, at most one per partition (the furthest), and
+/// which assignment of each partition may still commit.
 #[derive(Default)]
 struct Commits {
-    pending: Mutex<HashMap<TopicPartition, u64>>,
+    state: Mutex<CommitState>,
     wake: tokio::sync::Notify,
 }
 
+#[derive(Default)]
+struct CommitState {
+    pending: HashMap<TopicPartition, u64>,
+    /// The generation of each partition's current assignment in this process. A task
+    /// of an earlier one (revoked while its batch ran past the revoke deadline) must not
+    /// commit: the partition's new owner may have committed further since.
+    owners: HashMap<TopicPartition, u64>,
+}
+
 impl Commits {
-    fn offer(&self, tp: TopicPartition, position: u64) {
-        let mut pending = self.pending.lock().expect("commits lock");
-        let p = pending.entry(tp).or_insert(position);
+    fn own(&self, tp: TopicPartition, generation: u64) {
+        self.lock().owners.insert(tp, generation);
+    }
+
+    /// Queues `position` for the next commit, unless the task of assignment
+    /// `generation` no longer owns the partition (then false).
+    fn offer(&self, tp: TopicPartition, generation: u64, position: u64) -> bool {
+        let mut state = self.lock();
+        if state.owners.get(&tp) != Some(&generation) {
+            return false;
+        }
+        let p = state.pending.entry(tp).or_insert(position);
         *p = (*p).max(position);
-        drop(pending);
+        drop(state);
         self.wake.notify_one();
+        true
     }
 
     /// Sends what is pending as one asynchronous commit. The lock is held until the
-    /// commit is queued, so a revocation's synchronous commit (after [`Self::forget`])
+    /// commit is queued, so a revocation's synchronous commit (after [`Self::disown`])
     /// always goes out after it.
     fn flush<C: Consumer<Context>>(&self, consumer: &C) {
-        let mut pending = self.pending.lock().expect("commits lock");
-        if pending.is_empty() {
+        let mut state = self.lock();
+        if state.pending.is_empty() {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), position) in pending.drain() {
+        for ((topic, partition), position) in state.pending.drain() {
             let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(position as i64));
         }
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
@@ -178,12 +203,18 @@ impl Commits {
         }
     }
 
-    /// Drops what is pending for `partitions`: their final commit supersedes it.
-    fn forget(&self, partitions: &[TopicPartition]) {
-        let mut pending = self.pending.lock().expect("commits lock");
+    /// Ends the current assignment of `partitions`: nothing pending for them is sent
+    /// (their final commit supersedes it) and their tasks' later offers are refused.
+    fn disown(&self, partitions: &[TopicPartition]) {
+        let mut state = self.lock();
         for tp in partitions {
-            pending.remove(tp);
+            state.pending.remove(tp);
+            state.owners.remove(tp);
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CommitState> {
+        self.state.lock().expect("commits lock")
     }
 }
 
@@ -206,10 +237,12 @@ async fn committer(consumer: Arc<KafkaConsumer>, stop: CancellationToken) {
     }
 }
 
-/// A running partition task: how to stop it and where it reports its final position.
+/// A running partition task: how to stop it, where it reports its final position, and
+/// a token cancelled once it has ended (batch in flight included).
 struct PartitionTask {
     stop: CancellationToken,
     done: std::sync::mpsc::Receiver<Option<u64>>,
+    ended: CancellationToken,
 }
 
 /// Where a partition starts in a topic of which the group has no committed offset yet.
@@ -244,6 +277,11 @@ impl Start {
 struct Context {
     consumer: OnceLock<Weak<KafkaConsumer>>,
     tasks: Mutex<HashMap<TopicPartition, PartitionTask>>,
+    /// Tasks of revoked partitions still finishing a batch past the revoke deadline,
+    /// by their `ended` token: if the partition comes back, its new task waits for it.
+    stragglers: Mutex<HashMap<TopicPartition, CancellationToken>>,
+    /// The last assignment generation handed out (see [`CommitState::owners`]).
+    generations: std::sync::atomic::AtomicU64,
     shared: Arc<Shared>,
     /// How long a revoked partition may take to finish its batch in flight.
     revoke_deadline: Duration,
@@ -464,26 +502,46 @@ impl Context {
             );
             return;
         };
+        let tp = (topic.to_owned(), partition);
+        // Whatever still runs of an earlier assignment of the partition ends before the
+        // new one reads: one task per partition at a time.
+        let previous = self
+            .tasks
+            .lock()
+            .expect("tasks lock")
+            .remove(&tp)
+            .map(|old| {
+                old.stop.cancel();
+                old.ended
+            });
+        let previous =
+            previous.or_else(|| self.stragglers.lock().expect("stragglers lock").remove(&tp));
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        self.shared.commits.own(tp.clone(), generation);
         let stop = self.shared.shutdown.child_token();
+        let ended = CancellationToken::new();
         let (done_tx, done) = std::sync::mpsc::channel();
         self.shared.runtime.spawn(partition_task(
             queue,
             consumer.clone(),
-            topic.to_owned(),
-            partition,
+            Assignment {
+                topic: topic.to_owned(),
+                partition,
+                generation,
+                previous,
+            },
             self.shared.clone(),
             stop.clone(),
-            done_tx,
+            (done_tx, ended.clone()),
         ));
-        tracing::info!(mapping = %self.shared.deliverer.mapping.name, topic, partition, from = ?from, "partition assigned");
-        let old = self
-            .tasks
+        tracing::info!(mapping = %self.shared.deliverer.mapping.name, topic, partition, from = ?from, generation, "partition assigned");
+        self.tasks
             .lock()
             .expect("tasks lock")
-            .insert((topic.to_owned(), partition), PartitionTask { stop, done });
-        if let Some(old) = old {
-            old.stop.cancel();
-        }
+            .insert(tp, PartitionTask { stop, done, ended });
     }
 
     /// Stops the partitions' tasks, waits (up to the revoke deadline) for their final
@@ -512,14 +570,16 @@ impl Context {
                     );
                 }
                 Ok(None) => {}
-                Err(_) => tracing::warn!(
-                    topic,
-                    partition,
-                    "partition did not finish its batch within the revoke deadline; its last commit stands"
-                ),
+                Err(_) => {
+                    tracing::warn!(mapping = %self.shared.deliverer.mapping.name, topic, partition,
+                        "partition did not finish its batch within the revoke deadline; its last commit stands");
+                    let mut stragglers = self.stragglers.lock().expect("stragglers lock");
+                    stragglers.retain(|_, ended| !ended.is_cancelled());
+                    stragglers.insert((topic, partition), t.ended);
+                }
             }
         }
-        self.shared.commits.forget(partitions);
+        self.shared.commits.disown(partitions);
         if tpl.count() > 0
             && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
         {
@@ -579,6 +639,8 @@ async fn session(
     let context = Context {
         consumer: OnceLock::new(),
         tasks: Mutex::new(HashMap::new()),
+        stragglers: Mutex::new(HashMap::new()),
+        generations: std::sync::atomic::AtomicU64::new(0),
         shared: shared.clone(),
         revoke_deadline: (session_timeout / 2).min(Duration::from_secs(20)),
         start: Start::of(source),
@@ -657,14 +719,32 @@ async fn session(
 async fn partition_task(
     queue: StreamPartitionQueue<Context>,
     consumer: Arc<KafkaConsumer>,
-    topic: String,
-    partition: i32,
+    assignment: Assignment,
     shared: Arc<Shared>,
     stop: CancellationToken,
-    done: std::sync::mpsc::Sender<Option<u64>>,
+    (done, ended): (std::sync::mpsc::Sender<Option<u64>>, CancellationToken),
 ) {
-    let queue = Arc::new(queue);
+    // Cancelled however the task ends.
+    let _ended = ended.drop_guard();
+    let Assignment {
+        topic,
+        partition,
+        generation,
+        previous,
+    } = assignment;
     let status = shared.deliverer.mapping.clone();
+    if let Some(previous) = previous {
+        tracing::info!(mapping = %status.name, topic, partition,
+            "partition waits for the batch its previous assignment still runs");
+        tokio::select! {
+            () = previous.cancelled() => {}
+            () = stop.cancelled() => {
+                let _ = done.send(None);
+                return;
+            }
+        }
+    }
+    let queue = Arc::new(queue);
     // Carried over restarts: a fresh run knows nothing of what the last one received.
     let mut position = None;
     let mut restarts = 0u32;
@@ -674,6 +754,7 @@ async fn partition_task(
             queue.clone(),
             consumer.clone(),
             (topic.clone(), partition),
+            generation,
             shared.clone(),
             tracker.clone(),
             stop.clone(),
@@ -710,6 +791,16 @@ async fn partition_task(
         }
     }
     let _ = done.send(position);
+}
+
+/// One assignment of a partition to this process.
+struct Assignment {
+    topic: String,
+    partition: i32,
+    /// Which one (see [`CommitState::owners`]).
+    generation: u64,
+    /// Cancelled when the task of the partition's previous assignment has ended.
+    previous: Option<CancellationToken>,
 }
 
 /// Seeks the partition back to `offset`, retrying until it works; false if stopped
@@ -767,6 +858,7 @@ async fn drain(
     queue: Arc<StreamPartitionQueue<Context>>,
     consumer: Arc<KafkaConsumer>,
     (topic, partition): TopicPartition,
+    generation: u64,
     shared: Arc<Shared>,
     tracker: Arc<Mutex<OffsetTracker>>,
     stop: CancellationToken,
@@ -789,7 +881,7 @@ async fn drain(
             Batcher::new(rx, shared.limits),
             deliverer.clone(),
             consumer.clone(),
-            (topic.clone(), partition),
+            ((topic.clone(), partition), generation),
             tracker.clone(),
             shared.permits.clone(),
             stop.clone(),
@@ -884,7 +976,7 @@ async fn lane(
     mut batcher: Batcher,
     deliverer: Arc<Deliverer>,
     consumer: Arc<KafkaConsumer>,
-    (topic, partition): TopicPartition,
+    ((topic, partition), generation): (TopicPartition, u64),
     tracker: Arc<Mutex<OffsetTracker>>,
     permits: Option<Arc<Semaphore>>,
     stop: CancellationToken,
@@ -915,8 +1007,11 @@ async fn lane(
             }
             t.advance()
         };
-        if let Some(position) = position {
-            commits.offer((topic.clone(), partition), position);
+        if let Some(position) = position
+            && !commits.offer((topic.clone(), partition), generation, position)
+        {
+            tracing::info!(mapping = %deliverer.mapping.name, topic, partition, position,
+                "commit dropped: this process no longer owns the partition (revoked while the batch ran)");
         }
         if !outcome.unresolved.is_empty() {
             return;
