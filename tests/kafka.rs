@@ -699,3 +699,37 @@ async fn a_partition_revoked_during_a_slow_invoke_never_commits_behind_its_new_o
     assert_eq!(second.terminate().await.code(), Some(0));
     assert_eq!(delivered_once(&f), values("r", 40));
 }
+
+#[tokio::test]
+async fn a_lane_that_panics_fails_the_mapping_and_its_partition_restarts_where_it_was() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "panic", 1).await;
+    produce_numbered(&b, &topic, 1, "r", 20).await;
+    let f = Function::deploy("kpanic", &[]).await;
+    // The lane that takes the batch holding offset 7 panics (debug builds only).
+    let gw = Gateway::start_with_env(
+        &member_config(&b, &f, &topic, &unique("g"), 5),
+        &[("ESM_GATEWAY_TEST_PANIC_AT", "7")],
+    );
+    gw.wait_log("partition task panicked", LONG).await;
+    f.wait_delivered(20, LONG).await;
+    let metrics = gw.metrics();
+    let mapping = gw.mapping("test");
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    // Every record delivered: the batch the panic abandoned was read again.
+    assert_eq!(delivered_once(&f), values("r", 20));
+    assert_eq!(
+        metrics.value(
+            "esm_gateway_kafka_partition_restarts_total",
+            &[("mapping", "test")]
+        ),
+        1.0
+    );
+    assert!(
+        mapping["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("panicked")),
+        "the mapping reports the panic: {mapping}"
+    );
+}

@@ -991,6 +991,8 @@ async fn lane(
                 None => return,
             },
         };
+        #[cfg(debug_assertions)]
+        injected_panic(&batch);
         let _permit = match &permits {
             Some(p) => tokio::select! {
                 biased;
@@ -1016,5 +1018,24 @@ async fn lane(
         if !outcome.unresolved.is_empty() {
             return;
         }
+    }
+}
+
+/// Debug builds only: with `ESM_GATEWAY_TEST_PANIC_AT=<offset>`, the first lane to take
+/// a batch holding that offset panics (once per process), so that the integration tests
+/// can exercise partition supervision, which no known input triggers any more.
+#[cfg(debug_assertions)]
+fn injected_panic(batch: &[Record]) {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(at) = std::env::var("ESM_GATEWAY_TEST_PANIC_AT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    if batch.iter().any(|r| r.position == at)
+        && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        panic!("injected by ESM_GATEWAY_TEST_PANIC_AT={at}");
     }
 }
