@@ -733,3 +733,25 @@ async fn a_lane_that_panics_fails_the_mapping_and_its_partition_restarts_where_i
         "the mapping reports the panic: {mapping}"
     );
 }
+
+#[tokio::test]
+async fn latest_applies_once_so_records_produced_while_the_gateway_was_down_arrive() {
+    // The mock broker, because Tansu 0.6 reports a wrong end offset for a topic.
+    let (_mock, b, topic) = mock_topic("once", 1);
+    produce_numbered(&b, &topic, 1, "old", 5).await;
+    let f = Function::deploy("konce", &[]).await;
+    let group = unique("g");
+    let gw = start_draining(&b, &f, &topic, &group, r#""latest""#);
+    gw.wait_log("partition assigned", LONG).await;
+    // Stopped before anything reached it: before the fix nothing was committed, and
+    // the next start began at the end again, past what was produced meanwhile.
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    produce_numbered(&b, &topic, 1, "down", 5).await;
+    let gw = start_draining(&b, &f, &topic, &group, r#""latest""#);
+    f.wait_delivered(5, Duration::from_secs(60)).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    // The five produced while it was down delivered; the five older than its first
+    // start still in the broker.
+    assert_eq!(delivered_once(&f), values("down", 5));
+}
