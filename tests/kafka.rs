@@ -10,9 +10,12 @@ use std::time::Duration;
 use common::*;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
 use rdkafka::client::DefaultClientContext;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -42,7 +45,8 @@ struct Rec {
     partition: i32,
     key: Option<String>,
     value: String,
-    headers: Vec<(&'static str, Vec<u8>)>,
+    /// Names are bytes: a name need not be UTF-8.
+    headers: Vec<(&'static [u8], Vec<u8>)>,
 }
 
 fn rec(partition: i32, key: &str, value: String) -> Rec {
@@ -63,12 +67,22 @@ async fn produce(bootstrap: &str, topic: &str, records: Vec<Rec>) {
         .unwrap();
     let mut pending = Vec::with_capacity(records.len());
     for r in &records {
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in &r.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_slice()),
-            });
+        let headers = OwnedHeaders::new_with_capacity(r.headers.len());
+        for (name, value) in &r.headers {
+            // rdkafka's `Header` only takes UTF-8 names; librdkafka takes any bytes.
+            // SAFETY: an `&BorrowedHeaders` is the address of librdkafka's header list
+            // (that is how rdkafka makes one), which `headers` owns and shares with no
+            // one yet.
+            let err = unsafe {
+                rdkafka::bindings::rd_kafka_header_add(
+                    headers.as_borrowed() as *const _ as *mut rdkafka::bindings::rd_kafka_headers_t,
+                    name.as_ptr().cast(),
+                    name.len() as isize,
+                    value.as_ptr().cast(),
+                    value.len() as isize,
+                )
+            };
+            assert_eq!(err, RD_KAFKA_RESP_ERR_NO_ERROR, "header added");
         }
         let mut fr = FutureRecord::to(topic)
             .partition(r.partition)
@@ -90,6 +104,26 @@ async fn produce(bootstrap: &str, topic: &str, records: Vec<Rec>) {
 }
 
 fn kafka_config(bootstrap: &str, function: &str, topic: &str, group: &str, extra: &str) -> String {
+    kafka_config_from(
+        bootstrap,
+        function,
+        topic,
+        group,
+        extra,
+        r#""trim_horizon""#,
+    )
+}
+
+/// [`kafka_config`] with `start` as the value of `starting_position` (TOML, and any
+/// further lines of the source table, such as `starting_timestamp`).
+fn kafka_config_from(
+    bootstrap: &str,
+    function: &str,
+    topic: &str,
+    group: &str,
+    extra: &str,
+    start: &str,
+) -> String {
     gateway_header()
         + &format!(
             r#"
@@ -104,7 +138,7 @@ type = "kafka"
 bootstrap_servers = "{bootstrap}"
 topics = ["{topic}"]
 group_id = "{group}"
-starting_position = "trim_horizon"
+starting_position = {start}
 properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000" }}
 "#,
         )
@@ -312,8 +346,8 @@ async fn headers_with_non_ascii_bytes_arrive_as_signed_byte_arrays() {
             key: None,
             value: "with-headers".into(),
             headers: vec![
-                ("accent", "ë".as_bytes().to_vec()),
-                ("raw", vec![0, 127, 128, 255]),
+                (b"accent", "ë".as_bytes().to_vec()),
+                (b"raw", vec![0, 127, 128, 255]),
             ],
         }],
     )
@@ -350,15 +384,7 @@ async fn two_gateways_split_the_partitions_and_one_takes_over_when_the_other_die
     let f = Function::deploy("kgroup", &[("SLEEP_MS", "20")]).await;
     let group = unique("g");
     // Each gateway gets its own config, and so its own admin port.
-    let config = || {
-        kafka_config(
-            &b,
-            &f.name,
-            &topic,
-            &group,
-            "[mapping.batch]\nsize = 10\nwindow = \"100ms\"",
-        )
-    };
+    let config = || member_config(&b, &f, &topic, &group, 10);
 
     let first = Gateway::start(&config());
     first.wait_log("partition assigned", LONG).await;
@@ -397,10 +423,7 @@ async fn two_gateways_split_the_partitions_and_one_takes_over_when_the_other_die
 
 #[tokio::test]
 async fn the_gateway_waits_out_a_broker_outage_and_resumes() {
-    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
-    let b = mock.bootstrap_servers();
-    let topic = unique("outage");
-    mock.create_topic(&topic, 1, 1).unwrap();
+    let (mock, b, topic) = mock_topic("outage", 1);
     produce(
         &b,
         &topic,
@@ -410,13 +433,7 @@ async fn the_gateway_waits_out_a_broker_outage_and_resumes() {
     )
     .await;
     let f = Function::deploy("koutage", &[]).await;
-    let gw = Gateway::start(&kafka_config(
-        &b,
-        &f.name,
-        &topic,
-        &unique("g"),
-        "[mapping.batch]\nwindow = \"100ms\"",
-    ));
+    let gw = start_draining(&b, &f, &topic, &unique("g"), r#""trim_horizon""#);
     f.wait_delivered(50, LONG).await;
 
     mock.broker_down(-1).unwrap();
@@ -447,4 +464,294 @@ async fn the_gateway_waits_out_a_broker_outage_and_resumes() {
         .collect();
     assert_eq!(firsts, expected);
     assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+/// A topic on a fresh librdkafka mock broker (for what Tansu does not do as Kafka
+/// does), and the broker's bootstrap address. The cluster lives as long as the guard.
+fn mock_topic(
+    prefix: &str,
+    partitions: i32,
+) -> (
+    rdkafka::mocking::MockCluster<'static, DefaultProducerContext>,
+    String,
+    String,
+) {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let topic = unique(prefix);
+    mock.create_topic(&topic, partitions, 1).unwrap();
+    let b = mock.bootstrap_servers();
+    (mock, b, topic)
+}
+
+/// `n` records `{prefix}-{i}`, spread over `partitions` round robin.
+async fn produce_numbered(b: &str, topic: &str, partitions: i32, prefix: &str, n: i32) {
+    let records = (0..n)
+        .map(|i| rec(i % partitions, "k", format!("{prefix}-{i}")))
+        .collect();
+    produce(b, topic, records).await;
+}
+
+/// The gateway draining `topic` into `f`, in batches gathered for at most 100 ms.
+fn start_draining(b: &str, f: &Function, topic: &str, group: &str, start: &str) -> Gateway {
+    Gateway::start(&kafka_config_from(
+        b,
+        &f.name,
+        topic,
+        group,
+        "[mapping.batch]\nwindow = \"100ms\"",
+        start,
+    ))
+}
+
+/// The config of one member of `group`, with batches of `size` gathered for at most
+/// 100 ms (each call gets its own admin port).
+fn member_config(b: &str, f: &Function, topic: &str, group: &str, size: usize) -> String {
+    kafka_config(
+        b,
+        &f.name,
+        topic,
+        group,
+        &format!("[mapping.batch]\nsize = {size}\nwindow = \"100ms\""),
+    )
+}
+
+/// The records' values, each once, sorted.
+fn delivered_once(f: &Function) -> Vec<String> {
+    let mut d = f.delivered();
+    d.sort();
+    d.dedup();
+    d
+}
+
+fn values(prefix: &str, n: usize) -> Vec<String> {
+    let mut v: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_header_name_that_is_not_utf8_neither_kills_nor_stalls_its_partition() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "rawname", 1).await;
+    let mut records: Vec<Rec> = (0..11).map(|i| rec(0, "k", format!("r-{i}"))).collect();
+    records[5].headers = vec![(b"\xff\xfe", b"v".to_vec()), (b"ok", b"v".to_vec())];
+    produce(&b, &topic, records).await;
+    let f = Function::deploy("krawname", &[("LOG_EVENT", "1")]).await;
+    let gw = start_draining(&b, &f, &topic, &unique("g"), r#""trim_horizon""#);
+    // Before the fix the partition's task panicked on this record: the first five
+    // arrived and then nothing, with the mapping still "running".
+    f.wait_delivered(11, Duration::from_secs(60)).await;
+    let metrics = gw.metrics();
+    // The operator gets the raw bytes, and where they are.
+    let warned = gw.log_contains("header_name_hex=fffe");
+    let at = gw.log_contains("offset=5 header_name_hex");
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    // Every record delivered once; nothing parked (there is no destination) and
+    // nothing left behind.
+    assert_eq!(delivered_once(&f), values("r", 11));
+    let element = f
+        .invocations()
+        .iter()
+        .filter_map(|i| i.event.clone())
+        .flat_map(|e| {
+            e["records"][format!("{topic}-0")]
+                .as_array()
+                .cloned()
+                .unwrap()
+        })
+        .find(|r| r["offset"] == 5)
+        .expect("offset 5 in an event");
+    // The name as AWS's (Java) trigger decodes it, every invalid byte replaced; the
+    // value untouched.
+    assert_eq!(
+        element["headers"],
+        serde_json::json!([{"\u{fffd}\u{fffd}": [118]}, {"ok": [118]}])
+    );
+    assert_eq!(
+        metrics.value(
+            "esm_gateway_kafka_header_names_replaced_total",
+            &[("mapping", "test")]
+        ),
+        1.0
+    );
+    assert!(
+        warned && at,
+        "a warning names the raw header name and its record"
+    );
+}
+
+#[tokio::test]
+async fn an_out_of_range_committed_offset_resumes_at_the_earliest_record_not_the_end() {
+    // Tansu 0.6 answers a fetch past the end with no records rather than
+    // OFFSET_OUT_OF_RANGE; librdkafka's mock broker answers as Kafka does.
+    let (_mock, b, topic) = mock_topic("range", 1);
+    produce_numbered(&b, &topic, 1, "r", 20).await;
+    // The group's committed offset lies past the end of the log, as after an outage
+    // longer than the topic's retention.
+    let group = unique("g");
+    let committer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(1_000))
+        .unwrap();
+    committer.commit(&tpl, CommitMode::Sync).unwrap();
+    drop(committer);
+
+    let f = Function::deploy("krange", &[]).await;
+    // `latest` is for a group without a committed offset: this one has one.
+    let gw = start_draining(&b, &f, &topic, &group, r#""latest""#);
+    // Before the fix the reset went to the end: nothing arrived.
+    f.wait_delivered(20, Duration::from_secs(60)).await;
+    let metrics = gw.metrics();
+    let logged = gw.log_contains("committed offset out of range");
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    assert_eq!(delivered_once(&f), values("r", 20));
+    assert_eq!(
+        metrics.value(
+            "esm_gateway_kafka_offset_resets_total",
+            &[("mapping", "test")]
+        ),
+        1.0
+    );
+    assert!(logged, "the reset is logged");
+}
+
+#[tokio::test]
+async fn at_timestamp_after_the_last_record_starts_at_the_end_without_a_gap_or_a_loop() {
+    // Tansu 0.6 answers every time query with offset 0; librdkafka's mock broker finds
+    // no record for any time, as Kafka does for a time after the last record.
+    let (_mock, b, topic) = mock_topic("future", 2);
+    // Older than the starting timestamp: these stay in the broker.
+    produce_numbered(&b, &topic, 2, "old", 10).await;
+    let f = Function::deploy("kfuture", &[]).await;
+    let at = humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(3_600));
+    let gw = start_draining(
+        &b,
+        &f,
+        &topic,
+        &unique("g"),
+        &format!("\"at_timestamp\"\nstarting_timestamp = \"{at}\""),
+    );
+    // Before the fix the consumer failed and reconnected forever: nothing was assigned.
+    gw.wait_log_count("partition assigned", 2, Duration::from_secs(60))
+        .await;
+    // Produced after the seek (and so before the timestamp, too): each is delivered.
+    produce_numbered(&b, &topic, 2, "new", 10).await;
+    f.wait_delivered(10, LONG).await;
+    let failures = gw.log_count("Kafka consumer failed");
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    // The ten new records delivered, the ten old ones still in the broker.
+    assert_eq!(delivered_once(&f), values("new", 10));
+    assert_eq!(failures, 0, "the consumer never failed and reconnected");
+}
+
+#[tokio::test]
+async fn a_partition_revoked_during_a_slow_invoke_never_commits_behind_its_new_owner() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "revoke", 2).await;
+    produce_numbered(&b, &topic, 2, "r", 40).await;
+    // Each partition's first batch takes 12 s, far past the revoke deadline (3 s, half
+    // the session timeout); every other invoke is quick.
+    let f = Function::deploy("krevoke", &[("SLOW_ONCE", "r-0,r-1"), ("SLOW_MS", "12000")]).await;
+    let group = unique("g");
+    let config = || member_config(&b, &f, &topic, &group, 5);
+    let first = Gateway::start(&config());
+    for marker in ["slow-r-0", "slow-r-1"] {
+        let path = f.dir.path().join(marker);
+        wait_for("both slow batches in flight", LONG, || {
+            path.exists().then_some(())
+        })
+        .await;
+    }
+    // A second member: one partition leaves the first while its slow batch runs on.
+    let second = Gateway::start(&config());
+    second.wait_log("partition assigned", LONG).await;
+    // Everything delivered, and the first member has finished both slow batches (and
+    // the three quick ones of the partition it kept): the revoked one's late position
+    // is what must not reach the broker.
+    wait_for("every record, and the revoked batch finished", LONG, || {
+        (delivered_once(&f).len() == 40 && first.log_count("batch delivered") >= 5).then_some(())
+    })
+    .await;
+    assert_eq!(first.terminate().await.code(), Some(0));
+
+    // Both partitions committed at their end, the new owner's position: nothing left in
+    // the broker to deliver, nothing moved back.
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&topic, 0);
+    tpl.add_partition(&topic, 1);
+    let committed = reader
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let offsets: Vec<Offset> = committed.elements().iter().map(|e| e.offset()).collect();
+    assert_eq!(offsets, vec![Offset::Offset(20), Offset::Offset(20)]);
+    assert_eq!(second.terminate().await.code(), Some(0));
+    assert_eq!(delivered_once(&f), values("r", 40));
+}
+
+#[tokio::test]
+async fn a_lane_that_panics_fails_the_mapping_and_its_partition_restarts_where_it_was() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "panic", 1).await;
+    produce_numbered(&b, &topic, 1, "r", 20).await;
+    let f = Function::deploy("kpanic", &[]).await;
+    // The lane that takes the batch holding offset 7 panics (debug builds only).
+    let gw = Gateway::start_with_env(
+        &member_config(&b, &f, &topic, &unique("g"), 5),
+        &[("ESM_GATEWAY_TEST_PANIC_AT", "7")],
+    );
+    gw.wait_log("partition task panicked", LONG).await;
+    f.wait_delivered(20, LONG).await;
+    let metrics = gw.metrics();
+    let mapping = gw.mapping("test");
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    // Every record delivered: the batch the panic abandoned was read again.
+    assert_eq!(delivered_once(&f), values("r", 20));
+    assert_eq!(
+        metrics.value(
+            "esm_gateway_kafka_partition_restarts_total",
+            &[("mapping", "test")]
+        ),
+        1.0
+    );
+    assert!(
+        mapping["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("panicked")),
+        "the mapping reports the panic: {mapping}"
+    );
+}
+
+#[tokio::test]
+async fn latest_applies_once_so_records_produced_while_the_gateway_was_down_arrive() {
+    // The mock broker, because Tansu 0.6 reports a wrong end offset for a topic.
+    let (_mock, b, topic) = mock_topic("once", 1);
+    produce_numbered(&b, &topic, 1, "old", 5).await;
+    let f = Function::deploy("konce", &[]).await;
+    let group = unique("g");
+    let gw = start_draining(&b, &f, &topic, &group, r#""latest""#);
+    gw.wait_log("partition assigned", LONG).await;
+    // Stopped before anything reached it: before the fix nothing was committed, and
+    // the next start began at the end again, past what was produced meanwhile.
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    produce_numbered(&b, &topic, 1, "down", 5).await;
+    let gw = start_draining(&b, &f, &topic, &group, r#""latest""#);
+    f.wait_delivered(5, Duration::from_secs(60)).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    // The five produced while it was down delivered; the five older than its first
+    // start still in the broker.
+    assert_eq!(delivered_once(&f), values("down", 5));
 }

@@ -492,22 +492,28 @@ impl KafkaFragments {
         KafkaFragments { prefix }
     }
 
-    /// `m`'s element; `m` must come from this renderer's partition.
-    pub fn render<M: rdkafka::Message>(&self, m: &M) -> String {
-        use rdkafka::message::{Headers, Timestamp};
+    /// `m`'s element; `m` must come from this renderer's partition. A header name that
+    /// is not UTF-8 (Kafka allows any bytes; a JSON key cannot carry them) is decoded as
+    /// AWS's Java-based trigger decodes it, each invalid sequence replaced by U+FFFD,
+    /// and handed to `replaced` raw so that the source can report it.
+    pub fn render<M>(&self, m: &M, replaced: &mut dyn FnMut(&[u8])) -> String
+    where
+        M: rdkafka::Message,
+        M::Headers: NativeHeaders,
+    {
+        use rdkafka::message::Timestamp;
         let (timestamp, kind) = match m.timestamp() {
             Timestamp::CreateTime(t) => (t, "CREATE_TIME"),
             Timestamp::LogAppendTime(t) => (t, "LOG_APPEND_TIME"),
             Timestamp::NotAvailable => (-1, "NO_TIMESTAMP_TYPE"),
         };
         // librdkafka parses headers out of the record on every call: once only.
-        let headers = m.headers();
+        let headers: Vec<(&[u8], Option<&[u8]>)> = m.headers().map(raw_headers).unwrap_or_default();
         let b64_len = |b: Option<&[u8]>| b.map_or(0, |b| b.len().div_ceil(3) * 4);
-        let headers_len = headers.as_ref().map_or(0, |h| {
-            h.iter()
-                .map(|h| h.key.len() + 8 + h.value.map_or(0, <[u8]>::len) * 5)
-                .sum()
-        });
+        let headers_len: usize = headers
+            .iter()
+            .map(|(name, value)| name.len() * 3 + 8 + value.map_or(0, <[u8]>::len) * 5)
+            .sum();
         // Sized once, so that base64 of a large value never reallocates.
         let mut out = String::with_capacity(
             self.prefix.len() + 100 + b64_len(m.key()) + b64_len(m.payload()) + headers_len,
@@ -531,24 +537,74 @@ impl KafkaFragments {
             out.push('"');
         }
         out.push_str(r#","headers":["#);
-        if let Some(headers) = headers {
-            for (i, h) in headers.iter().enumerate() {
-                if i > 0 {
+        for (i, (name, value)) in headers.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push('{');
+            let decoded = String::from_utf8_lossy(name);
+            if let std::borrow::Cow::Owned(_) = decoded {
+                replaced(name);
+            }
+            push_json_str(&mut out, &decoded);
+            out.push_str(":[");
+            for (j, b) in value.unwrap_or_default().iter().enumerate() {
+                if j > 0 {
                     out.push(',');
                 }
-                out.push('{');
-                push_json_str(&mut out, h.key);
-                out.push_str(":[");
-                for (j, b) in h.value.unwrap_or_default().iter().enumerate() {
-                    if j > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(num.format(*b as i8));
-                }
-                out.push_str("]}");
+                out.push_str(num.format(*b as i8));
             }
+            out.push_str("]}");
         }
         out.push_str("]}");
+        out
+    }
+}
+
+/// Headers whose librdkafka list can be read directly. rdkafka's own accessors return
+/// each name as `&str` and panic on one that is not UTF-8 (`Headers::get`), so headers
+/// are read through librdkafka's C API instead, names as raw bytes.
+pub trait NativeHeaders {
+    fn native(&self) -> *const rdkafka::bindings::rd_kafka_headers_t;
+}
+
+impl NativeHeaders for rdkafka::message::BorrowedHeaders {
+    fn native(&self) -> *const rdkafka::bindings::rd_kafka_headers_t {
+        // rdkafka makes an `&BorrowedHeaders` by casting the list's address (it is a
+        // zero-sized view of it), so the address is the list.
+        (self as *const Self).cast()
+    }
+}
+
+impl NativeHeaders for rdkafka::message::OwnedHeaders {
+    fn native(&self) -> *const rdkafka::bindings::rd_kafka_headers_t {
+        self.as_borrowed().native()
+    }
+}
+
+/// Each header's name (raw bytes, up to a NUL byte: librdkafka hands names out as C
+/// strings) and value, in order.
+fn raw_headers<H: NativeHeaders>(h: &H) -> Vec<(&[u8], Option<&[u8]>)> {
+    use rdkafka::bindings as rd;
+    let native = h.native();
+    // SAFETY: `native` is a live header list borrowed from `h`; every pointer
+    // librdkafka returns points into it, so the slices live as long as `h`.
+    unsafe {
+        let count = rd::rd_kafka_header_cnt(native);
+        let mut out = Vec::with_capacity(count);
+        for idx in 0..count {
+            let mut name = std::ptr::null();
+            let mut value = std::ptr::null();
+            let mut size = 0;
+            let err = rd::rd_kafka_header_get_all(native, idx, &mut name, &mut value, &mut size);
+            if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr(name).to_bytes();
+            let value =
+                (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast::<u8>(), size));
+            out.push((name, value));
+        }
         out
     }
 }
@@ -753,7 +809,8 @@ mod tests {
             Some(headers),
         );
         let fragments = KafkaFragments::new("AWSKafkaTopic", 0);
-        let v: Value = serde_json::from_str(&fragments.render(&m)).unwrap();
+        let v: Value =
+            serde_json::from_str(&fragments.render(&m, &mut |n| panic!("{n:?} replaced"))).unwrap();
         assert_eq!(
             v,
             json!({"topic":"AWSKafkaTopic","partition":0,"offset":15,"timestamp":1_595_035_749_700_i64,
@@ -761,7 +818,7 @@ mod tests {
                    "headers":[{"headerKey":[104,101,97,100,101,114,86,97,108,117,101]},{"accent":[-61,-85]}]})
         );
         let r = Record {
-            fragment: fragments.render(&m),
+            fragment: fragments.render(&m, &mut |n| panic!("{n:?} replaced")),
             id: None,
             key: None,
             position: 15,

@@ -10,6 +10,9 @@ to $LOG_FILE, and then behaves as its environment says:
   FAIL_ONCE=b1,b2   report these bodies as batchItemFailures (by messageId) the first
                     time each is seen (marker files in $STATE_DIR)
   SLEEP_MS=n        sleep this long per invoke
+  SLOW_ONCE=b1,b2   sleep SLOW_MS (default 10000) instead, the first time one of these
+                    bodies is seen (its marker file, slow-<body> in $STATE_DIR, is made
+                    as the sleep begins)
   FAIL_SCHEDULE=1   raise on every scheduled event
   FAIL_SCHEDULE_TIMES=n  raise on the first n invokes of each scheduled time (counted
                     in $STATE_DIR, so across gateways)
@@ -52,11 +55,11 @@ def _finish(line, what, poison, failures):
     return {"batchItemFailures": failures}
 
 
-def _fail_once(body):
-    """True the first time a body named in FAIL_ONCE is seen (a marker file remembers)."""
-    if body not in _set("FAIL_ONCE"):
+def _first_time(var, body, marker_prefix):
+    """True the first time a body named in $var is seen (a marker file remembers)."""
+    if body not in _set(var):
         return False
-    marker = os.path.join(os.environ.get("STATE_DIR", ""), "seen-" + body)
+    marker = os.path.join(os.environ.get("STATE_DIR", ""), marker_prefix + body)
     if os.path.exists(marker):
         return False
     open(marker, "w").close()
@@ -72,6 +75,18 @@ def _fail_first(time_):
     with open(counter, "a") as f:
         f.write("x")
     return os.path.getsize(counter) <= n
+
+
+def _fail_once(body):
+    return _first_time("FAIL_ONCE", body, "seen-")
+
+
+def _sleep(bodies):
+    """Sleeps SLEEP_MS, or SLOW_MS if this invoke is the first to see a SLOW_ONCE body."""
+    ms = int(os.environ.get("SLEEP_MS", "0"))
+    if any([_first_time("SLOW_ONCE", b, "slow-") for b in bodies]):
+        ms = int(os.environ.get("SLOW_MS", "10000"))
+    time.sleep(ms / 1000)
 
 
 def kafka(event):
@@ -161,7 +176,7 @@ def kafka_handler(event):
     poison = _poison(bodies)
     failures = [{"itemIdentifier": {"partition": f"{r.topic}-{r.partition}", "offset": r.offset}}
                 for body, r in zip(bodies, records) if _fail_once(body)]
-    time.sleep(int(os.environ.get("SLEEP_MS", "0")) / 1000)
+    _sleep(bodies)
     line = {
         "bodies": bodies,
         "redelivered": [False for _ in records],
