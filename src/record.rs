@@ -9,6 +9,8 @@ use std::time::SystemTime;
 
 use tokio::time::Instant;
 
+pub use crate::pipeline::budget::Hold;
+
 /// One message from a source.
 #[derive(Debug)]
 pub struct Record {
@@ -26,6 +28,9 @@ pub struct Record {
     pub received_at: SystemTime,
     /// How the source acknowledges it.
     pub ack: Ack,
+    /// The bytes of its lane's budget it holds until it is dropped (see
+    /// `pipeline::budget`); none for sources that bound their buffers otherwise.
+    pub hold: Hold,
 }
 
 /// The source's handle for acknowledging one record.

@@ -621,6 +621,7 @@ async fn run_mapping(
         max_bytes: mapping
             .max_payload()
             .saturating_sub(deliverer.envelope.overhead() + 256),
+        buffer_bytes: mapping.buffer_bytes(),
     };
     match &mapping.source {
         Source::Rabbitmq(s) => crate::source::rabbitmq::run(s, limits, deliverer, shutdown).await,

@@ -18,6 +18,8 @@
 //! - `esm_gateway_invocations_total{outcome}`: invokes by outcome
 //! - `esm_gateway_retries_total`: batches (or parts) put back for another attempt
 //! - `esm_gateway_throttles_total`: invokes Lambda throttled (429)
+//! - `esm_gateway_buffer_waits_total`: records that waited for room in their lane's byte
+//!   budget (Kafka; `batch.buffer_bytes`)
 //! - `esm_gateway_invoke_duration_seconds`, `esm_gateway_batch_records`: histograms
 //! - `esm_gateway_batches_in_flight`: gauge, batches being delivered
 //! - `esm_gateway_source_depth_messages`: gauge, messages waiting in the source
@@ -153,6 +155,10 @@ fn describe() {
         "esm_gateway_throttles_total",
         "Invokes Lambda throttled (HTTP 429); retried without spending retries."
     );
+    describe_counter!(
+        "esm_gateway_buffer_waits_total",
+        "Records that waited for room in their lane's byte budget (batch.buffer_bytes)."
+    );
     describe_histogram!(
         "esm_gateway_invoke_duration_seconds",
         metrics::Unit::Seconds,
@@ -204,6 +210,8 @@ pub struct MappingMetrics {
     pub dropped: Counter,
     pub retries: Counter,
     pub throttles: Counter,
+    /// Records that waited for room in their lane's byte budget.
+    pub buffer_waits: Counter,
     pub invoke_seconds: Histogram,
     pub batch_records: Histogram,
     pub in_flight: Gauge,
@@ -227,6 +235,7 @@ impl MappingMetrics {
             dropped: metrics::counter!("esm_gateway_records_dropped_total", &labels),
             retries: metrics::counter!("esm_gateway_retries_total", &labels),
             throttles: metrics::counter!("esm_gateway_throttles_total", &labels),
+            buffer_waits: metrics::counter!("esm_gateway_buffer_waits_total", &labels),
             invoke_seconds: metrics::histogram!("esm_gateway_invoke_duration_seconds", &labels),
             batch_records: metrics::histogram!("esm_gateway_batch_records", &labels),
             in_flight: metrics::gauge!("esm_gateway_batches_in_flight", &labels),
@@ -246,6 +255,7 @@ impl MappingMetrics {
             &m.dropped,
             &m.retries,
             &m.throttles,
+            &m.buffer_waits,
         ] {
             c.increment(0);
         }

@@ -683,18 +683,7 @@ async fn a_partition_revoked_during_a_slow_invoke_never_commits_behind_its_new_o
 
     // Both partitions committed at their end, the new owner's position: nothing left in
     // the broker to deliver, nothing moved back.
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &b)
-        .set("group.id", &group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(&topic, 0);
-    tpl.add_partition(&topic, 1);
-    let committed = reader
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    let offsets: Vec<Offset> = committed.elements().iter().map(|e| e.offset()).collect();
+    let (_, offsets) = committed(&b, &group, &topic, 2);
     assert_eq!(offsets, vec![Offset::Offset(20), Offset::Offset(20)]);
     assert_eq!(second.terminate().await.code(), Some(0));
     assert_eq!(delivered_once(&f), values("r", 40));
@@ -754,4 +743,141 @@ async fn latest_applies_once_so_records_produced_while_the_gateway_was_down_arri
     // The five produced while it was down delivered; the five older than its first
     // start still in the broker.
     assert_eq!(delivered_once(&f), values("down", 5));
+}
+
+/// A consumer of `group` (assigned nothing), and the group's committed offsets of the
+/// first `partitions` partitions of `topic`.
+fn committed(b: &str, group: &str, topic: &str, partitions: i32) -> (BaseConsumer, Vec<Offset>) {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = reader
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let offsets = committed.elements().iter().map(|e| e.offset()).collect();
+    (reader, offsets)
+}
+
+/// The gateway's resident memory in bytes (`VmRSS` of /proc/<pid>/status).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("VmRSS in /proc/<pid>/status");
+    kb * 1024
+}
+
+#[tokio::test]
+async fn a_blocked_partition_of_large_records_holds_memory_within_its_byte_budget() {
+    const RECORDS: usize = 2_000;
+    const VALUE: usize = 100 * 1024;
+    // The documented bound for one partition of one lane (README, Guarantees): the
+    // lane's buffer budget (12 MiB, batch in flight included), librdkafka's prefetch
+    // (16 MiB, and its fetch in progress), the batch's rendered event and its HTTP
+    // request (6 MB each), and the process itself (about 50 MiB in a debug build); with
+    // a margin for the allocator. 2,000 records of 100 KB are 270 MB once rendered
+    // (base64): a buffer bounded by count (here 20,000 records) holds all of them.
+    const BOUND: u64 = 160 << 20;
+    let b = bootstrap();
+    let topic = create_topic(&b, "memory", 1).await;
+    let records = (0..RECORDS)
+        .map(|i| {
+            let mut v = format!("m-{i}-");
+            v.extend(std::iter::repeat_n('x', VALUE - v.len()));
+            rec(0, "k", v)
+        })
+        .collect();
+    produce(&b, &topic, records).await;
+    let f = Function::deploy("kmemory", &[("FAIL_ALL", "1")]).await;
+    let group = unique("g");
+    let gw = Gateway::start(&kafka_config(
+        &b,
+        &f.name,
+        &topic,
+        &group,
+        r#"
+[mapping.batch]
+size = 10000
+window = "1s"
+
+[mapping.retry]
+max_attempts = -1
+backoff_min = "1s"
+backoff_max = "1s""#,
+    ));
+    // The partition is blocked behind its first batch, failing forever. Its reader
+    // either took every record (a buffer bounded by count) or waits for the budget;
+    // sampled meanwhile, the process never grows past the bound.
+    gw.wait_admin().await;
+    let pid = gw.pid();
+    let mut peak = 0;
+    wait_for(
+        "the reader to take everything or wait for its budget",
+        LONG,
+        || {
+            peak = peak.max(rss_bytes(pid));
+            let m = gw.metrics();
+            let received = m
+                .find("esm_gateway_records_received_total", &[("mapping", "test")])
+                .unwrap_or(0.0);
+            let waited = m
+                .find("esm_gateway_buffer_waits_total", &[("mapping", "test")])
+                .unwrap_or(0.0);
+            let failed = f.invocations().len();
+            (failed >= 3 && (received >= RECORDS as f64 || waited >= 1.0)).then_some(())
+        },
+    )
+    .await;
+    peak = peak.max(rss_bytes(pid));
+    let invocations = f.invocations();
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    eprintln!("peak resident memory: {} MiB", peak >> 20);
+    assert!(
+        peak < BOUND,
+        "resident memory reached {} MiB, above the bound of {} MiB",
+        peak >> 20,
+        BOUND >> 20
+    );
+    // Every record accounted for: none delivered, none parked (no destination), so all
+    // still in the topic, uncommitted.
+    assert!(
+        invocations.iter().all(|i| !i.ok),
+        "the function never succeeded"
+    );
+    let (reader, offsets) = committed(&b, &group, &topic, 1);
+    let offset = offsets[0];
+    assert!(
+        matches!(offset, Offset::Invalid | Offset::Offset(0)),
+        "nothing committed, got {offset:?}"
+    );
+    // What is left to read from there: every record, once.
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+        .unwrap();
+    reader.assign(&tpl).unwrap();
+    let mut left = std::collections::BTreeSet::new();
+    wait_for("every record read back from the topic", LONG, || {
+        while let Some(m) = reader.poll(Duration::from_millis(100)) {
+            let m = m.unwrap();
+            assert_eq!(rdkafka::Message::payload(&m).map(<[u8]>::len), Some(VALUE));
+            left.insert(rdkafka::Message::offset(&m));
+        }
+        (left.len() == RECORDS).then_some(())
+    })
+    .await;
+    assert_eq!(
+        left,
+        (0..RECORDS as i64).collect(),
+        "every record still in the topic"
+    );
 }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 pub use env::{Expanded, Secret, SecretUrl};
 pub use types::{
-    BatchSize, BatchWindow, ByteSize, FlexibleWindow, MaxRecordAge, RetryAttempts,
+    BatchSize, BatchWindow, BufferBytes, ByteSize, FlexibleWindow, MaxRecordAge, RetryAttempts,
     ScheduleExpression, ScheduleInput, ScheduleTime, TimeZoneName,
 };
 
@@ -487,6 +487,10 @@ pub struct Batching {
     pub window: Option<BatchWindow>,
     /// Largest event in bytes, at most 6 MB (6,291,456). Default: 6 MB.
     pub max_bytes: Option<ByteSize>,
+    /// Bytes of records (as rendered into the event) each lane of a Kafka partition
+    /// may hold, waiting or in its batch in flight, 1 MiB–4 GiB; reading the partition
+    /// waits while it is full. Default: twice the largest event (12 MiB).
+    pub buffer_bytes: Option<BufferBytes>,
 }
 
 /// `[mapping.retry]`
@@ -612,6 +616,13 @@ pub struct RabbitDestination {
 }
 
 impl Mapping {
+    /// A lane's buffer budget: batch.buffer_bytes, else twice the largest event.
+    pub fn buffer_bytes(&self) -> usize {
+        self.batch
+            .buffer_bytes
+            .map_or(2 * self.max_payload(), |b| b.0)
+    }
+
     /// The largest event: batch.max_bytes, else Lambda's limit for the invocation type
     /// (6 MB synchronous, 1 MB asynchronous).
     pub fn max_payload(&self) -> usize {

@@ -61,6 +61,7 @@ source = { type = "rabbitmq", url = "amqp://h", queue = "q" }
     assert_eq!(m.batch_size(), 100);
     assert_eq!(m.batch_window(), Duration::from_millis(500));
     assert_eq!(m.max_payload(), 6 * 1024 * 1024);
+    assert_eq!(m.buffer_bytes(), 12 * 1024 * 1024);
     assert_eq!(m.retries(), None);
     assert_eq!(m.retry.max_record_age, None);
     assert!(!m.retry.bisect_on_error && !m.report_batch_item_failures);
@@ -84,6 +85,27 @@ fn the_function_timeout_is_between_one_second_and_fifteen_minutes() {
         let err = parse(&set(bad)).unwrap_err();
         assert!(
             err.contains("function_timeout") && err.contains("between 1s and 15m"),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[test]
+fn the_buffer_budget_is_between_one_mebibyte_and_four_gibibytes() {
+    let set = |n: &str| {
+        with(
+            "[mapping.batch]",
+            &format!("[mapping.batch]\nbuffer_bytes = {n}"),
+        )
+    };
+    assert_eq!(
+        parse(&set("1048576")).unwrap().mappings[0].buffer_bytes(),
+        1 << 20
+    );
+    for bad in ["1000", "4294967296"] {
+        let err = parse(&set(bad)).unwrap_err();
+        assert!(
+            err.contains("buffer_bytes must be between 1048576") && err.contains("line 16"),
             "{bad}: {err}"
         );
     }

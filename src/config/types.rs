@@ -60,6 +60,24 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// A lane's buffer budget in bytes, 1 MiB–4 GiB (less one byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferBytes(pub usize);
+
+impl<'de> Deserialize<'de> for BufferBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if (1 << 20..=i64::from(u32::MAX)).contains(&n) {
+            Ok(BufferBytes(n as usize))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "buffer_bytes must be between 1048576 (1 MiB) and {} (4 GiB less one byte), got {n}",
+                u32::MAX
+            )))
+        }
+    }
+}
+
 /// AWS's MaximumRetryAttempts: -1 (forever) or 0–10,000.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryAttempts(pub i32);

@@ -825,6 +825,7 @@ mod tests {
             received: tokio::time::Instant::now(),
             received_at: SystemTime::now(),
             ack: crate::record::Ack::None,
+            hold: crate::record::Hold::default(),
         };
         let env = Envelope::Kafka {
             bootstrap_servers: "b1:9092,b2:9092".into(),
@@ -860,6 +861,7 @@ mod tests {
             received: tokio::time::Instant::now(),
             received_at: SystemTime::now(),
             ack: crate::record::Ack::None,
+            hold: crate::record::Hold::default(),
         };
         let env = Envelope::Rabbit {
             event_source_arn: "arn:aws:mq:us-east-1:000000000000:broker:b".into(),

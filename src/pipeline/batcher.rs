@@ -16,6 +16,8 @@ pub struct BatchLimits {
     pub window: Duration,
     /// What the records may add to the event: the cap less the envelope.
     pub max_bytes: usize,
+    /// What a lane may hold (see `pipeline::budget`): `batch.buffer_bytes`.
+    pub buffer_bytes: usize,
 }
 
 pub struct Batcher {
@@ -78,7 +80,7 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Ack;
+    use crate::record::{Ack, Hold};
     use proptest::prelude::*;
 
     fn lim(size: usize, window: Duration, max_bytes: usize) -> BatchLimits {
@@ -86,6 +88,7 @@ mod tests {
             size,
             window,
             max_bytes,
+            buffer_bytes: 1 << 20,
         }
     }
 
@@ -98,6 +101,7 @@ mod tests {
             received: Instant::now(),
             received_at: std::time::SystemTime::now(),
             ack: Ack::None,
+            hold: Hold::default(),
         }
     }
 

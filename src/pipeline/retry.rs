@@ -575,6 +575,7 @@ mod tests {
                 received: tokio::time::Instant::now(),
                 received_at: std::time::SystemTime::now(),
                 ack: Ack::None,
+                hold: crate::record::Hold::default(),
             })
             .collect()
     }

@@ -45,9 +45,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{KafkaSource, SaslMechanism, StartingPosition};
 use crate::invoke::event::{Envelope, KafkaFragments};
 use crate::pipeline::batcher::{BatchLimits, Batcher};
+use crate::pipeline::budget::Budget;
 use crate::pipeline::offsets::OffsetTracker;
 use crate::pipeline::retry::Deliverer;
-use crate::record::{Ack, Record};
+use crate::record::{Ack, Hold, Record};
 use crate::status::State;
 
 type KafkaConsumer = StreamConsumer<Context>;
@@ -876,7 +877,13 @@ async fn drain(
     let mut lane_tasks = tokio::task::JoinSet::new();
     for _ in 0..shared.lanes {
         let (tx, rx) = mpsc::channel(shared.limits.size * 2);
-        lanes.push(tx);
+        // Per lane, not per mapping: a blocked partition must not take the room of
+        // the others.
+        let budget = Budget::new(
+            shared.limits.buffer_bytes,
+            shared.deliverer.mapping.metrics.buffer_waits.clone(),
+        );
+        lanes.push((tx, budget));
         lane_tasks.spawn(lane(
             Batcher::new(rx, shared.limits),
             deliverer.clone(),
@@ -923,13 +930,21 @@ async fn drain(
                 (h.finish() % n as u64) as usize
             }
         };
-        let record = to_record(&m, &fragments, &shared.deliverer.mapping.name);
+        let mut record = to_record(&m, &fragments, &shared.deliverer.mapping.name);
         shared.deliverer.mapping.metrics.received.increment(1);
         drop(m);
+        let (tx, budget) = &lanes[lane];
+        // Waiting here stops the reading: what the partition's queue holds meanwhile
+        // is bounded by librdkafka (`queued.max.messages.kbytes`).
+        record.hold = tokio::select! {
+            biased;
+            () = &mut cancelled => break,
+            h = budget.acquire(record.weight()) => h,
+        };
         tokio::select! {
             biased;
             () = &mut cancelled => break,
-            r = lanes[lane].send(record) => if r.is_err() { break },
+            r = tx.send(record) => if r.is_err() { break },
         }
     }
     drop(lanes);
@@ -967,6 +982,7 @@ fn to_record(m: &BorrowedMessage<'_>, fragments: &KafkaFragments, mapping: &str)
         received: received.checked_sub(age).unwrap_or(received),
         received_at: now.checked_sub(age).unwrap_or(now),
         ack: Ack::None,
+        hold: Hold::default(),
     }
 }
 

@@ -26,7 +26,7 @@ use crate::destination::Condition;
 use crate::invoke::event;
 use crate::pipeline::batcher::{BatchLimits, Batcher};
 use crate::pipeline::retry::{Deliverer, Outcome};
-use crate::record::{Ack, Record};
+use crate::record::{Ack, Hold, Record};
 use crate::status::State;
 
 /// Opens a connection, with a custom CA when `ca_file` is given. Errors never carry the
@@ -225,6 +225,7 @@ async fn session(
                 received: tokio::time::Instant::now(),
                 received_at: SystemTime::now(),
                 ack: Ack::Rabbit(d.acker),
+                hold: Hold::default(),
             };
             if tx.send(record).await.is_err() {
                 break;

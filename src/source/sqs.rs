@@ -31,7 +31,7 @@ use crate::config::SqsSource;
 use crate::invoke::event::sqs_fragment;
 use crate::pipeline::batcher::{BatchLimits, Batcher};
 use crate::pipeline::retry::{Deliverer, Outcome};
-use crate::record::{Ack, Record, Resolution};
+use crate::record::{Ack, Hold, Record, Resolution};
 use crate::status::State;
 
 /// Why the source cannot run.
@@ -297,6 +297,7 @@ impl Receiver {
                         received: now,
                         received_at: SystemTime::now(),
                         ack: Ack::Sqs(m.receipt_handle().unwrap_or_default().to_owned()),
+                        hold: Hold::default(),
                     }
                 })
                 .collect();

@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{MissedFire, ScheduleSource};
 use crate::pipeline::retry::Deliverer;
-use crate::record::{Ack, Record};
+use crate::record::{Ack, Hold, Record};
 use crate::status::State;
 pub use expression::{Expression, ExpressionError};
 use store::Store;
@@ -470,6 +470,7 @@ async fn run_fire(
         received: now.checked_sub(age).unwrap_or(now),
         received_at: SystemTime::now(),
         ack: Ack::None,
+        hold: Hold::default(),
     };
     // Stops the delivery when shutdown comes or the lease is lost to another replica.
     let stop = shutdown.child_token();

@@ -184,6 +184,7 @@ fn an_input_gets_schedulers_placeholders() {
         received: tokio::time::Instant::now(),
         received_at: SystemTime::now(),
         ack: Ack::None,
+        hold: Hold::default(),
     };
     let third: serde_json::Value =
         serde_json::from_slice(&env.render_attempt(std::slice::from_ref(&record), 3)).unwrap();
