@@ -724,6 +724,46 @@ async fn a_lane_that_panics_fails_the_mapping_and_its_partition_restarts_where_i
 }
 
 #[tokio::test]
+async fn a_partition_whose_queue_cannot_be_split_fails_the_mapping_and_the_consumer_rejoins() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "split", 2).await;
+    produce_numbered(&b, &topic, 2, "r", 20).await;
+    let f = Function::deploy("ksplit", &[]).await;
+    // The first split of the process fails, as `split_partition_queue` returning None
+    // would (debug builds only): one partition of the first assignment has no task.
+    let gw = Gateway::start_with_env(
+        &member_config(&b, &f, &topic, &unique("g"), 5),
+        &[("ESM_GATEWAY_TEST_SPLIT_FAILURES", "1")],
+    );
+    // Before the fix that partition stayed assigned and silent: 10 records, forever.
+    f.wait_delivered(20, Duration::from_secs(60)).await;
+    let failed = gw.log_contains("assignment failed");
+    let metrics = gw.metrics();
+    let mapping = gw.mapping("test");
+    let rejoined = gw.log_contains("consumer rejoined the group");
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    // Every record delivered, each partition's from its first offset.
+    assert_eq!(delivered_once(&f), values("r", 20));
+    assert!(failed, "the failed split is logged as an error");
+    assert!(rejoined, "the consumer left and rejoined the group");
+    assert_eq!(
+        metrics.value(
+            "esm_gateway_kafka_assignment_errors_total",
+            &[("mapping", "test"), ("kind", "split")]
+        ),
+        1.0
+    );
+    assert!(
+        mapping["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot split the queue")),
+        "the mapping reports the failed split: {mapping}"
+    );
+    assert_eq!(mapping["state"], "running", "and runs again: {mapping}");
+}
+
+#[tokio::test]
 async fn latest_applies_once_so_records_produced_while_the_gateway_was_down_arrive() {
     // The mock broker, because Tansu 0.6 reports a wrong end offset for a topic.
     let (_mock, b, topic) = mock_topic("once", 1);

@@ -17,7 +17,12 @@
 //! usable committed offset starts at its earliest record.
 //!
 //! A partition's task supervises its reader and lanes: a panic fails the mapping
-//! visibly and restarts the partition from its first unresolved record.
+//! visibly and restarts the partition from its first unresolved record. An assignment
+//! that cannot be applied (a queue that cannot be split off, a rebalance error) fails
+//! the mapping too, and the consumer leaves and rejoins the group.
+//!
+//! Each lane holds at most `batch.buffer_bytes` of records (`pipeline::budget`); the
+//! partition's reader waits while its lane is full.
 //!
 //! Every assignment of a partition has a generation; only the current one's task may
 //! commit, so a task revoked while its batch ran past the revoke deadline can no longer
@@ -286,6 +291,8 @@ struct Context {
     shared: Arc<Shared>,
     /// How long a revoked partition may take to finish its batch in flight.
     revoke_deadline: Duration,
+    /// Wakes the poll thread to leave and rejoin the group after an assignment error.
+    rejoin: Arc<tokio::sync::Notify>,
     start: Start,
 }
 
@@ -365,10 +372,26 @@ impl ConsumerContext for Context {
         let applied = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.seed(base, tpl);
+                let mut unsplit = Vec::new();
                 if let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) {
                     for e in tpl.elements() {
-                        self.start(&consumer, e.topic(), e.partition(), e.offset());
+                        if !self.start(&consumer, e.topic(), e.partition(), e.offset()) {
+                            unsplit.push(format!("{}-{}", e.topic(), e.partition()));
+                        }
                     }
+                }
+                // Such a partition has no task: what librdkafka fetches for it reaches
+                // the main queue, where the poll thread drops it, and nothing commits
+                // it. A new assignment from a rejoin splits it afresh from its committed
+                // offset.
+                if !unsplit.is_empty() {
+                    self.assignment_failed(
+                        AssignmentError::Split,
+                        &format!(
+                            "cannot split the queue of assigned partitions {}; the consumer rejoins the group",
+                            unsplit.join(", ")
+                        ),
+                    );
                 }
                 if cooperative {
                     base.incremental_assign(tpl)
@@ -390,7 +413,30 @@ impl ConsumerContext for Context {
                 }
             }
             other => {
-                tracing::warn!(mapping = %mapping, error = %RDKafkaErrorCode::from(other), "rebalance error");
+                // The tasks of the partitions in question stop first (committing what
+                // they resolved, while that may still succeed): unassigned, they would
+                // run on unfenced.
+                let partitions: Vec<TopicPartition> = if cooperative {
+                    tpl.elements()
+                        .iter()
+                        .map(|e| (e.topic().to_owned(), e.partition()))
+                        .collect()
+                } else {
+                    self.tasks
+                        .lock()
+                        .expect("tasks lock")
+                        .keys()
+                        .cloned()
+                        .collect()
+                };
+                self.stop_and_commit(base, &partitions);
+                self.assignment_failed(
+                    AssignmentError::Rebalance,
+                    &format!(
+                        "rebalance error: {}; the consumer rejoins the group",
+                        RDKafkaErrorCode::from(other)
+                    ),
+                );
                 if cooperative {
                     base.incremental_unassign(tpl)
                 } else {
@@ -404,7 +450,42 @@ impl ConsumerContext for Context {
     }
 }
 
+/// What went wrong with an assignment (the `kind` of
+/// `esm_gateway_kafka_assignment_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AssignmentError {
+    /// An assigned partition's queue could not be split off.
+    Split,
+    /// librdkafka reported a rebalance error.
+    Rebalance,
+}
+
+impl AssignmentError {
+    const ALL: [AssignmentError; 2] = [AssignmentError::Split, AssignmentError::Rebalance];
+
+    fn kind(self) -> &'static str {
+        match self {
+            AssignmentError::Split => "split",
+            AssignmentError::Rebalance => "rebalance",
+        }
+    }
+}
+
 impl Context {
+    /// Fails the mapping visibly (status, `esm_gateway_kafka_assignment_errors_total`,
+    /// an error log) and asks the poll thread to rejoin the group, which assigns the
+    /// partitions afresh. A later successful batch sets the mapping running again.
+    fn assignment_failed(&self, error: AssignmentError, detail: &str) {
+        let status = &self.shared.deliverer.mapping;
+        metrics::counter!("esm_gateway_kafka_assignment_errors_total",
+            "mapping" => status.name.clone(), "kind" => error.kind())
+        .increment(1);
+        tracing::error!(mapping = %status.name, kind = error.kind(), error = detail,
+            "assignment failed; rejoining the consumer group");
+        status.fail(detail);
+        self.rejoin.notify_one();
+    }
+
     /// Sets where each partition of `tpl` starts. A partition with a committed offset
     /// resumes there. In a topic of which the group has committed nothing yet, the
     /// mapping's starting position is resolved to an offset now (so that nothing
@@ -494,14 +575,21 @@ impl Context {
         Ok(seed)
     }
 
-    fn start(&self, consumer: &Arc<KafkaConsumer>, topic: &str, partition: i32, from: Offset) {
+    /// Starts the task of a newly assigned partition; false if its queue cannot be
+    /// split off (then it has no task).
+    fn start(
+        &self,
+        consumer: &Arc<KafkaConsumer>,
+        topic: &str,
+        partition: i32,
+        from: Offset,
+    ) -> bool {
+        #[cfg(debug_assertions)]
+        if injected_split_failure() {
+            return false;
+        }
         let Some(queue) = consumer.split_partition_queue(topic, partition) else {
-            tracing::warn!(
-                topic,
-                partition,
-                "cannot split the queue of an assigned partition"
-            );
-            return;
+            return false;
         };
         let tp = (topic.to_owned(), partition);
         // Whatever still runs of an earlier assignment of the partition ends before the
@@ -543,6 +631,7 @@ impl Context {
             .lock()
             .expect("tasks lock")
             .insert(tp, PartitionTask { stop, done, ended });
+        true
     }
 
     /// Stops the partitions' tasks, waits (up to the revoke deadline) for their final
@@ -645,7 +734,13 @@ async fn session(
         shared: shared.clone(),
         revoke_deadline: (session_timeout / 2).min(Duration::from_secs(20)),
         start: Start::of(source),
+        rejoin: Arc::new(tokio::sync::Notify::new()),
     };
+    for error in AssignmentError::ALL {
+        metrics::counter!("esm_gateway_kafka_assignment_errors_total",
+            "mapping" => name.clone(), "kind" => error.kind())
+        .absolute(0);
+    }
     let consumer: Arc<KafkaConsumer> = Arc::new(config.create_with_context(context)?);
     let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
 
@@ -659,6 +754,7 @@ async fn session(
     let poll_stop = CancellationToken::new();
     let poller = {
         let (consumer, stop, name) = (consumer.clone(), poll_stop.clone(), name.clone());
+        let (rejoin, topics) = (consumer.context().rejoin.clone(), source.topics.clone());
         std::thread::Builder::new()
             .name(format!("kafka-{name}"))
             .spawn(move || {
@@ -670,6 +766,18 @@ async fn session(
                     loop {
                         tokio::select! {
                             () = stop.cancelled() => break,
+                            () = rejoin.notified() => {
+                                // Leaving revokes every partition (each commits what it
+                                // resolved); subscribing again joins afresh.
+                                consumer.unsubscribe();
+                                let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+                                if let Err(e) = consumer.subscribe(&topics) {
+                                    tracing::error!(mapping = %name, error = %e, "cannot subscribe again after an assignment error");
+                                    consumer.context().shared.deliverer.mapping.fail(format!("cannot subscribe again: {e}"));
+                                } else {
+                                    tracing::info!(mapping = %name, "consumer rejoined the group");
+                                }
+                            }
                             m = consumer.recv() => match m {
                                 Ok(m) => tracing::error!(mapping = %name, topic = m.topic(), partition = m.partition(),
                                     "message on the main queue of a split partition; it will be re-read after a rebalance"),
@@ -1035,6 +1143,22 @@ async fn lane(
             return;
         }
     }
+}
+
+/// Debug builds only: with `ESM_GATEWAY_TEST_SPLIT_FAILURES=<n>`, the first n partition
+/// queue splits of the process fail, as `split_partition_queue` returning None would,
+/// so that the integration tests can exercise the recovery, which no known broker
+/// behaviour triggers at will.
+#[cfg(debug_assertions)]
+fn injected_split_failure() -> bool {
+    static FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let Some(n) = std::env::var("ESM_GATEWAY_TEST_SPLIT_FAILURES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    FAILED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n
 }
 
 /// Debug builds only: with `ESM_GATEWAY_TEST_PANIC_AT=<offset>`, the first lane to take
