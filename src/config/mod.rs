@@ -720,6 +720,15 @@ impl Mapping {
                 ));
             }
         }
+        if let Some(b) = self.batch.buffer_bytes
+            && b.0 < self.max_payload()
+        {
+            out.push(format!(
+                "mapping {name:?}: batch.buffer_bytes ({}) is smaller than the largest event ({}, batch.max_bytes); a batch could never fill",
+                b.0,
+                self.max_payload()
+            ));
+        }
         if let Some(t) = self.function_timeout
             && !(Duration::from_secs(1)..=MAX_FUNCTION_TIMEOUT).contains(&t)
         {

@@ -99,8 +99,13 @@ fn the_buffer_budget_is_between_one_mebibyte_and_four_gibibytes() {
         )
     };
     assert_eq!(
-        parse(&set("1048576")).unwrap().mappings[0].buffer_bytes(),
-        1 << 20
+        parse(&set("67108864")).unwrap().mappings[0].buffer_bytes(),
+        64 << 20
+    );
+    let err = parse(&set("1048576")).unwrap_err();
+    assert!(
+        err.contains("batch.buffer_bytes (1048576) is smaller than the largest event (6291456"),
+        "{err}"
     );
     for bad in ["1000", "4294967296"] {
         let err = parse(&set(bad)).unwrap_err();
