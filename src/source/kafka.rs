@@ -278,7 +278,8 @@ impl Context {
             return;
         };
         let stop = self.shared.shutdown.child_token();
-        let (done_tx, done) = std::sync::mpsc::channel();
+        // One report per task, so one place: the send never waits.
+        let (done_tx, done) = std::sync::mpsc::sync_channel(1);
         self.shared.runtime.spawn(partition_task(
             queue,
             consumer.clone(),
@@ -521,7 +522,7 @@ async fn partition_task(
     partition: i32,
     shared: Arc<Shared>,
     stop: CancellationToken,
-    done: std::sync::mpsc::Sender<Option<u64>>,
+    done: std::sync::mpsc::SyncSender<Option<u64>>,
 ) {
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let fragments = KafkaFragments::new(&topic, partition);

@@ -13,6 +13,9 @@
 //! hand the same messages out again) is received with an explicit 2 s, so a failed
 //! message reappears after 2 s there rather than the queue's own timeout.
 //!
+//! The keeper's map is bounded by what the source holds: the bounded channels between
+//! its pollers, batcher and delivery loop, and `max_concurrency` batches in flight.
+//!
 //! SQS caps a message's total visibility at 12 hours from its first receipt. A message
 //! that reaches the cap is given back (ChangeMessageVisibility 0) instead of being
 //! invoked or retried further: its batch is cancelled, as on shutdown, and the message is
