@@ -175,7 +175,8 @@ impl Keeper {
 
     /// A batch is about to be delivered under `token`: returns the records still held
     /// (those given back at the cap meanwhile are dropped) and lets a later cap cancel
-    /// the batch.
+    /// the batch. A FIFO batch is one receive, whose messages share their receipt
+    /// instant and so reach the cap together: a group is never delivered with a gap.
     pub fn start(&self, batch: Vec<Record>, token: &CancellationToken) -> Vec<Record> {
         let mut held = self.lock();
         batch
