@@ -9,6 +9,14 @@
 //! (a batch waiting in a retry backoff is abandoned unacknowledged, and the broker
 //! redelivers it), before it does anything else. Nothing is lost either way.
 //!
+//! A supervisor's command queue is bounded ([`COMMANDS`]), and the control loop never
+//! waits on it (a draining mapping must not hold up the others, reloads or the systemd
+//! watchdog): an enable or disable that finds it full is refused with
+//! [`ControlError::Busy`], and the last [`RESERVED_FOR_RELOAD`] places are kept for
+//! reloads, whose change to a mapping is likewise refused, by name, only when even those
+//! are taken; the mapping then keeps its old configuration until the next reload. Nothing
+//! is dropped without the requester being told.
+//!
 //! Shutdown cancels the root token: every mapping drains at once. Past the grace period
 //! the remaining tasks are dropped, with nothing acknowledged that was not delivered.
 //!
@@ -63,7 +71,24 @@ pub enum ControlError {
     ShuttingDown,
     #[error("{0}")]
     InvalidConfig(String),
+    #[error(
+        "mapping {0:?} already has {queued} enables and disables waiting while it drains, the most it queues; try again once it has applied them",
+        queued = COMMANDS - RESERVED_FOR_RELOAD
+    )]
+    Busy(String),
+    #[error(
+        "configuration reloaded except for mappings {0:?}, whose queues of changes are full ({COMMANDS}) while they drain; \
+         they keep their previous configuration until a later reload"
+    )]
+    ReloadIncomplete(Vec<String>),
 }
+
+/// Commands a supervisor's queue holds while it drains: it applies one at a time, and
+/// each enable or disable request waits for its own.
+pub const COMMANDS: usize = 16;
+/// Places of [`COMMANDS`] that only reloads may use, so that a burst of enable and
+/// disable requests cannot make a reload skip a mapping.
+pub const RESERVED_FOR_RELOAD: usize = 4;
 
 /// What the admin API and the signal handler can ask of a running gateway.
 enum Control {
@@ -211,7 +236,7 @@ enum Command {
 /// `commands` tells the supervisor to drain and stop.
 struct Slot {
     config: Mapping,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::Sender<Command>,
     task: JoinHandle<Result<(), String>>,
 }
 
@@ -247,9 +272,14 @@ pub async fn run(
                 Control::SetEnabled { name, enabled, reply } => match gateway.slots.get(&name) {
                     // The supervisor replies once the mapping has drained or started.
                     Some(slot) => {
-                        if let Err(e) = slot.commands.send(Command::SetEnabled(enabled, reply)) {
-                            let Command::SetEnabled(_, reply) = e.0 else { unreachable!() };
-                            let _ = reply.send(Err(ControlError::ShuttingDown));
+                        let command = Command::SetEnabled(enabled, reply);
+                        if let Err((e, Command::SetEnabled(_, reply))) =
+                            admit(&slot.commands, command, RESERVED_FOR_RELOAD)
+                        {
+                            let _ = reply.send(Err(match e {
+                                Refused::Full => ControlError::Busy(name),
+                                Refused::Closed => ControlError::ShuttingDown,
+                            }));
                         }
                     }
                     None => {
@@ -347,7 +377,7 @@ impl Gateway {
             .entry(name.clone())
             .or_insert_with(|| Arc::new(MappingStatus::new(&name, kind)))
             .clone();
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(COMMANDS);
         let previous = self.stopping.remove(&name);
         let task = tokio::spawn(supervise(
             mapping.clone(),
@@ -405,6 +435,7 @@ impl Gateway {
         *write(&self.handle.read_token) = new.admin.read_token.clone();
 
         let (mut added, mut changed, mut removed, mut unchanged) = (0, 0, 0, 0);
+        let mut busy = Vec::new();
         let names: Vec<String> = self.slots.keys().cloned().collect();
         for name in names {
             if !new.mappings.iter().any(|m| m.name == name) {
@@ -428,12 +459,21 @@ impl Gateway {
                     changed += 1;
                 }
                 Some(slot) if slot.config != *m || aws_changed => {
-                    tracing::info!(mapping = %m.name, "mapping changed; draining it and restarting with the new configuration");
-                    slot.config = m.clone();
-                    let _ = slot
-                        .commands
-                        .send(Command::Replace(Box::new(m.clone()), env.clone()));
-                    changed += 1;
+                    let command = Command::Replace(Box::new(m.clone()), env.clone());
+                    match admit(&slot.commands, command, 0) {
+                        Ok(()) => {
+                            tracing::info!(mapping = %m.name, "mapping changed; draining it and restarting with the new configuration");
+                            slot.config = m.clone();
+                            changed += 1;
+                        }
+                        // Its old config stays recorded, so the next reload tries again.
+                        Err((Refused::Full, _)) => {
+                            tracing::error!(mapping = %m.name, "mapping changed but still has reloads waiting; it keeps its previous configuration");
+                            busy.push(m.name.clone());
+                        }
+                        // Only at shutdown: the supervisor is gone.
+                        Err((Refused::Closed, _)) => {}
+                    }
                 }
                 Some(_) => unchanged += 1,
             }
@@ -447,9 +487,44 @@ impl Gateway {
             token: new.admin.token,
             read_token: new.admin.read_token,
         };
-        tracing::info!(added, changed, removed, unchanged, "configuration reloaded");
-        Ok(())
+        tracing::info!(
+            added,
+            changed,
+            removed,
+            unchanged,
+            busy = busy.len(),
+            "configuration reloaded"
+        );
+        if busy.is_empty() {
+            Ok(())
+        } else {
+            Err(ControlError::ReloadIncomplete(busy))
+        }
     }
+}
+
+/// Why a command was not queued.
+#[derive(Debug, PartialEq)]
+enum Refused {
+    /// The queue has no more than `reserve` places left.
+    Full,
+    /// The supervisor has ended (shutdown).
+    Closed,
+}
+
+/// Queues `command` unless that would leave fewer than `reserve` free places; never
+/// waits. The refused command comes back, so that its reply can be answered.
+fn admit<T>(queue: &mpsc::Sender<T>, command: T, reserve: usize) -> Result<(), (Refused, T)> {
+    if queue.is_closed() {
+        return Err((Refused::Closed, command));
+    }
+    if queue.capacity() <= reserve {
+        return Err((Refused::Full, command));
+    }
+    queue.try_send(command).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(c) => (Refused::Full, c),
+        mpsc::error::TrySendError::Closed(c) => (Refused::Closed, c),
+    })
 }
 
 /// Runs one mapping: its source task while enabled, commands one at a time, each change
@@ -459,7 +534,7 @@ async fn supervise(
     mut mapping: Mapping,
     mut env: Arc<Env>,
     status: Arc<MappingStatus>,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut commands: mpsc::Receiver<Command>,
     previous: Option<JoinHandle<Result<(), String>>>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
@@ -692,5 +767,38 @@ fn scheduled(
             .max_record_age()
             .unwrap_or(crate::config::SCHEDULE_MAX_EVENT_AGE),
         deliverer,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_command_queue_refuses_and_hands_the_command_back_keeping_places_for_reloads() {
+        let (tx, mut rx) = mpsc::channel::<usize>(COMMANDS);
+        // Enables and disables stop short of the reloads' reserve...
+        let mut sent = 0;
+        while admit(&tx, sent, RESERVED_FOR_RELOAD).is_ok() {
+            sent += 1;
+        }
+        assert_eq!(sent, COMMANDS - RESERVED_FOR_RELOAD);
+        assert_eq!(
+            admit(&tx, 99, RESERVED_FOR_RELOAD),
+            Err((Refused::Full, 99))
+        );
+        // ...which reloads may still use, up to the bound, and no further.
+        while admit(&tx, sent, 0).is_ok() {
+            sent += 1;
+        }
+        assert_eq!(sent, COMMANDS);
+        assert_eq!(admit(&tx, 99, 0), Err((Refused::Full, 99)));
+        // Nothing queued was lost, in order; a place taken frees one.
+        assert_eq!(rx.try_recv(), Ok(0));
+        assert_eq!(admit(&tx, COMMANDS, 0), Ok(()));
+        let rest: Vec<usize> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(rest, (1..=COMMANDS).collect::<Vec<_>>());
+        drop(rx);
+        assert_eq!(admit(&tx, 7, 0), Err((Refused::Closed, 7)));
     }
 }

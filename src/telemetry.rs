@@ -14,6 +14,8 @@
 //! - `esm_gateway_records_delivered_total`: records the function succeeded on
 //! - `esm_gateway_records_failed_total`: records in an invoke the function failed on (each attempt)
 //! - `esm_gateway_records_released_total`: records given back to the source after their retries (SQS)
+//! - `esm_gateway_records_visibility_capped_total`: SQS messages given back unprocessed at
+//!   SQS's 12-hour visibility cap
 //! - `esm_gateway_records_dead_lettered_total{condition}`: records parked in the on-failure destination
 //! - `esm_gateway_invocations_total{outcome}`: invokes by outcome
 //! - `esm_gateway_retries_total`: batches (or parts) put back for another attempt
@@ -136,6 +138,10 @@ fn describe() {
         "Records given back to the source for redelivery after their retries (SQS)."
     );
     describe_counter!(
+        "esm_gateway_records_visibility_capped_total",
+        "SQS messages given back to the queue unprocessed because their visibility reached SQS's 12-hour cap."
+    );
+    describe_counter!(
         "esm_gateway_records_dropped_total",
         "Schedule fires that ran out of retries with no on-failure destination."
     );
@@ -206,6 +212,8 @@ pub struct MappingMetrics {
     pub failed: Counter,
     /// Records given back to the source after their retries (SQS).
     pub released: Counter,
+    /// SQS messages given back unprocessed at SQS's 12-hour visibility cap.
+    pub visibility_capped: Counter,
     /// Schedule fires that ran out of retries with no destination.
     pub dropped: Counter,
     pub retries: Counter,
@@ -232,6 +240,10 @@ impl MappingMetrics {
             delivered: metrics::counter!("esm_gateway_records_delivered_total", &labels),
             failed: metrics::counter!("esm_gateway_records_failed_total", &labels),
             released: metrics::counter!("esm_gateway_records_released_total", &labels),
+            visibility_capped: metrics::counter!(
+                "esm_gateway_records_visibility_capped_total",
+                &labels
+            ),
             dropped: metrics::counter!("esm_gateway_records_dropped_total", &labels),
             retries: metrics::counter!("esm_gateway_retries_total", &labels),
             throttles: metrics::counter!("esm_gateway_throttles_total", &labels),
@@ -252,6 +264,7 @@ impl MappingMetrics {
             &m.delivered,
             &m.failed,
             &m.released,
+            &m.visibility_capped,
             &m.dropped,
             &m.retries,
             &m.throttles,

@@ -6,99 +6,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
 use common::*;
 
 const LONG: Duration = Duration::from_secs(180);
-
-async fn create_queue(
-    client: &aws_sdk_sqs::Client,
-    prefix: &str,
-    fifo: bool,
-    visibility: u32,
-) -> String {
-    let mut name = unique(prefix);
-    let mut req = client.create_queue().attributes(
-        QueueAttributeName::VisibilityTimeout,
-        visibility.to_string(),
-    );
-    if fifo {
-        name.push_str(".fifo");
-        req = req
-            .attributes(QueueAttributeName::FifoQueue, "true")
-            .attributes(QueueAttributeName::ContentBasedDeduplication, "true");
-    }
-    req.queue_name(name)
-        .send()
-        .await
-        .expect("create queue (is `scripts/stack up` running?)")
-        .queue_url
-        .unwrap()
-}
-
-/// Sends (group, body) messages in batches of ten, in order.
-async fn send(client: &aws_sdk_sqs::Client, url: &str, messages: &[(Option<String>, String)]) {
-    for chunk in messages.chunks(10) {
-        let entries = chunk.iter().enumerate().map(|(i, (group, body))| {
-            let mut e = SendMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .message_body(body)
-                .message_attributes(
-                    "origin",
-                    aws_sdk_sqs::types::MessageAttributeValue::builder()
-                        .data_type("String")
-                        .string_value("test")
-                        .build()
-                        .unwrap(),
-                );
-            if let Some(g) = group {
-                e = e.message_group_id(g).message_deduplication_id(body);
-            }
-            e.build().unwrap()
-        });
-        let out = client
-            .send_message_batch()
-            .queue_url(url)
-            .set_entries(Some(entries.collect()))
-            .send()
-            .await
-            .unwrap();
-        assert!(out.failed().is_empty(), "{:?}", out.failed());
-    }
-}
-
-async fn depth(client: &aws_sdk_sqs::Client, url: &str) -> (u64, u64) {
-    let out = client
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::All)
-        .send()
-        .await
-        .unwrap();
-    let a = out.attributes().unwrap();
-    let n = |k| a.get(&k).and_then(|v: &String| v.parse().ok()).unwrap_or(0);
-    (
-        n(QueueAttributeName::ApproximateNumberOfMessages),
-        n(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-    )
-}
-
-fn sqs_config(function: &str, url: &str, extra: &str) -> String {
-    gateway_header()
-        + &format!(
-            r#"
-[[mapping]]
-name = "test"
-function = "{function}"
-
-{extra}
-
-[mapping.source]
-type = "sqs"
-queue_url = "{url}"
-"#,
-        )
-}
 
 #[tokio::test]
 async fn five_thousand_messages_all_arrive_and_the_queue_ends_empty() {

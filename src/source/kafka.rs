@@ -612,7 +612,8 @@ impl Context {
         self.shared.commits.own(tp.clone(), generation);
         let stop = self.shared.shutdown.child_token();
         let ended = CancellationToken::new();
-        let (done_tx, done) = std::sync::mpsc::channel();
+        // One report per task, so one place: the send never waits.
+        let (done_tx, done) = std::sync::mpsc::sync_channel(1);
         self.shared.runtime.spawn(partition_task(
             queue,
             consumer.clone(),
@@ -831,7 +832,7 @@ async fn partition_task(
     assignment: Assignment,
     shared: Arc<Shared>,
     stop: CancellationToken,
-    (done, ended): (std::sync::mpsc::Sender<Option<u64>>, CancellationToken),
+    (done, ended): (std::sync::mpsc::SyncSender<Option<u64>>, CancellationToken),
 ) {
     // Cancelled however the task ends.
     let _ended = ended.drop_guard();

@@ -7,6 +7,7 @@ pub mod kafka;
 pub mod rabbitmq;
 pub mod schedule;
 pub mod sqs;
+pub mod sqs_visibility;
 
 use std::time::Duration;
 

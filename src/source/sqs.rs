@@ -8,9 +8,13 @@
 //! exactly one receive, because SQS hands out a message group to one receiver at a time
 //! and that is what keeps each group in order while groups proceed in parallel.
 //!
+//! Every received message's visibility is held by the [`Keeper`] from the moment its
+//! receive returns (it may wait for a delivery permit longer than the queue's timeout)
+//! until it is deleted or its batch ends.
+//!
 //! Success deletes (DeleteMessageBatch, ten at a time). A failure leaves the message to
 //! its visibility timeout and the queue's redrive policy, as on AWS; with retries
-//! configured the gateway retries it first, extending its visibility meanwhile so that no
+//! configured the gateway retries it first, still holding its visibility so that no
 //! other consumer receives it, and with an on-failure destination an exhausted message is
 //! parked there and then deleted.
 
@@ -20,8 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{
-    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
-    MessageSystemAttributeName, QueueAttributeName,
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
 };
 use futures_util::future::BoxFuture;
 use tokio::sync::{Semaphore, mpsc};
@@ -32,6 +35,7 @@ use crate::invoke::event::sqs_fragment;
 use crate::pipeline::batcher::{BatchLimits, Batcher};
 use crate::pipeline::retry::{Deliverer, Outcome};
 use crate::record::{Ack, Hold, Record, Resolution};
+use crate::source::sqs_visibility::{Keeper, receipt_handle};
 use crate::status::State;
 
 /// Why the source cannot run.
@@ -130,6 +134,17 @@ pub async fn run(
     let fifo = source.is_fifo();
     tracing::info!(mapping = %status.name, queue = %source.queue_url, fifo, concurrency, "polling");
 
+    let keeper = Keeper::new(
+        client.clone(),
+        &source.queue_url,
+        &status.name,
+        info.visibility,
+        status.metrics.visibility_capped.clone(),
+    );
+    // The keeper outlives `shutdown`: batches in flight then finish, and their messages
+    // must stay invisible until they are deleted.
+    let keeper_stop = CancellationToken::new();
+    let keeping = tokio::spawn(keeper.clone().run(keeper_stop.clone()));
     let receiver = Receiver {
         client: client.clone(),
         url: source.queue_url.clone(),
@@ -140,6 +155,7 @@ pub async fn run(
         max_pollers: concurrency,
         shutdown: shutdown.clone(),
         status: status.clone(),
+        keeper: keeper.clone(),
     };
     let (tx, rx) = mpsc::channel::<Vec<Record>>(concurrency * 2);
     tokio::spawn(receiver.clone().poll(tx, true));
@@ -177,17 +193,26 @@ pub async fn run(
             () = shutdown.cancelled() => break,
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
-        let (client, url, deliverer, shutdown) = (
+        // Cancelled by shutdown, or by the keeper when a message reaches SQS's cap.
+        let token = shutdown.child_token();
+        let batch = keeper.start(batch, &token);
+        if batch.is_empty() {
+            continue;
+        }
+        let (client, url, deliverer, keeper) = (
             client.clone(),
             source.queue_url.clone(),
             deliverer.clone(),
-            shutdown.clone(),
+            keeper.clone(),
         );
-        let visibility = info.visibility;
         running.spawn(async move {
-            let outcome =
-                deliver_extending(&client, &url, visibility, &deliverer, batch, &shutdown).await;
+            let handles: Vec<String> = batch
+                .iter()
+                .filter_map(|r| receipt_handle(r).map(str::to_owned))
+                .collect();
+            let outcome = deliverer.deliver(batch, &token).await;
             delete(&client, &url, outcome, &deliverer.mapping.name).await;
+            keeper.forget(handles);
             drop(permit);
         });
         // Reap finished batches so the set stays small.
@@ -196,6 +221,8 @@ pub async fn run(
     // Batches in flight finish (a retrying one is abandoned at once and its messages
     // reappear after their visibility timeout); what they delivered is deleted.
     while running.join_next().await.is_some() {}
+    keeper_stop.cancel();
+    let _ = keeping.await;
 }
 
 async fn forward(mut rx: mpsc::Receiver<Vec<Record>>, tx: mpsc::Sender<Vec<Record>>) {
@@ -228,6 +255,7 @@ struct Receiver {
     max_pollers: usize,
     shutdown: CancellationToken,
     status: Arc<crate::status::MappingStatus>,
+    keeper: Arc<Keeper>,
 }
 
 impl Receiver {
@@ -251,6 +279,7 @@ impl Receiver {
                     .queue_url(&self.url)
                     .max_number_of_messages(self.per_receive as i32)
                     .wait_time_seconds(20)
+                    .set_visibility_timeout(self.keeper.receive_visibility())
                     .message_system_attribute_names(MessageSystemAttributeName::All)
                     .message_attribute_names("All")
                     .send() => r,
@@ -282,7 +311,7 @@ impl Receiver {
                 tokio::spawn(self.clone().poll(tx.clone(), false));
             }
             let now = tokio::time::Instant::now();
-            let records = messages
+            let records: Vec<Record> = messages
                 .iter()
                 .map(|m| {
                     position += 1;
@@ -301,6 +330,7 @@ impl Receiver {
                     }
                 })
                 .collect();
+            self.keeper.hold(&records, now);
             self.status
                 .metrics
                 .received
@@ -310,57 +340,6 @@ impl Receiver {
             }
         }
         self.active.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Delivers a batch, extending its messages' visibility every half timeout while it
-/// runs (retries inside the gateway can outlast the queue's timeout).
-async fn deliver_extending(
-    client: &Client,
-    url: &str,
-    visibility: Duration,
-    deliverer: &Deliverer,
-    batch: Vec<Record>,
-    shutdown: &CancellationToken,
-) -> Outcome {
-    let handles: Vec<String> = batch
-        .iter()
-        .filter_map(|r| match &r.ack {
-            Ack::Sqs(h) => Some(h.clone()),
-            _ => None,
-        })
-        .collect();
-    let deliver = deliverer.deliver(batch, shutdown);
-    tokio::pin!(deliver);
-    let period = (visibility / 2).max(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            outcome = &mut deliver => return outcome,
-            () = tokio::time::sleep(period) => extend(client, url, &handles, visibility).await,
-        }
-    }
-}
-
-async fn extend(client: &Client, url: &str, handles: &[String], visibility: Duration) {
-    for chunk in handles.chunks(10) {
-        let entries = chunk.iter().enumerate().map(|(i, h)| {
-            ChangeMessageVisibilityBatchRequestEntry::builder()
-                .id(i.to_string())
-                .receipt_handle(h)
-                .visibility_timeout(visibility.as_secs() as i32)
-                .build()
-                .expect("id and receipt handle are set")
-        });
-        if let Err(e) = client
-            .change_message_visibility_batch()
-            .queue_url(url)
-            .set_entries(Some(entries.collect()))
-            .send()
-            .await
-        {
-            tracing::warn!(queue = url, error = %aws_smithy_types::error::display::DisplayErrorContext(&e),
-                "cannot extend visibility; the batch may be received again");
-        }
     }
 }
 
