@@ -15,6 +15,8 @@
 //! - `esm_gateway_records_failed_total`: records in an invoke the function failed on (each attempt)
 //! - `esm_gateway_records_released_total`: records given back to the source after their retries (SQS)
 //! - `esm_gateway_records_dead_lettered_total{condition}`: records parked in the on-failure destination
+//! - `esm_gateway_destination_fallbacks_total`: failure records the destination refused for
+//!   good, kept whole in its payload_dir instead (they count as dead-lettered too)
 //! - `esm_gateway_invocations_total{outcome}`: invokes by outcome
 //! - `esm_gateway_retries_total`: batches (or parts) put back for another attempt
 //! - `esm_gateway_throttles_total`: invokes Lambda throttled (429)
@@ -142,6 +144,10 @@ fn describe() {
         "Records confirmed in the on-failure destination, by condition."
     );
     describe_counter!(
+        "esm_gateway_destination_fallbacks_total",
+        "Failure records the on-failure destination refused for good, kept whole in its payload_dir instead."
+    );
+    describe_counter!(
         "esm_gateway_invocations_total",
         "Lambda Invoke calls, by outcome."
     );
@@ -202,6 +208,8 @@ pub struct MappingMetrics {
     pub released: Counter,
     /// Schedule fires that ran out of retries with no destination.
     pub dropped: Counter,
+    /// Failure records kept in payload_dir because the destination refused them for good.
+    pub fallbacks: Counter,
     pub retries: Counter,
     pub throttles: Counter,
     pub invoke_seconds: Histogram,
@@ -225,6 +233,7 @@ impl MappingMetrics {
             failed: metrics::counter!("esm_gateway_records_failed_total", &labels),
             released: metrics::counter!("esm_gateway_records_released_total", &labels),
             dropped: metrics::counter!("esm_gateway_records_dropped_total", &labels),
+            fallbacks: metrics::counter!("esm_gateway_destination_fallbacks_total", &labels),
             retries: metrics::counter!("esm_gateway_retries_total", &labels),
             throttles: metrics::counter!("esm_gateway_throttles_total", &labels),
             invoke_seconds: metrics::histogram!("esm_gateway_invoke_duration_seconds", &labels),
@@ -244,6 +253,7 @@ impl MappingMetrics {
             &m.failed,
             &m.released,
             &m.dropped,
+            &m.fallbacks,
             &m.retries,
             &m.throttles,
         ] {
