@@ -49,8 +49,8 @@ pub struct Snapshot {
     /// Messages waiting in the source, when the source reports it.
     pub depth: Option<u64>,
     /// Why the mapping is degraded: its on-failure destination refused a record for good
-    /// and it was kept in a payload file instead. Kept until the mapping restarts (a
-    /// reload or a restart), so that an operator sees it and looks at those files.
+    /// and it was kept in a payload file instead. Kept until the process restarts (a
+    /// reload keeps it too), so that an operator sees it and looks at those files.
     pub degraded: Option<String>,
 }
 
