@@ -196,6 +196,12 @@ async fn a_record_above_the_kafka_producers_limit_is_kept_in_payload_dir_and_deg
         &[("mapping", "test")],
     );
     assert_eq!(fallbacks, 1.0);
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_esm-gateway"))
+        .args(["status", "--admin", gw.admin.as_deref().unwrap()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(table.contains("running (degraded)"), "{table}");
     assert_eq!(gw.terminate().await.code(), Some(0));
 
     let kept = fallback_records(&r.payloads);
