@@ -285,7 +285,11 @@ fn status(admin: &str, token: Option<&str>) -> ExitCode {
             [
                 m.name,
                 m.source,
-                m.state,
+                // The last error then says which record was kept where.
+                match m.degraded {
+                    Some(_) => format!("{} (degraded)", m.state),
+                    None => m.state,
+                },
                 if m.enabled { "yes" } else { "no" }.to_owned(),
                 m.depth.map_or("-".into(), |d| d.to_string()),
                 m.last_success.unwrap_or_else(|| "-".into()),

@@ -674,10 +674,13 @@ fn deliverer(mapping: &Mapping, env: &Env, status: Arc<MappingStatus>) -> Arc<De
             max_payload: mapping.max_payload(),
             release_exhausted: matches!(mapping.source, Source::Sqs(_)),
         },
-        destination: mapping
-            .on_failure
-            .as_ref()
-            .map(|d| Arc::new(Destination::new(d, &mapping.name, &env.sdk))),
+        destination: mapping.on_failure.as_ref().map(|d| {
+            let d = Arc::new(Destination::new(d, &mapping.name, &env.sdk));
+            // In the background: a slow answer must not hold up the mapping's start.
+            let (check, name) = (d.clone(), mapping.name.clone());
+            tokio::spawn(async move { check.check_retention(&name).await });
+            d
+        }),
         filter: (!mapping.filters.is_empty())
             .then(|| Arc::new(Filter::parse(&mapping.filters).expect("validated at load"))),
     })

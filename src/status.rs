@@ -48,6 +48,10 @@ pub struct Snapshot {
     pub last_success: Option<SystemTime>,
     /// Messages waiting in the source, when the source reports it.
     pub depth: Option<u64>,
+    /// Why the mapping is degraded: its on-failure destination refused a record for good
+    /// and it was kept in a payload file instead. Kept until the process restarts (a
+    /// reload keeps it too), so that an operator sees it and looks at those files.
+    pub degraded: Option<String>,
 }
 
 #[derive(Debug)]
@@ -71,6 +75,7 @@ impl MappingStatus {
                 last_error: None,
                 last_success: None,
                 depth: None,
+                degraded: None,
             }),
         };
         status.gauges(State::Starting, true);
@@ -111,6 +116,15 @@ impl MappingStatus {
     /// Records an error that does not stop the mapping (a retried batch, a reconnect).
     pub fn error(&self, error: impl ToString) {
         self.lock().last_error = Some(shown(&error.to_string()));
+    }
+
+    /// The destination refused a record for good and it was kept elsewhere: the mapping
+    /// runs on, but needs an operator's look.
+    pub fn degrade(&self, reason: impl ToString) {
+        let reason = shown(&reason.to_string());
+        let mut s = self.lock();
+        s.last_error = Some(reason.clone());
+        s.degraded = Some(reason);
     }
 
     /// The function answered: a mapping that had failed is running again.

@@ -17,6 +17,8 @@
 //! - `esm_gateway_records_visibility_capped_total`: SQS messages given back unprocessed at
 //!   SQS's 12-hour visibility cap
 //! - `esm_gateway_records_dead_lettered_total{condition}`: records parked in the on-failure destination
+//! - `esm_gateway_destination_fallbacks_total`: failure records the destination refused for
+//!   good, kept whole in its payload_dir instead (they count as dead-lettered too)
 //! - `esm_gateway_invocations_total{outcome}`: invokes by outcome
 //! - `esm_gateway_retries_total`: batches (or parts) put back for another attempt
 //! - `esm_gateway_throttles_total`: invokes Lambda throttled (429)
@@ -150,6 +152,10 @@ fn describe() {
         "Records confirmed in the on-failure destination, by condition."
     );
     describe_counter!(
+        "esm_gateway_destination_fallbacks_total",
+        "Failure records the on-failure destination refused for good, kept whole in its payload_dir instead."
+    );
+    describe_counter!(
         "esm_gateway_invocations_total",
         "Lambda Invoke calls, by outcome."
     );
@@ -216,6 +222,8 @@ pub struct MappingMetrics {
     pub visibility_capped: Counter,
     /// Schedule fires that ran out of retries with no destination.
     pub dropped: Counter,
+    /// Failure records kept in payload_dir because the destination refused them for good.
+    pub fallbacks: Counter,
     pub retries: Counter,
     pub throttles: Counter,
     /// Records that waited for room in their lane's byte budget.
@@ -245,6 +253,7 @@ impl MappingMetrics {
                 &labels
             ),
             dropped: metrics::counter!("esm_gateway_records_dropped_total", &labels),
+            fallbacks: metrics::counter!("esm_gateway_destination_fallbacks_total", &labels),
             retries: metrics::counter!("esm_gateway_retries_total", &labels),
             throttles: metrics::counter!("esm_gateway_throttles_total", &labels),
             buffer_waits: metrics::counter!("esm_gateway_buffer_waits_total", &labels),
@@ -266,6 +275,7 @@ impl MappingMetrics {
             &m.released,
             &m.visibility_capped,
             &m.dropped,
+            &m.fallbacks,
             &m.retries,
             &m.throttles,
             &m.buffer_waits,

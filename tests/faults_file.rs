@@ -118,7 +118,9 @@ async fn fill_then_grow(
 ) {
     let rabbit = Rabbit::connect().await;
     let queue = rabbit.queue(prefix).await;
-    let f = Function::deploy(prefix, &[("FAIL_ALL", "1")]).await;
+    // A short error text: the default one quotes the 3 KB body, and would make even the
+    // metadata too large for the 1 KiB messages (then kept whole in payload_dir instead).
+    let f = Function::deploy(prefix, &[("FAIL_ALL", "1"), ("ERROR_MESSAGE", "failed")]).await;
     rabbit.publish(&queue, big_bodies(60)).await;
     let config = rabbit_config(&f.name, &queue, &parking("", on_failure));
 

@@ -74,6 +74,10 @@ pub struct MappingView {
     pub last_success: Option<String>,
     /// Messages waiting in the source (RabbitMQ: ready messages in the queue).
     pub depth: Option<u64>,
+    /// Set when the on-failure destination refused a record for good and it was kept in
+    /// a payload file instead: what was refused and where the record is.
+    #[serde(default)]
+    pub degraded: Option<String>,
 }
 
 impl MappingView {
@@ -87,6 +91,7 @@ impl MappingView {
             last_error: s.last_error,
             last_success: s.last_success.map(crate::invoke::event::rfc3339),
             depth: s.depth,
+            degraded: s.degraded,
         }
     }
 }

@@ -559,7 +559,8 @@ pub struct SqsDestination {
     /// Largest message the queue takes. Default: 262,144 (256 KiB).
     pub max_message_bytes: Option<usize>,
     /// Where a failure record too large for a message is kept; the message then carries
-    /// its metadata and `payloadLocation`. Default: /var/lib/esm-gateway/payloads.
+    /// its metadata and `payloadLocation`. A record the queue refuses for good is kept
+    /// here whole. Default: /var/lib/esm-gateway/payloads.
     pub payload_dir: Option<PathBuf>,
 }
 
@@ -569,9 +570,14 @@ pub struct SqsDestination {
 pub struct KafkaDestination {
     pub bootstrap_servers: String,
     pub topic: String,
-    /// Extra librdkafka producer properties (`${ENV}` is expanded).
+    /// Extra librdkafka producer properties (`${ENV}` is expanded); `acks` other than
+    /// `all` is refused. Default: none.
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, env::Expanded>,
+    /// Where a failure record the topic refuses for good (larger than the producer's
+    /// `message.max.bytes` or the topic's `max.message.bytes`) is kept whole.
+    /// Default: /var/lib/esm-gateway/payloads.
+    pub payload_dir: Option<PathBuf>,
 }
 
 /// `on_failure = { type = "lambda", function = "…" }`
@@ -581,7 +587,8 @@ pub struct LambdaDestination {
     #[serde(deserialize_with = "env::expand")]
     pub function: String,
     /// Where a failure record above the 1 MB asynchronous limit is kept; the function then
-    /// gets its metadata and `payloadLocation`. Default: /var/lib/esm-gateway/payloads.
+    /// gets its metadata and `payloadLocation`. A record Lambda refuses for good is kept
+    /// here whole. Default: /var/lib/esm-gateway/payloads.
     pub payload_dir: Option<PathBuf>,
 }
 
@@ -895,6 +902,19 @@ impl Mapping {
             out.push(format!(
                 "mapping {name:?}: on_failure.url is not an AMQP URL: {e}"
             ));
+        }
+        if let Some(DestinationConfig::Kafka(k)) = &self.on_failure {
+            for key in ["acks", "request.required.acks"] {
+                if let Some(v) = k.properties.get(key)
+                    && !matches!(v.0.as_str(), "all" | "-1")
+                {
+                    out.push(format!(
+                        "mapping {name:?}: on_failure.properties.\"{key}\" = {:?} would let the broker confirm a failure record \
+                         before every in-sync replica has it; the gateway always produces with acks = all, so remove it",
+                        v.0
+                    ));
+                }
+            }
         }
         if let Some(DestinationConfig::File(f)) = &self.on_failure {
             if f.keep.is_some() {

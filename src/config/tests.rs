@@ -539,3 +539,32 @@ fn a_file_destination_refuses_keep_which_deleted_parked_records() {
         "{err}"
     );
 }
+
+#[test]
+fn a_kafka_destination_refuses_acks_weaker_than_all() {
+    let kafka = |props: &str| {
+        with(
+            "type = \"file\"\npath = \"/tmp/failed.jsonl\"",
+            &format!(
+                "type = \"kafka\"\nbootstrap_servers = \"127.0.0.1:9092\"\ntopic = \"dlt\"\nproperties = {{ {props} }}"
+            ),
+        )
+    };
+    for (key, value) in [("acks", "1"), ("acks", "0"), ("request.required.acks", "1")] {
+        let err = parse(&kafka(&format!("\"{key}\" = \"{value}\""))).unwrap_err();
+        assert!(
+            err.contains(&format!(
+                "mapping \"orders\": on_failure.properties.\"{key}\" = \"{value}\" would let the broker confirm"
+            )),
+            "{err}"
+        );
+    }
+    // all (or its number) says what the gateway does anyway.
+    for ok in [
+        "\"acks\" = \"all\"",
+        "\"acks\" = \"-1\"",
+        "\"linger.ms\" = \"5\"",
+    ] {
+        parse(&kafka(ok)).unwrap();
+    }
+}

@@ -1,9 +1,13 @@
 //! The Kafka topic destination: a produce keyed by the original record's key, confirmed
-//! by its delivery report (acks from all in-sync replicas).
+//! by its delivery report (acks from all in-sync replicas: `acks = all` is set last, and
+//! configuration refuses a weaker one in `properties`). A record larger than the
+//! producer or the broker takes is refused for good, and kept in the payload directory.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::DestinationError;
@@ -12,6 +16,7 @@ use crate::config;
 pub struct KafkaDestination {
     producer: Result<FutureProducer, String>,
     topic: String,
+    pub(super) payload_dir: PathBuf,
 }
 
 impl std::fmt::Debug for KafkaDestination {
@@ -22,24 +27,43 @@ impl std::fmt::Debug for KafkaDestination {
     }
 }
 
+/// Produce errors that the same record would get again.
+fn permanent(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
+}
+
 impl KafkaDestination {
     pub fn new(c: &config::KafkaDestination) -> Self {
         let mut conf = ClientConfig::new();
         conf.set("bootstrap.servers", &c.bootstrap_servers)
-            .set("acks", "all")
             .set("message.timeout.ms", "30000");
         for (k, v) in &c.properties {
             conf.set(k, &v.0);
         }
+        // After the properties: a parked record must be on every in-sync replica.
+        conf.set("acks", "all");
         KafkaDestination {
             producer: conf.create().map_err(|e| e.to_string()),
             topic: c.topic.clone(),
+            payload_dir: c
+                .payload_dir
+                .clone()
+                .unwrap_or_else(super::default_payload_dir),
         }
     }
 
     pub async fn write(&self, record: &[u8], key: Option<&str>) -> Result<(), DestinationError> {
+        let kind = "Kafka topic";
         let error = |message: String| DestinationError::Service {
-            kind: "Kafka topic",
+            kind,
             target: self.topic.clone(),
             message,
         };
@@ -52,6 +76,17 @@ impl KafkaDestination {
             .send(r, Duration::from_secs(30))
             .await
             .map(|_| ())
-            .map_err(|(e, _)| error(e.to_string()))
+            .map_err(|(e, _)| {
+                if permanent(&e) {
+                    DestinationError::Rejected {
+                        kind,
+                        target: self.topic.clone(),
+                        message: e.to_string(),
+                        kept: None,
+                    }
+                } else {
+                    error(e.to_string())
+                }
+            })
     }
 }

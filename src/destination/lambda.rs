@@ -3,18 +3,22 @@
 
 use std::path::PathBuf;
 
+use aws_sdk_lambda::error::ProvideErrorMetadata;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
 
-use super::{DestinationError, within_limit};
+use super::{DestinationError, Limit, Rendered, aws_code, within_limit};
 use crate::config;
 use crate::invoke::lambda::MAX_ASYNC_PAYLOAD;
+
+/// Invoke errors that the same payload would get again.
+const PERMANENT: [&str; 2] = ["RequestTooLargeException", "InvalidRequestContentException"];
 
 #[derive(Debug)]
 pub struct LambdaDestination {
     client: aws_sdk_lambda::Client,
     function: String,
-    payload_dir: PathBuf,
+    pub(super) payload_dir: PathBuf,
 }
 
 impl LambdaDestination {
@@ -29,10 +33,17 @@ impl LambdaDestination {
         }
     }
 
-    pub async fn write(&self, record: &[u8]) -> Result<(), DestinationError> {
-        let body = within_limit(record, MAX_ASYNC_PAYLOAD, &self.payload_dir).await?;
+    pub async fn write(&self, record: &Rendered) -> Result<(), DestinationError> {
+        const KIND: &str = "Lambda function";
+        let limit = Limit {
+            kind: KIND,
+            target: &self.function,
+            bytes: MAX_ASYNC_PAYLOAD,
+            payload_dir: &self.payload_dir,
+        };
+        let body = within_limit(record, &limit).await?;
         let error = |message: String| DestinationError::Service {
-            kind: "Lambda function",
+            kind: KIND,
             target: self.function.clone(),
             message,
         };
@@ -45,7 +56,17 @@ impl LambdaDestination {
             .send()
             .await
             .map_err(|e| {
-                error(aws_smithy_types::error::display::DisplayErrorContext(&e).to_string())
+                let message = aws_smithy_types::error::display::DisplayErrorContext(&e).to_string();
+                if PERMANENT.contains(&aws_code(e.code())) {
+                    DestinationError::Rejected {
+                        kind: KIND,
+                        target: self.function.clone(),
+                        message,
+                        kept: None,
+                    }
+                } else {
+                    error(message)
+                }
             })?;
         if out.status_code() == 202 {
             Ok(())

@@ -18,7 +18,7 @@ use rand::Rng;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::destination::{Condition, Destination, Failure};
+use crate::destination::{Condition, Destination, DestinationError, Failure, Rendered};
 use crate::invoke::event::Envelope;
 use crate::invoke::lambda::{InvokeError, Invoker, Response};
 use crate::pipeline::filter::{self, Filter};
@@ -478,7 +478,11 @@ impl Deliverer {
         let key = piece.records.first().and_then(|r| r.key.as_deref());
         let mut tries = 0;
         loop {
-            match destination.write(&record, key).await {
+            let written = match destination.write(&record, key).await {
+                Err(e) if e.is_permanent() => self.fall_back(destination, &record, &e).await,
+                other => other,
+            };
+            match written {
                 Ok(()) => break,
                 Err(e) => {
                     tries += 1;
@@ -503,6 +507,29 @@ impl Deliverer {
                 .into_iter()
                 .map(|r| (r, Resolution::DeadLettered)),
         );
+        Ok(())
+    }
+}
+
+impl Deliverer {
+    /// Keeps a record the destination refused for good in its payload directory: the
+    /// mapping goes on (and says it is degraded) rather than retrying it for ever. Err
+    /// (the write of that file failed) is retried like an unavailable destination.
+    async fn fall_back(
+        &self,
+        destination: &Destination,
+        record: &Rendered,
+        refused: &DestinationError,
+    ) -> Result<(), DestinationError> {
+        let path = destination.fall_back(record, refused).await?;
+        let name = &self.mapping.name;
+        tracing::error!(mapping = %name, destination = destination.kind(), path = %path.display(), error = %refused,
+            "the on-failure destination refuses this record for good; kept the failure record in payload_dir instead");
+        self.mapping.metrics.fallbacks.increment(1);
+        self.mapping.degrade(format!(
+            "{refused}; the record was kept in {} instead",
+            path.display()
+        ));
         Ok(())
     }
 }
