@@ -377,6 +377,7 @@ mod tests {
             received: tokio::time::Instant::now(),
             received_at: SystemTime::now(),
             ack: Ack::None,
+            hold: crate::record::Hold::default(),
         }];
         let rendered = Failure {
             function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f",
