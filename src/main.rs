@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 /// Exit codes (also in the README).
 const EXIT_CONFIG: u8 = 78; // EX_CONFIG: the configuration file is unreadable or invalid.
 const EXIT_RUNTIME: u8 = 70; // EX_SOFTWARE: failure while running (e.g. shutdown grace expired).
+const EXIT_DATAERR: u8 = 65; // EX_DATAERR: `redrive` skipped records it cannot read (kept).
 const EXIT_UNAVAILABLE: u8 = 69; // EX_UNAVAILABLE: `status`/`health` cannot reach the admin API.
 
 /// Where `status` and `health` find the admin API by default (`[admin] listen`'s default).
@@ -160,17 +161,24 @@ fn main() -> ExitCode {
             match rt.block_on(esm_gateway::redrive::run(&config, &mapping, from, dry_run)) {
                 Ok(r) => {
                     println!(
-                        "replayed {}, removed {}, remaining {}{}",
+                        "replayed {}, removed {}, remaining {}, skipped {}{}",
                         r.replayed,
                         r.removed,
                         r.remaining,
+                        r.skipped,
                         if dry_run {
                             " (dry run: nothing changed)"
                         } else {
                             ""
                         }
                     );
-                    ExitCode::SUCCESS
+                    if r.skipped > 0 {
+                        // The skipped records are kept but need an operator: a script
+                        // must not take this run for a clean one.
+                        ExitCode::from(EXIT_DATAERR)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
                 }
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -56,7 +56,7 @@ async fn redrive_removes_the_ninety_that_now_succeed_and_keeps_the_ten_that_do_n
     let dry = redrive(&config, &["--dry-run"]);
     assert_eq!(dry.matches("would replay").count(), 100, "{dry}");
     assert!(
-        dry.contains("replayed 100, removed 0, remaining 100 (dry run"),
+        dry.contains("replayed 100, removed 0, remaining 100, skipped 0 (dry run"),
         "{dry}"
     );
     assert!(f.invocations().is_empty(), "a dry run invokes nothing");
@@ -129,4 +129,73 @@ async fn a_kafka_topic_is_redriven_up_to_each_partitions_first_failure() {
         again.contains("replayed 5, removed 0, remaining 5"),
         "{again}"
     );
+}
+
+/// A failure record whose payload was moved to the file `location` names.
+fn parked_at(location: &str, i: usize) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(&parked("moved", i)).unwrap();
+    let o = v.as_object_mut().unwrap();
+    o.remove("payload");
+    o.insert("payloadLocation".into(), location.into());
+    v.to_string()
+}
+
+#[tokio::test]
+async fn redrive_keeps_unreadable_and_refused_records_and_replays_the_good_ones() {
+    let f = Function::deploy("rbad", &[]).await;
+    let payloads = f.dir.path().join("payloads");
+    std::fs::create_dir(&payloads).unwrap();
+    // A whole record kept in payload_dir, and one outside it reached through a symlink
+    // inside it: only the first may be read.
+    let kept = payloads.join("req-3.json");
+    std::fs::write(&kept, parked("msg-0003", 3)).unwrap();
+    let outside = f.dir.path().join("outside.json");
+    std::fs::write(&outside, parked("msg-secret", 90)).unwrap();
+    let escape = payloads.join("escape.json");
+    std::os::unix::fs::symlink(&outside, &escape).unwrap();
+
+    let file = f.dir.path().join("parked.jsonl");
+    let lines = [
+        parked("msg-0000", 0),
+        "this is not JSON {".to_owned(),
+        parked_at("file:///dev/zero", 2),
+        parked_at(&format!("file://{}", kept.display()), 3),
+        parked_at(&format!("file://{}", escape.display()), 4),
+        parked("msg-0005", 5),
+    ];
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    // The records came from an SQS destination (its payload_dir is where payloads are
+    // allowed), exported to a file.
+    let config = config_parking_in(
+        &f,
+        &format!(
+            "[mapping.on_failure]\ntype = \"sqs\"\nqueue_url = \"{}/000000000000/unused\"\npayload_dir = \"{}\"",
+            aws_endpoint(),
+            payloads.display()
+        ),
+    );
+    let from = format!("file:{}", file.display());
+
+    let (code, out, log) = redrive_status(&config, &["--from", &from]);
+    // 65: the run finished, and some records could not be replayed as they are.
+    assert_eq!(code, Some(65), "{out}\n{log}");
+    assert!(
+        out.contains("replayed 3, removed 3, remaining 3, skipped 3"),
+        "{out}\n{log}"
+    );
+    for at in ["parked.jsonl.1:2", "parked.jsonl.1:3", "parked.jsonl.1:5"] {
+        assert!(log.contains(at), "the log names {at}: {log}");
+    }
+    assert!(log.contains("req-2") && log.contains("req-4"), "{log}");
+    // Delivered: the three good ones (one read from payload_dir), never the file outside.
+    let mut delivered = f.delivered();
+    delivered.sort();
+    assert_eq!(delivered, ["msg-0000", "msg-0003", "msg-0005"]);
+    // Kept: the three bad lines, unchanged and in order; nothing else.
+    let left = std::fs::read_to_string(format!("{}.1", file.display())).unwrap();
+    assert_eq!(
+        left.lines().collect::<Vec<_>>(),
+        [&lines[1], &lines[2], &lines[4]]
+    );
+    assert!(!file.exists());
 }

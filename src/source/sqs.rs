@@ -340,7 +340,8 @@ async fn deliver_extending(
     }
 }
 
-async fn extend(client: &Client, url: &str, handles: &[String], visibility: Duration) {
+/// Sets the visibility of the messages `handles` to `visibility`, ten per call.
+pub(crate) async fn extend(client: &Client, url: &str, handles: &[String], visibility: Duration) {
     for chunk in handles.chunks(10) {
         let entries = chunk.iter().enumerate().map(|(i, h)| {
             ChangeMessageVisibilityBatchRequestEntry::builder()

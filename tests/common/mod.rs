@@ -642,6 +642,13 @@ pub fn failure_records(path: &Path) -> Vec<Value> {
 /// Runs `esm-gateway redrive` for the mapping "test" of `config` with `extra` arguments;
 /// asserts that it succeeded and returns its output.
 pub fn redrive(config: &Path, extra: &[&str]) -> String {
+    let (code, out, err) = redrive_status(config, extra);
+    assert_eq!(code, Some(0), "{err}");
+    out
+}
+
+/// Runs `esm-gateway redrive` like [`redrive`]; its exit code, output and log (stderr).
+pub fn redrive_status(config: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_esm-gateway"))
         .args(["redrive", "--config"])
         .arg(config)
@@ -651,10 +658,9 @@ pub fn redrive(config: &Path, extra: &[&str]) -> String {
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
