@@ -199,3 +199,74 @@ async fn redrive_keeps_unreadable_and_refused_records_and_replays_the_good_ones(
     );
     assert!(!file.exists());
 }
+
+#[tokio::test]
+async fn an_sqs_redrive_leaves_the_bad_and_failing_messages_visible_again_at_once() {
+    let client = sqs_client().await;
+    let url = client
+        .create_queue()
+        .queue_name(unique("rparked"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let f = Function::deploy("rsqs", &[("POISON", "msg-0004")]).await;
+    let payloads = f.dir.path().join("payloads");
+    std::fs::create_dir(&payloads).unwrap();
+    let bodies = [
+        parked("msg-0000", 0),
+        "this is not JSON {".to_owned(),
+        parked_at("file:///dev/zero", 2),
+        parked("msg-0003", 3),
+        parked("msg-0004", 4),
+    ];
+    for b in &bodies {
+        client
+            .send_message()
+            .queue_url(&url)
+            .message_body(b)
+            .send()
+            .await
+            .unwrap();
+    }
+    let config = config_parking_in(
+        &f,
+        &format!(
+            "[mapping.on_failure]\ntype = \"sqs\"\nqueue_url = \"{url}\"\npayload_dir = \"{}\"",
+            payloads.display()
+        ),
+    );
+
+    let (code, out, log) = redrive_status(&config, &[]);
+    assert_eq!(code, Some(65), "{out}\n{log}");
+    assert!(
+        out.contains("replayed 3, removed 2, remaining 3, skipped 2"),
+        "{out}\n{log}"
+    );
+    let mut delivered = f.delivered();
+    delivered.sort();
+    assert_eq!(delivered, ["msg-0000", "msg-0003"]);
+    // The three kept are in the queue and visible now, not after the redrive's
+    // visibility timeout.
+    let mut left = Vec::new();
+    loop {
+        let got = client
+            .receive_message()
+            .queue_url(&url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap();
+        if got.messages().is_empty() {
+            break;
+        }
+        left.extend(got.messages().iter().map(|m| m.body().unwrap().to_owned()));
+    }
+    left.sort();
+    let mut kept = vec![bodies[1].clone(), bodies[2].clone(), bodies[4].clone()];
+    kept.sort();
+    assert_eq!(left, kept);
+}
