@@ -203,15 +203,7 @@ async fn redrive_keeps_unreadable_and_refused_records_and_replays_the_good_ones(
 #[tokio::test]
 async fn an_sqs_redrive_leaves_the_bad_and_failing_messages_visible_again_at_once() {
     let client = sqs_client().await;
-    let url = client
-        .create_queue()
-        .queue_name(unique("rparked"))
-        .send()
-        .await
-        .unwrap()
-        .queue_url()
-        .unwrap()
-        .to_owned();
+    let url = sqs_queue(&client, "rparked").await;
     let f = Function::deploy("rsqs", &[("POISON", "msg-0004")]).await;
     let payloads = f.dir.path().join("payloads");
     std::fs::create_dir(&payloads).unwrap();

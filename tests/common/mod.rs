@@ -205,6 +205,18 @@ pub async fn sqs_client() -> aws_sdk_sqs::Client {
     aws_sdk_sqs::Client::new(&sdk_config().await)
 }
 
+/// A new standard SQS queue named after `prefix`; its URL.
+pub async fn sqs_queue(client: &aws_sdk_sqs::Client, prefix: &str) -> String {
+    client
+        .create_queue()
+        .queue_name(unique(prefix))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap()
+}
+
 pub async fn lambda_client() -> aws_sdk_lambda::Client {
     aws_sdk_lambda::Client::new(&sdk_config().await)
 }
