@@ -25,6 +25,37 @@ fn parked(body: &str, i: usize) -> String {
     .to_string()
 }
 
+/// Runs a redrive that skips records: asserts its exit code (65) and summary; its log.
+fn redrive_skipping(config: &std::path::Path, extra: &[&str], summary: &str) -> String {
+    let (code, out, log) = redrive_status(config, extra);
+    assert_eq!(code, Some(65), "{out}\n{log}");
+    assert!(out.contains(summary), "{out}\n{log}");
+    log
+}
+
+/// A new topic holding `records` in its partition 0: the bootstrap servers and its name.
+async fn kafka_topic_of(records: &[String]) -> (String, String) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let bootstrap = std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let topic = unique("parked");
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    for record in records {
+        producer
+            .send(
+                FutureRecord::<(), _>::to(&topic)
+                    .partition(0)
+                    .payload(record),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    (bootstrap, topic)
+}
+
 /// Writes the config of a mapping into `f` that parks in `on_failure` (a TOML table);
 /// its path.
 fn config_parking_in(f: &Function, on_failure: &str) -> std::path::PathBuf {
@@ -94,25 +125,8 @@ async fn redrive_removes_the_ninety_that_now_succeed_and_keeps_the_ten_that_do_n
 
 #[tokio::test]
 async fn a_kafka_topic_is_redriven_up_to_each_partitions_first_failure() {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let bootstrap = std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let topic = unique("parked");
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .unwrap();
-    for i in 0..10 {
-        let record = parked(&format!("msg-{i:04}"), i);
-        producer
-            .send(
-                FutureRecord::<(), _>::to(&topic)
-                    .partition(0)
-                    .payload(&record),
-                std::time::Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    let records: Vec<String> = (0..10).map(|i| parked(&format!("msg-{i:04}"), i)).collect();
+    let (bootstrap, topic) = kafka_topic_of(&records).await;
     let f = Function::deploy("kredrive", &[("POISON", "msg-0005")]).await;
     let config = config_parking_in(
         &f,
@@ -176,12 +190,11 @@ async fn redrive_keeps_unreadable_and_refused_records_and_replays_the_good_ones(
     );
     let from = format!("file:{}", file.display());
 
-    let (code, out, log) = redrive_status(&config, &["--from", &from]);
     // 65: the run finished, and some records could not be replayed as they are.
-    assert_eq!(code, Some(65), "{out}\n{log}");
-    assert!(
-        out.contains("replayed 3, removed 3, remaining 3, skipped 3"),
-        "{out}\n{log}"
+    let log = redrive_skipping(
+        &config,
+        &["--from", &from],
+        "replayed 3, removed 3, remaining 3, skipped 3",
     );
     for at in ["parked.jsonl.1:2", "parked.jsonl.1:3", "parked.jsonl.1:5"] {
         assert!(log.contains(at), "the log names {at}: {log}");
@@ -231,12 +244,12 @@ async fn an_sqs_redrive_leaves_the_bad_and_failing_messages_visible_again_at_onc
         ),
     );
 
-    let (code, out, log) = redrive_status(&config, &[]);
-    assert_eq!(code, Some(65), "{out}\n{log}");
-    assert!(
-        out.contains("replayed 3, removed 2, remaining 3, skipped 2"),
-        "{out}\n{log}"
+    let log = redrive_skipping(
+        &config,
+        &[],
+        "replayed 3, removed 2, remaining 3, skipped 2",
     );
+    assert_eq!(log.matches("at=\"SQS message ").count(), 2, "{log}");
     let mut delivered = f.delivered();
     delivered.sort();
     assert_eq!(delivered, ["msg-0000", "msg-0003"]);
@@ -261,4 +274,68 @@ async fn an_sqs_redrive_leaves_the_bad_and_failing_messages_visible_again_at_onc
     let mut kept = vec![bodies[1].clone(), bodies[2].clone(), bodies[4].clone()];
     kept.sort();
     assert_eq!(left, kept);
+}
+
+#[tokio::test]
+async fn a_rabbitmq_redrive_requeues_the_bad_and_failing_messages() {
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("rparked").await;
+    let f = Function::deploy("rrabbit", &[("POISON", "msg-0002")]).await;
+    let bodies = [
+        parked("msg-0000", 0),
+        "this is not JSON {".to_owned(),
+        parked("msg-0002", 2),
+    ];
+    rabbit
+        .publish(&queue, bodies.iter().map(|b| b.clone().into_bytes()))
+        .await;
+    let config = config_parking_in(&f, "");
+    let log = redrive_skipping(
+        &config,
+        &["--from", &format!("rabbitmq:{queue}")],
+        "replayed 2, removed 1, remaining 2, skipped 1",
+    );
+    assert!(
+        log.contains("delivery 2"),
+        "the log names the delivery: {log}"
+    );
+    assert_eq!(f.delivered(), ["msg-0000"]);
+    // Requeued before the redrive closed its connection.
+    assert_eq!(rabbit.ready(&queue).await, 2);
+    rabbit.delete(&queue).await;
+}
+
+#[tokio::test]
+async fn a_kafka_redrive_does_not_commit_past_an_unreadable_record() {
+    let (bootstrap, topic) = kafka_topic_of(&[
+        parked("msg-0000", 0),
+        "this is not JSON {".to_owned(),
+        parked("msg-0002", 2),
+    ])
+    .await;
+    let f = Function::deploy("rkbad", &[]).await;
+    let config = config_parking_in(
+        &f,
+        &format!(
+            "[mapping.on_failure]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\""
+        ),
+    );
+    // msg-0002 was replayed, but it is behind the unreadable record: not committed.
+    let log = redrive_skipping(
+        &config,
+        &[],
+        "replayed 2, removed 1, remaining 2, skipped 1",
+    );
+    assert!(log.contains(&format!("{topic}/0@1")), "{log}");
+    let again = redrive_skipping(
+        &config,
+        &[],
+        "replayed 1, removed 0, remaining 2, skipped 1",
+    );
+    assert!(again.contains(&format!("{topic}/0@1")), "{again}");
+    // Delivered: msg-0000 once, msg-0002 at each run (at least once); the unreadable
+    // record and msg-0002 stay in the topic past the group's committed offset.
+    let mut delivered = f.delivered();
+    delivered.sort();
+    assert_eq!(delivered, ["msg-0000", "msg-0002", "msg-0002"]);
 }
