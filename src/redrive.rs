@@ -91,10 +91,11 @@ pub enum RedriveError {
 /// room for the failure record's metadata around it, and small enough to hold in memory.
 pub const MAX_PAYLOAD_FILE: u64 = 16 * 1024 * 1024;
 
-/// How long an SQS message a redrive received stays hidden; extended every third of it
-/// while the message is held (waiting for its replay, or kept), so that one run never
-/// receives it twice however long the replays take.
-const SQS_VISIBILITY: Duration = Duration::from_secs(60);
+/// The shortest time an SQS message a redrive received stays hidden at once. A redrive
+/// holds messages for the queue's own visibility timeout (so that after a crash they
+/// come back when the queue's consumers expect), but not less than this, extended every
+/// third of it while a message is held (waiting for its replay, or kept).
+const MIN_SQS_VISIBILITY: Duration = Duration::from_secs(2);
 
 /// What a redrive did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -391,17 +392,36 @@ impl Replay<'_> {
     }
 
     /// Replays an SQS queue's messages, received ten at a time. Every message received
-    /// and not deleted (waiting for its replay, or kept) is held hidden: its visibility is
-    /// extended while the replays run, so that one run replays it once however long it
-    /// lasts; at the end the kept ones are made visible again at once.
+    /// and not deleted (waiting for its replay, or kept) is held hidden: its visibility
+    /// (the queue's, at least [`MIN_SQS_VISIBILITY`]) is extended every third of it while
+    /// the replays run, so that no other consumer gets it and one run replays it once
+    /// however long it lasts; at the end the kept ones are made visible again at once.
     async fn sqs(&self, client: aws_sdk_sqs::Client, url: &str) -> Result<Report, RedriveError> {
         let mut held: std::collections::BTreeMap<String, String> = Default::default();
         let mut seen = std::collections::BTreeSet::new();
-        let mut extend = tokio::time::interval(SQS_VISIBILITY / 3);
+        let attrs = client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout)
+            .send()
+            .await
+            .map_err(|e| {
+                RedriveError::Read(format!(
+                    "SQS queue {url}: {}",
+                    aws_smithy_types::error::display::DisplayErrorContext(&e)
+                ))
+            })?;
+        let visibility = attrs
+            .attributes()
+            .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout))
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(30), Duration::from_secs)
+            .max(MIN_SQS_VISIBILITY);
+        let mut extend = tokio::time::interval(visibility / 3);
         extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         extend.reset();
         let report = self
-            .sqs_replay(&client, url, &mut held, &mut seen, &mut extend)
+            .sqs_replay(&client, url, visibility, &mut held, &mut seen, &mut extend)
             .await;
         let kept: Vec<String> = held.into_values().collect();
         crate::source::sqs::extend(&client, url, &kept, Duration::ZERO).await;
@@ -412,6 +432,7 @@ impl Replay<'_> {
         &self,
         client: &aws_sdk_sqs::Client,
         url: &str,
+        visibility: Duration,
         held: &mut std::collections::BTreeMap<String, String>,
         seen: &mut std::collections::BTreeSet<String>,
         extend: &mut tokio::time::Interval,
@@ -424,7 +445,7 @@ impl Replay<'_> {
                 .queue_url(url)
                 .max_number_of_messages(10)
                 .wait_time_seconds(1)
-                .visibility_timeout(SQS_VISIBILITY.as_secs() as i32)
+                .visibility_timeout(visibility.as_secs() as i32)
                 .send()
                 .await
                 .map_err(|e| err(&aws_smithy_types::error::display::DisplayErrorContext(&e)))?;
@@ -452,7 +473,7 @@ impl Replay<'_> {
                         o = &mut replay => break o,
                         _ = extend.tick() => {
                             let handles: Vec<String> = held.values().cloned().collect();
-                            crate::source::sqs::extend(client, url, &handles, SQS_VISIBILITY).await;
+                            crate::source::sqs::extend(client, url, &handles, visibility).await;
                         }
                     }
                 };

@@ -339,3 +339,89 @@ async fn a_kafka_redrive_does_not_commit_past_an_unreadable_record() {
     delivered.sort();
     assert_eq!(delivered, ["msg-0000", "msg-0002", "msg-0002"]);
 }
+
+#[tokio::test]
+async fn an_sqs_redrive_longer_than_the_visibility_timeout_holds_every_message_until_replayed() {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let client = sqs_client().await;
+    let url = client
+        .create_queue()
+        .queue_name(unique("rslow"))
+        .attributes(QueueAttributeName::VisibilityTimeout, "2")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    // Four replays of 1.5 s each, all received in one batch: without extensions the
+    // last ones would be visible again (to any consumer) long before their replay.
+    let f = Function::deploy("rslow", &[("SLEEP_MS", "1500")]).await;
+    for i in 0..4 {
+        client
+            .send_message()
+            .queue_url(&url)
+            .message_body(parked(&format!("msg-{i:04}"), i))
+            .send()
+            .await
+            .unwrap();
+    }
+    let config = config_parking_in(
+        &f,
+        &format!("[mapping.on_failure]\ntype = \"sqs\"\nqueue_url = \"{url}\""),
+    );
+    let run = tokio::task::spawn_blocking(move || redrive_status(&config, &[]));
+    // Once the redrive holds all four, another consumer polls the queue until the
+    // redrive ends: it must never get one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let attrs = client
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .unwrap();
+        let hidden = attrs
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible))
+            .cloned();
+        if hidden.as_deref() == Some("4") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && !run.is_finished(),
+            "the redrive never held the four messages"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut stolen = Vec::new();
+    while !run.is_finished() {
+        let got = client
+            .receive_message()
+            .queue_url(&url)
+            .max_number_of_messages(10)
+            .visibility_timeout(60)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap();
+        stolen.extend(
+            got.messages()
+                .iter()
+                .map(|m| m.message_id().unwrap().to_owned()),
+        );
+    }
+    let (code, out, log) = run.await.unwrap();
+    assert!(
+        stolen.is_empty(),
+        "received during the redrive: {stolen:?}\n{log}"
+    );
+    assert_eq!(code, Some(0), "{out}\n{log}");
+    assert!(
+        out.contains("replayed 4, removed 4, remaining 0, skipped 0"),
+        "{out}\n{log}"
+    );
+    let mut delivered = f.delivered();
+    delivered.sort();
+    assert_eq!(delivered, numbered_strings(0..4));
+}
