@@ -53,15 +53,16 @@ enum Command {
         config: PathBuf,
     },
     /// Replay parked failure records into the mapping's function; remove from the
-    /// destination only those that now succeed.
+    /// destination only those that now succeed. Exit 0, or 65 when records that cannot
+    /// be read as they are were skipped (kept, and named in the log).
     Redrive {
         #[arg(long, short)]
         config: PathBuf,
         /// The mapping whose function gets the records.
         #[arg(long)]
         mapping: String,
-        /// Where the parked records are: file:PATH, sqs:QUEUE_URL or rabbitmq:QUEUE.
-        /// Default: the mapping's file or SQS on_failure destination.
+        /// Where the parked records are: file:PATH, sqs:QUEUE_URL, rabbitmq:QUEUE or
+        /// kafka:TOPIC. Default: the mapping's file, SQS or Kafka on_failure destination.
         #[arg(long)]
         from: Option<esm_gateway::redrive::From>,
         /// List what would be replayed; change nothing.
