@@ -26,6 +26,8 @@
 pub mod admin;
 pub mod config;
 pub mod destination;
+#[cfg(test)]
+mod fuzz;
 pub mod invoke;
 pub mod notify;
 pub mod pipeline;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 /// Exit codes (also in the README).
 const EXIT_CONFIG: u8 = 78; // EX_CONFIG: the configuration file is unreadable or invalid.
 const EXIT_RUNTIME: u8 = 70; // EX_SOFTWARE: failure while running (e.g. shutdown grace expired).
+const EXIT_DATAERR: u8 = 65; // EX_DATAERR: `redrive` skipped records it cannot read (kept).
 const EXIT_UNAVAILABLE: u8 = 69; // EX_UNAVAILABLE: `status`/`health` cannot reach the admin API.
 
 /// Where `status` and `health` find the admin API by default (`[admin] listen`'s default).
@@ -52,15 +53,16 @@ enum Command {
         config: PathBuf,
     },
     /// Replay parked failure records into the mapping's function; remove from the
-    /// destination only those that now succeed.
+    /// destination only those that now succeed. Exit 0, or 65 when records that cannot
+    /// be read as they are were skipped (kept, and named in the log).
     Redrive {
         #[arg(long, short)]
         config: PathBuf,
         /// The mapping whose function gets the records.
         #[arg(long)]
         mapping: String,
-        /// Where the parked records are: file:PATH, sqs:QUEUE_URL or rabbitmq:QUEUE.
-        /// Default: the mapping's file or SQS on_failure destination.
+        /// Where the parked records are: file:PATH, sqs:QUEUE_URL, rabbitmq:QUEUE or
+        /// kafka:TOPIC. Default: the mapping's file, SQS or Kafka on_failure destination.
         #[arg(long)]
         from: Option<esm_gateway::redrive::From>,
         /// List what would be replayed; change nothing.
@@ -160,17 +162,24 @@ fn main() -> ExitCode {
             match rt.block_on(esm_gateway::redrive::run(&config, &mapping, from, dry_run)) {
                 Ok(r) => {
                     println!(
-                        "replayed {}, removed {}, remaining {}{}",
+                        "replayed {}, removed {}, remaining {}, skipped {}{}",
                         r.replayed,
                         r.removed,
                         r.remaining,
+                        r.skipped,
                         if dry_run {
                             " (dry run: nothing changed)"
                         } else {
                             ""
                         }
                     );
-                    ExitCode::SUCCESS
+                    if r.skipped > 0 {
+                        // The skipped records are kept but need an operator: a script
+                        // must not take this run for a clean one.
+                        ExitCode::from(EXIT_DATAERR)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
                 }
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -12,8 +12,17 @@
 //! failed one is requeued; a Kafka topic's records are consumed by the group
 //! `esm-gateway-redrive-<mapping>`, which commits past each partition's records up to its
 //! first failure (that record and those after it are read again by the next redrive).
+//!
+//! The records are input, not trusted: a `payloadLocation` is read only when it resolves
+//! (symlinks followed) to a regular file inside the mapping's `payload_dir`, of at most
+//! [`MAX_PAYLOAD_FILE`] bytes. A record that is not JSON, has no payload, or whose
+//! payload is refused or unreadable is skipped: logged with its position, counted, and
+//! left where it is (as a record whose replay failed), and the run goes on.
 
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -56,14 +65,148 @@ pub enum RedriveError {
     NoSource(String),
     #[error("{0}")]
     Read(String),
+    #[error("the record is not JSON: {0}")]
+    NotJson(serde_json::Error),
+    #[error("the record has neither a payload nor a payloadLocation")]
+    NoPayload,
+    #[error("payloadLocation {location:?} refused (payload_dir is {}): {reason}", dir.display())]
+    PayloadRefused {
+        location: String,
+        dir: PathBuf,
+        reason: String,
+    },
+    #[error("cannot read the payload kept at {}: {source}", path.display())]
+    PayloadUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the payload kept at {} is not JSON: {source}", path.display())]
+    PayloadNotJson {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
+
+/// The largest payload file a redrive reads: above Lambda's 6 MB synchronous event, with
+/// room for the failure record's metadata around it, and small enough to hold in memory.
+pub const MAX_PAYLOAD_FILE: u64 = 16 * 1024 * 1024;
+
+/// The shortest time an SQS message a redrive received stays hidden at once. A redrive
+/// holds messages for the queue's own visibility timeout (so that after a crash they
+/// come back when the queue's consumers expect), but not less than this, extended every
+/// third of it while a message is held (waiting for its replay, or kept).
+const MIN_SQS_VISIBILITY: Duration = Duration::from_secs(2);
 
 /// What a redrive did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Report {
+    /// Records invoked (or, in a dry run, that would be).
     pub replayed: usize,
+    /// Replayed records that succeeded and left the source.
     pub removed: usize,
+    /// Records still in the source: replays that failed, and the skipped ones.
     pub remaining: usize,
+    /// Records not replayed because they cannot be read as they are (not JSON, no
+    /// payload, a payloadLocation refused or unreadable); each is logged and kept.
+    pub skipped: usize,
+}
+
+/// What became of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Replayed successfully: it may leave the source.
+    Removed,
+    /// Replayed and failed (or a dry run): it stays.
+    Kept,
+    /// Not replayed: it cannot be read as it is; it stays.
+    Skipped,
+}
+
+impl Report {
+    fn add(&mut self, o: Outcome) {
+        match o {
+            Outcome::Removed => {
+                self.replayed += 1;
+                self.removed += 1;
+            }
+            Outcome::Kept => {
+                self.replayed += 1;
+                self.remaining += 1;
+            }
+            Outcome::Skipped => {
+                self.skipped += 1;
+                self.remaining += 1;
+            }
+        }
+    }
+}
+
+/// Where a mapping's destination keeps payloads too large for it: the only directory a
+/// redrive reads a `payloadLocation` from.
+fn payload_dir(m: &Mapping) -> PathBuf {
+    match &m.on_failure {
+        Some(DestinationConfig::Sqs(d)) => d.payload_dir.clone(),
+        Some(DestinationConfig::Lambda(d)) => d.payload_dir.clone(),
+        Some(DestinationConfig::Kafka(d)) => d.payload_dir.clone(),
+        Some(DestinationConfig::File(_) | DestinationConfig::Rabbitmq(_)) | None => None,
+    }
+    .unwrap_or_else(crate::destination::default_payload_dir)
+}
+
+/// Reads the payload file `location` names, if it resolves to a regular file of at most
+/// [`MAX_PAYLOAD_FILE`] bytes inside `dir`.
+fn read_payload(location: &str, dir: &Path) -> Result<Vec<u8>, RedriveError> {
+    let refused = |reason: String| RedriveError::PayloadRefused {
+        location: location.to_owned(),
+        dir: dir.to_owned(),
+        reason,
+    };
+    let path = location.strip_prefix("file://").unwrap_or(location);
+    let root = dir
+        .canonicalize()
+        .map_err(|e| refused(format!("payload_dir cannot be resolved: {e}")))?;
+    let real = Path::new(path)
+        .canonicalize()
+        .map_err(|e| refused(format!("it cannot be resolved: {e}")))?;
+    if !real.starts_with(&root) {
+        return Err(refused(format!(
+            "it resolves to {}, outside payload_dir",
+            real.display()
+        )));
+    }
+    let unreadable = |source| RedriveError::PayloadUnreadable {
+        path: real.clone(),
+        source,
+    };
+    // The path is resolved: a symlink swapped in since is not followed, and a FIFO does
+    // not block the open waiting for a writer.
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&real)
+        .map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    if !meta.is_file() {
+        return Err(refused(format!("{} is not a regular file", real.display())));
+    }
+    let too_large = |len: u64| {
+        refused(format!(
+            "{} holds {len} bytes, above the {MAX_PAYLOAD_FILE} a redrive reads",
+            real.display()
+        ))
+    };
+    if meta.len() > MAX_PAYLOAD_FILE {
+        return Err(too_large(meta.len()));
+    }
+    let mut whole = Vec::with_capacity(meta.len() as usize);
+    // Bounded even if the file grows while it is read.
+    file.take(MAX_PAYLOAD_FILE + 1)
+        .read_to_end(&mut whole)
+        .map_err(unreadable)?;
+    if whole.len() as u64 > MAX_PAYLOAD_FILE {
+        return Err(too_large(whole.len() as u64));
+    }
+    Ok(whole)
 }
 
 /// Runs a redrive; with `dry_run`, lists what it would replay and changes nothing.
@@ -90,6 +233,7 @@ pub async fn run(
     let replay = Replay {
         invoker,
         mapping: m,
+        payload_dir: payload_dir(m),
         dry_run,
     };
     match from {
@@ -117,54 +261,60 @@ pub async fn run(
 struct Replay<'a> {
     invoker: Invoker,
     mapping: &'a Mapping,
+    payload_dir: PathBuf,
     dry_run: bool,
 }
 
 impl Replay<'_> {
-    /// Replays one failure record; true when it succeeded (so it may be removed).
-    async fn one(&self, record: &[u8]) -> Result<bool, RedriveError> {
-        let v: Value = serde_json::from_slice(record)
-            .map_err(|e| RedriveError::Read(format!("a parked record is not JSON: {e}")))?;
-        let payload = match (
-            v.get("payload"),
-            v.get("payloadLocation").and_then(Value::as_str),
-        ) {
-            (Some(p), _) => p.clone(),
-            (None, Some(loc)) => {
-                let path = loc.strip_prefix("file://").unwrap_or(loc);
-                let whole = std::fs::read(path).map_err(|e| {
-                    RedriveError::Read(format!("cannot read the payload kept at {path}: {e}"))
-                })?;
-                let whole: Value = serde_json::from_slice(&whole)
-                    .map_err(|e| RedriveError::Read(format!("{path} is not JSON: {e}")))?;
-                whole["payload"].clone()
-            }
-            (None, None) => {
-                return Err(RedriveError::Read(
-                    "a parked record has no payload to replay".into(),
-                ));
-            }
+    /// Replays one failure record, found `at` (a position in the source, for the log).
+    async fn one(&self, record: &[u8], at: &str) -> Outcome {
+        let v: Value = match serde_json::from_slice(record) {
+            Ok(v) => v,
+            Err(e) => return skipped(at, "?", &RedriveError::NotJson(e)),
         };
         let id = v["requestContext"]["requestId"].as_str().unwrap_or("?");
+        let payload = match self.payload(&v) {
+            Ok(p) => p,
+            Err(e) => return skipped(at, id, &e),
+        };
         if self.dry_run {
             println!(
                 "would replay {id} ({} {})",
                 v["requestContext"]["condition"], v["timestamp"]
             );
-            return Ok(false);
+            return Outcome::Kept;
         }
-        let ok = match self
+        match self
             .invoker
             .invoke(serde_json::to_vec(&payload).expect("JSON"))
             .await
         {
-            Ok(r) => succeeded(&r, self.mapping.report_batch_item_failures),
+            Ok(r) if succeeded(&r, self.mapping.report_batch_item_failures) => Outcome::Removed,
+            Ok(_) => Outcome::Kept,
             Err(e) => {
-                tracing::warn!(request_id = id, error = %e, "replay failed; the record stays parked");
-                false
+                tracing::warn!(at, request_id = id, error = %e, "replay failed; the record stays parked");
+                Outcome::Kept
             }
-        };
-        Ok(ok)
+        }
+    }
+
+    /// The event a failure record holds: its `payload`, or the one in the file its
+    /// `payloadLocation` names.
+    fn payload(&self, v: &Value) -> Result<Value, RedriveError> {
+        if let Some(p) = v.get("payload") {
+            return Ok(p.clone());
+        }
+        let loc = v
+            .get("payloadLocation")
+            .and_then(Value::as_str)
+            .ok_or(RedriveError::NoPayload)?;
+        let whole = read_payload(loc, &self.payload_dir)?;
+        let whole: Value =
+            serde_json::from_slice(&whole).map_err(|source| RedriveError::PayloadNotJson {
+                path: loc.strip_prefix("file://").unwrap_or(loc).into(),
+                source,
+            })?;
+        whole.get("payload").cloned().ok_or(RedriveError::NoPayload)
     }
 
     /// Replays a file destination's records: its rotated files, oldest first, and the
@@ -223,12 +373,14 @@ impl Replay<'_> {
         let mut report = Report::default();
         for (p, text) in files {
             let mut keep = String::new();
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                report.replayed += 1;
-                if self.one(line.as_bytes()).await? {
-                    report.removed += 1;
-                } else {
-                    report.remaining += 1;
+            for (n, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let at = format!("{}:{}", p.display(), n + 1);
+                let outcome = self.one(line.as_bytes(), &at).await;
+                report.add(outcome);
+                if outcome != Outcome::Removed {
                     keep.push_str(line);
                     keep.push('\n');
                 }
@@ -240,7 +392,52 @@ impl Replay<'_> {
         Ok(report)
     }
 
+    /// Replays an SQS queue's messages, received ten at a time. Every message received
+    /// and not deleted (waiting for its replay, or kept) is held hidden: its visibility
+    /// (the queue's, at least [`MIN_SQS_VISIBILITY`]) is extended every third of it while
+    /// the replays run, so that no other consumer gets it and one run replays it once
+    /// however long it lasts; at the end the kept ones are made visible again at once.
     async fn sqs(&self, client: aws_sdk_sqs::Client, url: &str) -> Result<Report, RedriveError> {
+        let mut held: std::collections::BTreeMap<String, String> = Default::default();
+        let mut seen = std::collections::BTreeSet::new();
+        let attrs = client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout)
+            .send()
+            .await
+            .map_err(|e| {
+                RedriveError::Read(format!(
+                    "SQS queue {url}: {}",
+                    aws_smithy_types::error::display::DisplayErrorContext(&e)
+                ))
+            })?;
+        let visibility = attrs
+            .attributes()
+            .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout))
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(30), Duration::from_secs)
+            .max(MIN_SQS_VISIBILITY);
+        let mut extend = tokio::time::interval(visibility / 3);
+        extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        extend.reset();
+        let report = self
+            .sqs_replay(&client, url, visibility, &mut held, &mut seen, &mut extend)
+            .await;
+        let kept: Vec<String> = held.into_values().collect();
+        crate::source::sqs::extend(&client, url, &kept, Duration::ZERO).await;
+        report
+    }
+
+    async fn sqs_replay(
+        &self,
+        client: &aws_sdk_sqs::Client,
+        url: &str,
+        visibility: Duration,
+        held: &mut std::collections::BTreeMap<String, String>,
+        seen: &mut std::collections::BTreeSet<String>,
+        extend: &mut tokio::time::Interval,
+    ) -> Result<Report, RedriveError> {
         let mut report = Report::default();
         let err = |e: &dyn std::fmt::Display| RedriveError::Read(format!("SQS queue {url}: {e}"));
         loop {
@@ -249,7 +446,7 @@ impl Replay<'_> {
                 .queue_url(url)
                 .max_number_of_messages(10)
                 .wait_time_seconds(1)
-                .visibility_timeout(300)
+                .visibility_timeout(visibility.as_secs() as i32)
                 .send()
                 .await
                 .map_err(|e| err(&aws_smithy_types::error::display::DisplayErrorContext(&e)))?;
@@ -257,11 +454,33 @@ impl Replay<'_> {
             if messages.is_empty() {
                 break;
             }
+            let mut todo = Vec::new();
             for m in messages {
-                report.replayed += 1;
-                let handle = m.receipt_handle().unwrap_or_default();
-                if self.one(m.body().unwrap_or_default().as_bytes()).await? {
-                    report.removed += 1;
+                let id = m.message_id().unwrap_or_default().to_owned();
+                let handle = m.receipt_handle().unwrap_or_default().to_owned();
+                // A message seen before whose visibility lapsed (SQS's 12 h cap, or an
+                // extension that failed): held again, not replayed twice.
+                held.insert(id.clone(), handle);
+                if seen.insert(id.clone()) {
+                    todo.push((id, m.body().unwrap_or_default().to_owned()));
+                }
+            }
+            for (id, body) in todo {
+                let at = format!("SQS message {id}");
+                let replay = self.one(body.as_bytes(), &at);
+                tokio::pin!(replay);
+                let outcome = loop {
+                    tokio::select! {
+                        o = &mut replay => break o,
+                        _ = extend.tick() => {
+                            let handles: Vec<String> = held.values().cloned().collect();
+                            crate::source::sqs::extend(client, url, &handles, visibility).await;
+                        }
+                    }
+                };
+                report.add(outcome);
+                if outcome == Outcome::Removed {
+                    let handle = held.remove(&id).unwrap_or_default();
                     client
                         .delete_message()
                         .queue_url(url)
@@ -271,10 +490,6 @@ impl Replay<'_> {
                         .map_err(|e| {
                             err(&aws_smithy_types::error::display::DisplayErrorContext(&e))
                         })?;
-                } else {
-                    // Kept: hidden until this redrive ends (the 300 s visibility above),
-                    // so that it is not replayed twice in one run.
-                    report.remaining += 1;
                 }
             }
         }
@@ -301,15 +516,15 @@ impl Replay<'_> {
             .await
             .map_err(|e| RedriveError::Read(format!("queue {queue:?}: {e}")))?
         {
-            report.replayed += 1;
-            if self.one(&m.delivery.data).await? {
-                report.removed += 1;
+            let at = format!("queue {queue:?} delivery {}", m.delivery.delivery_tag);
+            let outcome = self.one(&m.delivery.data, &at).await;
+            report.add(outcome);
+            if outcome == Outcome::Removed {
                 m.delivery
                     .ack(BasicAckOptions::default())
                     .await
                     .map_err(|e| RedriveError::Read(e.to_string()))?;
             } else {
-                report.remaining += 1;
                 held.push(m.delivery);
             }
         }
@@ -354,17 +569,21 @@ impl Replay<'_> {
         while let Ok(m) = tokio::time::timeout(wait, consumer.recv()).await {
             wait = std::time::Duration::from_secs(2);
             let m = m.map_err(err)?;
-            report.replayed += 1;
-            let ok = self.one(m.payload().unwrap_or_default()).await?;
+            let at = format!("{topic}/{}@{}", m.partition(), m.offset());
+            let outcome = self.one(m.payload().unwrap_or_default(), &at).await;
             let entry = positions
                 .entry(m.partition())
                 .or_insert((m.offset(), false));
-            if ok && !entry.1 {
+            if outcome == Outcome::Removed && !entry.1 {
                 entry.0 = m.offset() + 1;
-                report.removed += 1;
+                report.add(outcome);
             } else {
+                // Not committed past: read again by the next redrive.
                 entry.1 = true;
-                report.remaining += 1;
+                report.add(match outcome {
+                    Outcome::Removed => Outcome::Kept,
+                    o => o,
+                });
             }
         }
         if !self.dry_run && !positions.is_empty() {
@@ -394,6 +613,12 @@ fn rewrite(live: &Path, p: &Path, keep: &str) -> std::io::Result<()> {
     file::sync_dir(p)
 }
 
+/// Logs why the record `at` cannot be replayed; it stays where it is.
+fn skipped(at: &str, request_id: &str, e: &RedriveError) -> Outcome {
+    tracing::warn!(at, request_id, error = %e, "record skipped; it stays where it is");
+    Outcome::Skipped
+}
+
 fn succeeded(r: &Response, item_failures: bool) -> bool {
     if r.function_error.is_some() {
         return false;
@@ -406,5 +631,57 @@ fn succeeded(r: &Response, item_failures: bool) -> bool {
             .get("batchItemFailures")
             .is_none_or(|f| f.is_null() || f.as_array().is_some_and(Vec::is_empty)),
         Err(_) => r.payload.iter().all(u8::is_ascii_whitespace),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(r: Result<Vec<u8>, RedriveError>) -> String {
+        match r {
+            Err(e @ RedriveError::PayloadRefused { .. }) => e.to_string(),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_regular_files_of_bounded_size_inside_payload_dir_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let payloads = dir.path().join("payloads");
+        std::fs::create_dir(&payloads).unwrap();
+        let good = payloads.join("good.json");
+        std::fs::write(&good, b"{}").unwrap();
+        let loc = |p: &Path| format!("file://{}", p.display());
+        assert_eq!(read_payload(&loc(&good), &payloads).unwrap(), b"{}");
+        // A relative path with `..` that climbs out.
+        let outside = dir.path().join("outside.json");
+        std::fs::write(&outside, b"{}").unwrap();
+        let climb = format!("{}/../outside.json", payloads.display());
+        assert!(refused(read_payload(&climb, &payloads)).contains("outside payload_dir"));
+        // A FIFO inside: refused without waiting for a writer.
+        let fifo = payloads.join("fifo.json");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(refused(read_payload(&loc(&fifo), &payloads)).contains("not a regular file"));
+        // A directory, and a device reached through a symlink inside.
+        let sub = payloads.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(refused(read_payload(&loc(&sub), &payloads)).contains("not a regular file"));
+        let zero = payloads.join("zero.json");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        assert!(refused(read_payload(&loc(&zero), &payloads)).contains("outside payload_dir"));
+        // Above the cap (sparse: no disk used).
+        let big = payloads.join("big.json");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_PAYLOAD_FILE + 1)
+            .unwrap();
+        assert!(refused(read_payload(&loc(&big), &payloads)).contains("above the 16777216"));
+        // A missing file, and a payload_dir that does not exist.
+        let missing = payloads.join("missing.json");
+        assert!(refused(read_payload(&loc(&missing), &payloads)).contains("cannot be resolved"));
+        let nowhere = dir.path().join("nowhere");
+        assert!(refused(read_payload(&loc(&good), &nowhere)).contains("payload_dir cannot"));
     }
 }

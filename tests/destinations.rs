@@ -47,14 +47,7 @@ fn check_record(r: &serde_json::Value, queue: &str) {
 #[tokio::test]
 async fn a_poison_message_is_parked_in_an_sqs_queue() {
     let sqs = sqs_client().await;
-    let url = sqs
-        .create_queue()
-        .queue_name(unique("dlq"))
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
+    let url = sqs_queue(&sqs, "dlq").await;
     let (_f, rabbit, queue) = park_poison(
         "dsqs",
         &format!("[mapping.on_failure]\ntype = \"sqs\"\nqueue_url = \"{url}\""),

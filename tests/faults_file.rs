@@ -195,14 +195,7 @@ fn payload_file(location: &str) -> Value {
 async fn a_full_filesystem_under_the_payload_dir_acknowledges_nothing_unwritten() {
     let fs = Tmpfs::mount("64k");
     let sqs = sqs_client().await;
-    let url = sqs
-        .create_queue()
-        .queue_name(unique("fpayload"))
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
+    let url = sqs_queue(&sqs, "fpayload").await;
     // Every failure record is above the message limit: its payload goes to a file.
     let on_failure = format!(
         "[mapping.on_failure]\ntype = \"sqs\"\nqueue_url = \"{url}\"\nmax_message_bytes = 1024\npayload_dir = \"{}\"",

@@ -545,7 +545,7 @@ fn split(mut piece: Piece) -> Step {
 }
 
 /// The `errorType: errorMessage` of a function error body, or the body itself.
-fn function_error_message(body: &[u8]) -> String {
+pub(crate) fn function_error_message(body: &[u8]) -> String {
     match serde_json::from_slice::<Value>(body) {
         Ok(v) if v.get("errorMessage").is_some() => format!(
             "{}: {}",
@@ -559,7 +559,7 @@ fn function_error_message(body: &[u8]) -> String {
 /// The indexes (into `records`) a partial batch response names (see
 /// `Envelope::item_indexes` for what identifies an item in each source). AWS's rules: an empty body, null, or an empty or missing list is full success;
 /// invalid JSON or an empty, null or unknown identifier is full failure (Err).
-fn item_failures(
+pub(crate) fn item_failures(
     body: &[u8],
     envelope: &Envelope,
     records: &[Record],

@@ -343,6 +343,32 @@ impl Receiver {
     }
 }
 
+/// Sets the visibility of the messages `handles` to `visibility`, ten per call (for
+/// `redrive`, which holds the messages it replays; a mapping's messages are held by
+/// `sqs_visibility::Keeper`).
+pub(crate) async fn extend(client: &Client, url: &str, handles: &[String], visibility: Duration) {
+    for chunk in handles.chunks(10) {
+        let entries = chunk.iter().enumerate().map(|(i, h)| {
+            aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(h)
+                .visibility_timeout(visibility.as_secs() as i32)
+                .build()
+                .expect("id and receipt handle are set")
+        });
+        if let Err(e) = client
+            .change_message_visibility_batch()
+            .queue_url(url)
+            .set_entries(Some(entries.collect()))
+            .send()
+            .await
+        {
+            tracing::warn!(queue = url, error = %aws_smithy_types::error::display::DisplayErrorContext(&e),
+                "cannot extend visibility; the batch may be received again");
+        }
+    }
+}
+
 /// Deletes what was delivered or parked, ten at a time (the chunks of a large batch
 /// concurrently); released and unresolved messages stay for their visibility timeout.
 async fn delete(client: &Client, url: &str, outcome: Outcome, mapping: &str) {

@@ -205,6 +205,18 @@ pub async fn sqs_client() -> aws_sdk_sqs::Client {
     aws_sdk_sqs::Client::new(&sdk_config().await)
 }
 
+/// A new standard SQS queue named after `prefix`; its URL.
+pub async fn sqs_queue(client: &aws_sdk_sqs::Client, prefix: &str) -> String {
+    client
+        .create_queue()
+        .queue_name(unique(prefix))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap()
+}
+
 pub async fn lambda_client() -> aws_sdk_lambda::Client {
     aws_sdk_lambda::Client::new(&sdk_config().await)
 }
@@ -642,6 +654,13 @@ pub fn failure_records(path: &Path) -> Vec<Value> {
 /// Runs `esm-gateway redrive` for the mapping "test" of `config` with `extra` arguments;
 /// asserts that it succeeded and returns its output.
 pub fn redrive(config: &Path, extra: &[&str]) -> String {
+    let (code, out, err) = redrive_status(config, extra);
+    assert_eq!(code, Some(0), "{err}");
+    out
+}
+
+/// Runs `esm-gateway redrive` like [`redrive`]; its exit code, output and log (stderr).
+pub fn redrive_status(config: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_esm-gateway"))
         .args(["redrive", "--config"])
         .arg(config)
@@ -651,12 +670,11 @@ pub fn redrive(config: &Path, extra: &[&str]) -> String {
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Creates a uniquely named queue (FIFO with content-based deduplication when `fifo`)
