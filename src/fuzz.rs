@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::invoke::event::Envelope;
 use crate::pipeline::filter::{Filter, view};
 use crate::pipeline::retry::{function_error_message, item_failures};
-use crate::record::{Ack, Record};
+use crate::record::Record;
 
 /// A valid file touching every source and destination kind, filters and schedules: the
 /// seed the mutations start from.
@@ -387,15 +387,12 @@ fn identifier() -> impl Strategy<Value = Value> {
 
 fn records(n: usize) -> Vec<Record> {
     (0..n)
-        .map(|i| Record {
-            fragment: "{}".into(),
-            id: Some(format!("m{i}").into()),
-            key: Some(format!("g{}", i % 2).into()),
-            position: i as u64,
-            received: tokio::time::Instant::now(),
-            received_at: std::time::SystemTime::now(),
-            ack: Ack::None,
-            hold: crate::record::Hold::default(),
+        .map(|i| {
+            Record::for_test(
+                Some(&format!("m{i}")),
+                Some(&format!("g{}", i % 2)),
+                i as u64,
+            )
         })
         .collect()
 }

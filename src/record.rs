@@ -33,6 +33,24 @@ pub struct Record {
     pub hold: Hold,
 }
 
+#[cfg(test)]
+impl Record {
+    /// A record for unit tests: an empty `{}` element received now, acknowledged by
+    /// nothing, holding no budget.
+    pub fn for_test(id: Option<&str>, key: Option<&str>, position: u64) -> Record {
+        Record {
+            fragment: "{}".into(),
+            id: id.map(Into::into),
+            key: key.map(Into::into),
+            position,
+            received: Instant::now(),
+            received_at: SystemTime::now(),
+            ack: Ack::None,
+            hold: Hold::default(),
+        }
+    }
+}
+
 /// The source's handle for acknowledging one record.
 #[derive(Debug)]
 pub enum Ack {

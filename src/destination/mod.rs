@@ -362,23 +362,13 @@ impl Failure<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Ack;
 
     fn failure_with(error: &str) -> serde_json::Value {
         let envelope = Envelope::Sqs {
             queue_url: "q".into(),
             fifo: false,
         };
-        let records = [Record {
-            fragment: "{}".into(),
-            id: Some("m1".into()),
-            key: None,
-            position: 0,
-            received: tokio::time::Instant::now(),
-            received_at: SystemTime::now(),
-            ack: Ack::None,
-            hold: crate::record::Hold::default(),
-        }];
+        let records = [Record::for_test(Some("m1"), None, 0)];
         let rendered = Failure {
             function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f",
             condition: Condition::RetryAttemptsExhausted,

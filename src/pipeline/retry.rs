@@ -589,21 +589,11 @@ pub(crate) fn item_failures(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Ack;
 
     fn recs(ids: &[&str]) -> Vec<Record> {
         ids.iter()
             .enumerate()
-            .map(|(i, id)| Record {
-                fragment: "{}".into(),
-                id: (!id.is_empty()).then(|| (*id).into()),
-                key: None,
-                position: i as u64,
-                received: tokio::time::Instant::now(),
-                received_at: std::time::SystemTime::now(),
-                ack: Ack::None,
-                hold: crate::record::Hold::default(),
-            })
+            .map(|(i, id)| Record::for_test((!id.is_empty()).then_some(*id), None, i as u64))
             .collect()
     }
 
