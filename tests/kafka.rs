@@ -125,22 +125,19 @@ fn kafka_config_from(
     start: &str,
 ) -> String {
     gateway_header()
-        + &format!(
-            r#"
-[[mapping]]
-name = "test"
-function = "{function}"
-
-{extra}
-
-[mapping.source]
-type = "kafka"
+        + &mapping(
+            "test",
+            function,
+            extra,
+            &format!(
+                r#"type = "kafka"
 bootstrap_servers = "{bootstrap}"
 topics = ["{topic}"]
 group_id = "{group}"
 starting_position = {start}
 properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000" }}
-"#,
+"#
+            ),
         )
 }
 

@@ -608,6 +608,20 @@ token = "{ADMIN_TOKEN}"
 /// One `[[mapping]]` on a RabbitMQ queue; `extra` goes inside the mapping, before its
 /// source table (mapping keys first, then batch, retry and on_failure tables).
 pub fn rabbit_mapping(name: &str, function: &str, queue: &str, extra: &str) -> String {
+    mapping(
+        name,
+        function,
+        extra,
+        &format!(
+            "type = \"rabbitmq\"\nurl = \"{amqp}\"\nqueue = \"{queue}\"\n",
+            amqp = amqp_url()
+        ),
+    )
+}
+
+/// One `[[mapping]]`: its keys, then `extra` (mapping keys first, then batch, retry and
+/// on_failure tables), then `[mapping.source]` with the lines of `source`.
+pub fn mapping(name: &str, function: &str, extra: &str, source: &str) -> String {
     format!(
         r#"
 [[mapping]]
@@ -617,11 +631,7 @@ function = "{function}"
 {extra}
 
 [mapping.source]
-type = "rabbitmq"
-url = "{amqp}"
-queue = "{queue}"
-"#,
-        amqp = amqp_url(),
+{source}"#
     )
 }
 
@@ -759,17 +769,10 @@ pub async fn depth(client: &aws_sdk_sqs::Client, url: &str) -> (u64, u64) {
 /// mapping before its source.
 pub fn sqs_config(function: &str, url: &str, extra: &str) -> String {
     gateway_header()
-        + &format!(
-            r#"
-[[mapping]]
-name = "test"
-function = "{function}"
-
-{extra}
-
-[mapping.source]
-type = "sqs"
-queue_url = "{url}"
-"#,
+        + &mapping(
+            "test",
+            function,
+            extra,
+            &format!("type = \"sqs\"\nqueue_url = \"{url}\"\n"),
         )
 }
