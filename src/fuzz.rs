@@ -10,10 +10,14 @@ use proptest::prelude::*;
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::invoke::event::Envelope;
+use crate::invoke::event::{Decoded, Shape};
 use crate::pipeline::filter::{Filter, view};
-use crate::pipeline::retry::{function_error_message, item_failures};
+use crate::pipeline::response::{function_error_message, item_failures};
 use crate::record::Record;
+use crate::source::kafka::event::KafkaShape;
+use crate::source::rabbitmq::event::RabbitShape;
+use crate::source::schedule::event::ScheduleShape;
+use crate::source::sqs::event::SqsShape;
 
 /// A valid file touching every source and destination kind, filters and schedules: the
 /// seed the mutations start from.
@@ -397,29 +401,29 @@ fn records(n: usize) -> Vec<Record> {
         .collect()
 }
 
-fn envelopes() -> [Envelope; 4] {
+fn shapes() -> [Box<dyn Shape>; 4] {
     [
-        Envelope::Rabbit {
-            event_source_arn: "arn".into(),
-            queue: "q".into(),
-            vhost: "/".into(),
-        },
-        Envelope::Sqs {
+        Box::new(RabbitShape::new("arn", "q", "/")),
+        Box::new(SqsShape {
             queue_url: "q.fifo".into(),
             fifo: true,
-        },
-        Envelope::Kafka {
-            bootstrap_servers: "b:9092".into(),
-            topic: "t".into(),
-            partition: 0,
-        },
-        Envelope::Schedule {
+        }),
+        Box::new(KafkaShape::new("b:9092", "t", 0)),
+        Box::new(ScheduleShape {
             name: "s".into(),
             arn: "arn".into(),
             expression: "rate(1 minute)".into(),
-        },
+        }),
     ]
 }
+
+/// Every field any source decodes for filters.
+const ALL_DECODED: &[Decoded] = &[
+    Decoded::Base64("data"),
+    Decoded::Base64("value"),
+    Decoded::Base64("key"),
+    Decoded::Json("body"),
+];
 
 /// Parses `text`; a refusal must say why, naming the file.
 fn config(text: &str) -> Result<(), TestCaseError> {
@@ -461,7 +465,7 @@ proptest! {
             if let Ok(f) = Filter::parse(set) {
                 for r in &records {
                     let _ = f.matches(r);
-                    let _ = f.matches(&view(&r.to_string()));
+                    let _ = f.matches(&view(&r.to_string(), ALL_DECODED));
                 }
             }
         }
@@ -478,9 +482,9 @@ proptest! {
         })
         .to_string();
         let records = records(n);
-        for e in &envelopes() {
+        for e in &shapes() {
             for b in [&body[..], structured.as_bytes()] {
-                if let Ok(failed) = item_failures(b, e, &records) {
+                if let Ok(failed) = item_failures(b, e.as_ref(), &records) {
                     prop_assert!(failed.iter().all(|&i| i < records.len()), "{failed:?}");
                 }
                 let _ = function_error_message(b);

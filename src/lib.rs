@@ -5,27 +5,50 @@
 //! Data flows one way, and the modules follow it:
 //!
 //! ```text
-//! source (rabbitmq | kafka | sqs | schedule)   source/ (schedule: one record per fire)
+//! source (rabbitmq | kafka | sqs | schedule)   source/<kind>/ (schedule: one record per fire)
 //!    -> Record { event element, id, key, position, ack handle }   record.rs
-//!    -> batcher (size / bytes / window)         pipeline/batcher.rs
-//!    -> one batch in flight per ordering unit   source/ (queue, partition or lane, receive)
+//!    -> batcher (size / bytes / window)         pipeline/batcher.rs, pipeline/budget.rs
+//!    -> one batch in flight per ordering unit   source/<kind>/ (queue, partition or lane, receive)
 //!    -> deliver: filter, invoke, retry, bisect  pipeline/filter.rs, pipeline/retry.rs
-//!         -> Lambda Invoke, AWS event           invoke/lambda.rs, invoke/event.rs
-//!    -> ack / commit / delete                   source/ (Kafka: pipeline/offsets.rs)
-//!       | on-failure destination                destination/
+//!         -> Lambda Invoke                      invoke/lambda.rs
+//!         -> the source's event (a Shape)       invoke/event.rs, source/<kind>/event.rs
+//!         -> its answer                         pipeline/response.rs
+//!    -> ack / commit / delete                   source/<kind>/ (Kafka: pipeline/offsets.rs)
+//!       | failure record -> on-failure destination   pipeline/park.rs, destination/
 //! ```
 //!
+//! Each kind of source is one folder, `source/<kind>/`: its TOML table, checks and AWS
+//! defaults (`config.rs`), its event shape (`event.rs`) and its run loop. The pipeline
+//! knows a source only through its [`Shape`](invoke::event::Shape) and what its
+//! exhausted records become ([`Exhausted`](pipeline::retry::Exhausted));
+//! [`SourceConfig`](source::SourceConfig) is the one place that lists the kinds. Each
+//! destination owns its config in `destination/<kind>.rs`.
+//!
+//! The module graph has no cycle (`tests/layout.rs` checks it), bottom to top:
+//! `env`, `record`, `status`, `telemetry`, `notify`, `aws` -> `invoke` -> `amqp` ->
+//! `destination` -> `pipeline` -> `source` -> `config` -> `runtime`, `redrive`,
+//! `admin`, `main`.
+//!
+//! - `env`: `${ENV}` expansion and secret-bearing values (`Secret`, `SecretUrl`).
+//! - `aws`: the `[aws]` table and the SDK configuration every AWS client shares.
+//! - `amqp`: the AMQP connection code shared by the RabbitMQ source, destination and
+//!   redrive.
+//! - `config`: the TOML file, composed of each component's config; cross-cutting checks
+//!   (shared by `run` and `validate`).
+//! - `runtime`: one supervised task per mapping (`supervise.rs`), built from its config
+//!   (`build.rs`); enable/disable, reload, shutdown.
 //! - `admin`: the admin API (health, readiness, metrics, mapping status and control).
-//! - `config`: the TOML model, defaults and validation (shared by `run` and `validate`).
-//! - `runtime`: one supervised task per mapping; enable/disable, reload, shutdown.
 //! - `notify`: systemd readiness, reload and watchdog notifications.
 //! - `redrive`: replays parked failure records (`esm-gateway redrive`).
 //! - `status`: each mapping's observable state (running, failed and why).
 //! - `telemetry`: logging setup and the catalogue of metrics.
 
 pub mod admin;
+pub mod amqp;
+pub mod aws;
 pub mod config;
 pub mod destination;
+pub mod env;
 #[cfg(test)]
 mod fuzz;
 pub mod invoke;

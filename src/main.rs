@@ -136,7 +136,15 @@ fn main() -> ExitCode {
         Command::Schedules { config, next, from } => match Config::load(&config) {
             Ok(c) => {
                 let from = from.unwrap_or_else(chrono::Utc::now);
-                print!("{}", esm_gateway::source::schedule::dry_run(&c, from, next));
+                let schedules = c.mappings.iter().filter_map(|m| {
+                    m.source
+                        .as_schedule()
+                        .map(|s| (m.name.as_str(), s, m.enabled))
+                });
+                print!(
+                    "{}",
+                    esm_gateway::source::schedule::dry_run(schedules, from, next)
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -5,11 +5,12 @@
 //! envelope. Every record ends with one [`Resolution`]; a source acknowledges it only
 //! then, and a record dropped unresolved is left to the broker to redeliver.
 
+use std::any::Any;
 use std::time::SystemTime;
 
 use tokio::time::Instant;
 
-pub use crate::pipeline::budget::Hold;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// One message from a source.
 #[derive(Debug)]
@@ -45,21 +46,60 @@ impl Record {
             position,
             received: Instant::now(),
             received_at: SystemTime::now(),
-            ack: Ack::None,
+            ack: Ack::NONE,
             hold: Hold::default(),
         }
     }
 }
 
-/// The source's handle for acknowledging one record.
-#[derive(Debug)]
-pub enum Ack {
-    /// A RabbitMQ delivery on the channel it arrived on.
-    Rabbit(lapin::Acker),
-    /// An SQS receipt handle.
-    Sqs(String),
-    /// Acknowledged by position alone (and records built by tests).
-    None,
+/// The source's handle for acknowledging one record (a RabbitMQ delivery's acker, an
+/// SQS receipt handle), of a type only its source knows; none for sources that
+/// acknowledge by position alone.
+pub struct Ack(Option<Box<dyn Any + Send + Sync>>);
+
+impl Ack {
+    /// No handle: acknowledged by position (and records built by tests).
+    pub const NONE: Ack = Ack(None);
+
+    pub fn new<T: Any + Send + Sync>(handle: T) -> Ack {
+        Ack(Some(Box::new(handle)))
+    }
+
+    /// The handle, if it is a `T`.
+    pub fn take<T: Any>(self) -> Option<T> {
+        self.0?.downcast().ok().map(|b| *b)
+    }
+
+    /// The handle, if it is a `T`, left in place.
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.0.as_ref()?.downcast_ref()
+    }
+}
+
+impl std::fmt::Debug for Ack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Ack(..)"
+        } else {
+            "Ack(none)"
+        })
+    }
+}
+
+/// Bytes of a lane's budget held by one record (`pipeline::budget`); returned when
+/// dropped.
+#[derive(Debug, Default)]
+pub struct Hold {
+    // Never read: holding it is the point.
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Hold {
+    pub fn of(permit: OwnedSemaphorePermit) -> Hold {
+        Hold {
+            _bytes: Some(permit),
+        }
+    }
 }
 
 impl Record {

@@ -2,6 +2,8 @@
 //! the line.
 
 use super::*;
+use crate::source::kafka::config::StartingPosition;
+use crate::source::schedule::config::MissedFire;
 
 const GOOD: &str = r#"
 [aws]
@@ -210,7 +212,7 @@ fn secrets_are_expanded_and_never_shown() {
     unsafe { std::env::set_var("ESM_TEST_RABBIT_PASSWORD", "hunter2") };
     let text = with("guest:guest@", "guest:${ESM_TEST_RABBIT_PASSWORD}@");
     let c = parse(&text).unwrap();
-    let Source::Rabbitmq(s) = &c.mappings[0].source else {
+    let SourceConfig::Rabbitmq(s) = &c.mappings[0].source else {
         panic!("rabbitmq source")
     };
     assert_eq!(s.url.expose(), "amqp://guest:hunter2@127.0.0.1:5672/%2f");
@@ -246,7 +248,7 @@ fn kafka_sources_parse_and_hide_their_password() {
     // SAFETY: only this test uses this variable.
     unsafe { std::env::set_var("ESM_TEST_KAFKA_PASSWORD", "kafka-secret") };
     let c = parse(KAFKA).unwrap();
-    let Source::Kafka(k) = &c.mappings[0].source else {
+    let SourceConfig::Kafka(k) = &c.mappings[0].source else {
         panic!("kafka source")
     };
     assert_eq!(k.starting_position, StartingPosition::TrimHorizon);
@@ -364,7 +366,7 @@ missed = "fire_once"
 fn schedules_parse_with_scheduler_defaults() {
     let c = parse(SCHEDULE).unwrap();
     let m = &c.mappings[0];
-    let Source::Schedule(s) = &m.source else {
+    let SourceConfig::Schedule(s) = &m.source else {
         panic!("not a schedule")
     };
     assert_eq!(s.timezone.0, chrono_tz::Europe::London);

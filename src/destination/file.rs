@@ -4,6 +4,7 @@
 //! that a writer holds while it appends or rotates and a redrive holds while it moves
 //! the file aside, so that a record is never appended to a file a redrive already read.
 
+use serde::Deserialize;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
@@ -13,7 +14,39 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 
 use super::DestinationError;
-use crate::config;
+
+/// `on_failure = { type = "file", … }`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The JSON-lines file; created if missing (its directory must exist).
+    #[serde(deserialize_with = "crate::env::expand_path")]
+    pub path: PathBuf,
+    /// Rotate when the file reaches this many bytes: it is renamed `<path>.<n>`, n one
+    /// above the highest already there, and kept until an operator removes it (a
+    /// redrive reads it too). Default: no rotation.
+    pub rotate_bytes: Option<u64>,
+    /// No longer accepted (refused at load): it removed the oldest rotated file, the only
+    /// copy of records already acknowledged. Default: unset.
+    pub keep: Option<u32>,
+}
+
+impl Config {
+    pub fn problems(&self, mapping: &str, out: &mut Vec<String>) {
+        if self.keep.is_some() {
+            out.push(format!(
+                "mapping {mapping:?}: on_failure.keep is no longer supported: rotated files are kept until an operator removes them \
+                 (removing the oldest lost acknowledged records); remove keep"
+            ));
+        }
+        if self.path.file_name().is_none() {
+            out.push(format!(
+                "mapping {mapping:?}: on_failure.path {} does not name a file",
+                self.path.display()
+            ));
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct FileDestination {
@@ -26,7 +59,7 @@ pub struct FileDestination {
 }
 
 impl FileDestination {
-    pub fn new(c: &config::FileDestination) -> Self {
+    pub fn new(c: &Config) -> Self {
         FileDestination {
             path: c.path.clone(),
             rotate_bytes: c.rotate_bytes,
@@ -207,7 +240,7 @@ mod tests {
     use super::*;
 
     fn destination(path: &Path, rotate_bytes: Option<u64>) -> FileDestination {
-        FileDestination::new(&config::FileDestination {
+        FileDestination::new(&Config {
             path: path.to_owned(),
             rotate_bytes,
             keep: None,

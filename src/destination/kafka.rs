@@ -3,6 +3,7 @@
 //! configuration refuses a weaker one in `properties`). A record larger than the
 //! producer or the broker takes is refused for good, and kept in the payload directory.
 
+use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,10 +12,41 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::DestinationError;
-use crate::config;
+
+/// `on_failure = { type = "kafka", bootstrap_servers = "…", topic = "…" }`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    /// Extra librdkafka producer properties (`${ENV}` is expanded); `acks` other than
+    /// `all` is refused. Default: none.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, crate::env::Expanded>,
+    /// Where a failure record the topic refuses for good (larger than the producer's
+    /// `message.max.bytes` or the topic's `max.message.bytes`) is kept whole.
+    /// Default: /var/lib/esm-gateway/payloads.
+    pub payload_dir: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn problems(&self, mapping: &str, out: &mut Vec<String>) {
+        for key in ["acks", "request.required.acks"] {
+            if let Some(v) = self.properties.get(key)
+                && !matches!(v.0.as_str(), "all" | "-1")
+            {
+                out.push(format!(
+                    "mapping {mapping:?}: on_failure.properties.\"{key}\" = {:?} would let the broker confirm a failure record \
+                     before every in-sync replica has it; the gateway always produces with acks = all, so remove it",
+                    v.0
+                ));
+            }
+        }
+    }
+}
 
 pub struct KafkaDestination {
-    producer: Result<FutureProducer, String>,
+    producer: Result<FutureProducer, KafkaError>,
     topic: String,
     pub(super) payload_dir: PathBuf,
 }
@@ -41,7 +73,7 @@ fn permanent(e: &KafkaError) -> bool {
 }
 
 impl KafkaDestination {
-    pub fn new(c: &config::KafkaDestination) -> Self {
+    pub fn new(c: &Config) -> Self {
         let mut conf = ClientConfig::new();
         conf.set("bootstrap.servers", &c.bootstrap_servers)
             .set("message.timeout.ms", "30000");
@@ -51,7 +83,7 @@ impl KafkaDestination {
         // After the properties: a parked record must be on every in-sync replica.
         conf.set("acks", "all");
         KafkaDestination {
-            producer: conf.create().map_err(|e| e.to_string()),
+            producer: conf.create(),
             topic: c.topic.clone(),
             payload_dir: c
                 .payload_dir
@@ -67,7 +99,7 @@ impl KafkaDestination {
             target: self.topic.clone(),
             message,
         };
-        let producer = self.producer.as_ref().map_err(|e| error(e.clone()))?;
+        let producer = self.producer.as_ref().map_err(|e| error(e.to_string()))?;
         let mut r = FutureRecord::to(&self.topic).payload(record);
         if let Some(k) = key {
             r = r.key(k);

@@ -1,6 +1,7 @@
 //! The Lambda destination: the failure record is another function's asynchronous
 //! (Event) invoke; Lambda accepting it (202) is the confirmation.
 
+use serde::Deserialize;
 use std::path::PathBuf;
 
 use aws_sdk_lambda::error::ProvideErrorMetadata;
@@ -8,8 +9,19 @@ use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
 
 use super::{DestinationError, Limit, Rendered, aws_code, within_limit};
-use crate::config;
 use crate::invoke::lambda::MAX_ASYNC_PAYLOAD;
+
+/// `on_failure = { type = "lambda", function = "…" }`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(deserialize_with = "crate::env::expand")]
+    pub function: String,
+    /// Where a failure record above the 1 MB asynchronous limit is kept; the function then
+    /// gets its metadata and `payloadLocation`. A record Lambda refuses for good is kept
+    /// here whole. Default: /var/lib/esm-gateway/payloads.
+    pub payload_dir: Option<PathBuf>,
+}
 
 /// Invoke errors that the same payload would get again.
 const PERMANENT: [&str; 2] = ["RequestTooLargeException", "InvalidRequestContentException"];
@@ -22,7 +34,7 @@ pub struct LambdaDestination {
 }
 
 impl LambdaDestination {
-    pub fn new(c: &config::LambdaDestination, sdk: &aws_config::SdkConfig) -> Self {
+    pub fn new(c: &Config, sdk: &aws_config::SdkConfig) -> Self {
         LambdaDestination {
             client: aws_sdk_lambda::Client::new(sdk),
             function: c.function.clone(),

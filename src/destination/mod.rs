@@ -9,23 +9,16 @@
 //! record is kept whole in the destination's payload directory instead
 //! ([`Destination::fall_back`]), so one record never blocks a mapping.
 
-pub(crate) mod file;
-mod kafka;
-mod lambda;
-mod rabbitmq;
-mod sqs;
+pub mod file;
+pub mod kafka;
+pub mod lambda;
+pub mod rabbitmq;
+pub mod sqs;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use std::time::SystemTime;
-
-use serde_json::json;
-
-use crate::config::DestinationConfig;
-use crate::invoke::event::{Envelope, rfc3339};
-use crate::invoke::lambda::Response;
-use crate::record::Record;
+use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
@@ -75,6 +68,47 @@ impl DestinationError {
 pub(crate) fn aws_code(code: Option<&str>) -> &str {
     code.and_then(|c| c.rsplit(['.', '#']).next())
         .unwrap_or_default()
+}
+
+/// The closed set of on-failure destinations.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DestinationConfig {
+    /// Append one JSON failure record per line, fsynced before the source is acked.
+    File(file::Config),
+    /// Publish to an exchange with publisher confirms (and `mandatory`).
+    Rabbitmq(rabbitmq::Config),
+    /// Send to an SQS queue.
+    Sqs(sqs::Config),
+    /// Produce to a Kafka topic, keyed by the original record's key.
+    Kafka(kafka::Config),
+    /// Invoke another function asynchronously with the failure record.
+    Lambda(lambda::Config),
+}
+
+impl DestinationConfig {
+    /// What is wrong with it, each problem naming `mapping`.
+    pub fn problems(&self, mapping: &str, out: &mut Vec<String>) {
+        match self {
+            DestinationConfig::File(c) => c.problems(mapping, out),
+            DestinationConfig::Rabbitmq(c) => c.problems(mapping, out),
+            DestinationConfig::Kafka(c) => c.problems(mapping, out),
+            DestinationConfig::Sqs(_) | DestinationConfig::Lambda(_) => {}
+        }
+    }
+
+    /// A file no other mapping may write: two writers rotating one file would each
+    /// rotate the other's records, and a redrive would replay them into the wrong
+    /// function.
+    pub fn exclusive_path(&self) -> Option<&Path> {
+        match self {
+            DestinationConfig::File(c) => Some(&c.path),
+            DestinationConfig::Rabbitmq(_)
+            | DestinationConfig::Sqs(_)
+            | DestinationConfig::Kafka(_)
+            | DestinationConfig::Lambda(_) => None,
+        }
+    }
 }
 
 /// The closed set of destinations, opened from their configuration.
@@ -251,32 +285,6 @@ fn keep_payload(path: &Path, record: &[u8]) -> std::io::Result<()> {
     written
 }
 
-/// Why records were parked (AWS's `requestContext.condition`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Condition {
-    RetryAttemptsExhausted,
-    RecordAgeExceeded,
-    MaximumPayloadSizeExceeded,
-    /// The record cannot be put in an event as it is (a RabbitMQ property or header name
-    /// that is not UTF-8): parked without an invoke. Not one of AWS's conditions.
-    UndecodableRecord,
-}
-
-impl Condition {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Condition::RetryAttemptsExhausted => "RetryAttemptsExhausted",
-            Condition::RecordAgeExceeded => "RecordAgeExceeded",
-            Condition::MaximumPayloadSizeExceeded => "MaximumPayloadSizeExceeded",
-            Condition::UndecodableRecord => "UndecodableRecord",
-        }
-    }
-}
-
-/// Longest `error` text a failure record carries, in bytes: a function's error message
-/// can be as large as its response, and would make the record too large to park.
-pub const MAX_ERROR_BYTES: usize = 4096;
-
 /// A rendered failure record: its JSON and its `requestContext.requestId`.
 #[derive(Debug, Clone)]
 pub struct Rendered {
@@ -284,120 +292,9 @@ pub struct Rendered {
     pub bytes: Vec<u8>,
 }
 
-/// `error` cut to at most [`MAX_ERROR_BYTES`] (on a character boundary), and whether it
-/// was cut.
-fn bounded(error: &str) -> (&str, bool) {
-    if error.len() <= MAX_ERROR_BYTES {
-        return (error, false);
-    }
-    let mut end = MAX_ERROR_BYTES;
-    while !error.is_char_boundary(end) {
-        end -= 1;
-    }
-    (&error[..end], true)
-}
-
-/// Everything a failure record says about the records it parks.
-pub struct Failure<'a> {
-    pub function_arn: &'a str,
-    pub condition: Condition,
-    /// Invokes spent on these records (AWS's approximateInvokeCount).
-    pub invoke_count: u32,
-    /// The last response of the function, when it answered.
-    pub response: Option<&'a Response>,
-    /// The last error, in words (function error message or invoke error).
-    pub error: Option<&'a str>,
-    pub envelope: &'a Envelope,
-    pub records: &'a [Record],
-}
-
-impl Failure<'_> {
-    /// The JSON failure record: AWS's shape, plus `error` (at most [`MAX_ERROR_BYTES`],
-    /// with `errorTruncated` when cut) and the failed event as `payload`.
-    pub fn render(&self) -> Rendered {
-        let (info_key, info) = self.envelope.batch_info(self.records);
-        let request_id = uuid::Uuid::new_v4().to_string();
-        let (error, truncated) = match self.error.map(bounded) {
-            Some((e, t)) => (Some(e), t),
-            None => (None, false),
-        };
-        let mut meta = json!({
-            "requestContext": {
-                "requestId": request_id,
-                "functionArn": self.function_arn,
-                "condition": self.condition.as_str(),
-                "approximateInvokeCount": self.invoke_count,
-            },
-            "responseContext": {
-                "statusCode": self.response.map(|r| r.status),
-                "executedVersion": self.response.and_then(|r| r.executed_version.as_deref()),
-                "functionError": self.response.and_then(|r| r.function_error.as_deref()),
-            },
-            "version": "1.0",
-            "timestamp": rfc3339(SystemTime::now()),
-            "error": error,
-        });
-        if truncated {
-            meta["errorTruncated"] = true.into();
-        }
-        meta[info_key] = info;
-        let mut out = serde_json::to_vec(&meta).expect("JSON value to bytes");
-        // Append the event as it was sent, without parsing it again.
-        out.pop();
-        out.extend_from_slice(br#","payload":"#);
-        // The event of the last attempt (only a schedule's input names its attempt).
-        out.extend_from_slice(
-            &self
-                .envelope
-                .render_attempt(self.records, self.invoke_count.max(1)),
-        );
-        out.push(b'}');
-        Rendered {
-            request_id,
-            bytes: out,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn failure_with(error: &str) -> serde_json::Value {
-        let envelope = Envelope::Sqs {
-            queue_url: "q".into(),
-            fifo: false,
-        };
-        let records = [Record::for_test(Some("m1"), None, 0)];
-        let rendered = Failure {
-            function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f",
-            condition: Condition::RetryAttemptsExhausted,
-            invoke_count: 1,
-            response: None,
-            error: Some(error),
-            envelope: &envelope,
-            records: &records,
-        }
-        .render();
-        let v: serde_json::Value = serde_json::from_slice(&rendered.bytes).unwrap();
-        assert_eq!(v["requestContext"]["requestId"], rendered.request_id);
-        v
-    }
-
-    #[test]
-    fn a_long_error_message_is_cut_to_four_kib_and_marked() {
-        let short = failure_with("ValueError: boom");
-        assert_eq!(short["error"], "ValueError: boom");
-        assert!(short.get("errorTruncated").is_none());
-        // Multi-byte characters across the limit: the cut stays on a character boundary.
-        let long = format!("ValueError: {}", "é".repeat(1_000_000));
-        let v = failure_with(&long);
-        let error = v["error"].as_str().unwrap();
-        assert!(error.len() <= MAX_ERROR_BYTES, "{}", error.len());
-        assert!(error.len() > MAX_ERROR_BYTES - 4);
-        assert!(long.starts_with(error));
-        assert_eq!(v["errorTruncated"], true);
-    }
 
     #[test]
     fn only_a_rejection_is_permanent() {

@@ -2,12 +2,39 @@
 //! channel. A write succeeds only on the broker's ack of a routed message; a nack, an
 //! unroutable return or a dropped connection is an error (and the next write reconnects).
 
+use std::path::PathBuf;
+
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection};
+use serde::Deserialize;
 use tokio::sync::Mutex;
 
 use super::DestinationError;
-use crate::config::{self, SecretUrl};
+use crate::env::SecretUrl;
+
+/// `on_failure = { type = "rabbitmq", … }`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Broker URL; `${ENV}` is expanded.
+    pub url: SecretUrl,
+    /// Exchange to publish to ("" is the default exchange).
+    pub exchange: String,
+    /// Routing key. Default: the mapping's name.
+    pub routing_key: Option<String>,
+    /// PEM CA file for amqps. Default: the platform's trust store.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn problems(&self, mapping: &str, out: &mut Vec<String>) {
+        if let Err(e) = self.url.amqp() {
+            out.push(format!(
+                "mapping {mapping:?}: on_failure.url is not an AMQP URL: {e}"
+            ));
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct RabbitDestination {
@@ -19,7 +46,7 @@ pub struct RabbitDestination {
 }
 
 impl RabbitDestination {
-    pub fn new(c: &config::RabbitDestination, mapping: &str) -> Self {
+    pub fn new(c: &Config, mapping: &str) -> Self {
         RabbitDestination {
             url: c.url.clone(),
             exchange: c.exchange.clone(),
@@ -43,13 +70,10 @@ impl RabbitDestination {
             .as_ref()
             .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
         {
-            let conn = crate::source::rabbitmq::connect(
-                &self.url,
-                self.ca_file.as_deref(),
-                "esm-gateway on-failure",
-            )
-            .await
-            .map_err(|e| self.error(e))?;
+            let conn =
+                crate::amqp::connect(&self.url, self.ca_file.as_deref(), "esm-gateway on-failure")
+                    .await
+                    .map_err(|e| self.error(e))?;
             let channel = conn.create_channel().await.map_err(|e| self.error(e))?;
             channel
                 .confirm_select(ConfirmSelectOptions::default())

@@ -4,6 +4,7 @@
 //! order, and the record's requestId as deduplication id, so a send retried after a lost
 //! answer is not parked twice.
 
+use serde::Deserialize;
 use std::path::PathBuf;
 
 use aws_sdk_sqs::error::ProvideErrorMetadata;
@@ -11,7 +12,20 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use aws_smithy_types::error::display::DisplayErrorContext;
 
 use super::{DestinationError, Limit, Rendered, aws_code, within_limit};
-use crate::config;
+
+/// `on_failure = { type = "sqs", queue_url = "…" }`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(deserialize_with = "crate::env::expand")]
+    pub queue_url: String,
+    /// Largest message the queue takes. Default: 262,144 (256 KiB).
+    pub max_message_bytes: Option<usize>,
+    /// Where a failure record too large for a message is kept; the message then carries
+    /// its metadata and `payloadLocation`. A record the queue refuses for good is kept
+    /// here whole. Default: /var/lib/esm-gateway/payloads.
+    pub payload_dir: Option<PathBuf>,
+}
 
 /// How long a dead-letter queue should keep messages: SQS's maximum, 14 days.
 pub const MIN_RETENTION_SECONDS: u64 = 14 * 24 * 3600;
@@ -35,7 +49,7 @@ pub struct SqsDestination {
 }
 
 impl SqsDestination {
-    pub fn new(c: &config::SqsDestination, mapping: &str, sdk: &aws_config::SdkConfig) -> Self {
+    pub fn new(c: &Config, mapping: &str, sdk: &aws_config::SdkConfig) -> Self {
         SqsDestination {
             client: aws_sdk_sqs::Client::new(sdk),
             url: c.queue_url.clone(),

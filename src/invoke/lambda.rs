@@ -11,73 +11,18 @@ use aws_sdk_lambda::config::http::HttpResponse;
 use aws_sdk_lambda::error::SdkError;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
-use aws_smithy_types::retry::RetryConfig;
-use aws_smithy_types::timeout::TimeoutConfig;
 
-use crate::config::AwsConfig;
-
-/// Idle time before the first TCP keepalive probe on an AWS connection: well under the
-/// 5–6 minutes after which NATs and firewalls commonly forget an idle flow, so that a
-/// long synchronous invoke keeps its connection.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-
-/// The SDK's default HTTPS client (rustls, proxy settings from the environment) with TCP
-/// keepalive, which the default client leaves off.
-fn http_client() -> aws_smithy_http_client::pool::Client {
-    use aws_smithy_http_client::{pool, proxy::ProxyConfig, tls};
-    let pool = pool::ConnectionPool::builder()
-        .tcp_keepalive(TCP_KEEPALIVE)
-        .proxy_config(ProxyConfig::from_env())
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::AwsLc,
-        ))
-        .build_https()
-        .expect("a TLS connection pool with default settings builds");
-    pool::Client::new(&pool).expect("a pool's anonymous partition exists")
-}
-
-/// Builds the SDK configuration shared by every AWS client of the process.
-pub async fn sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .http_client(http_client())
-        .retry_config(RetryConfig::disabled())
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .build(),
-        );
-    if let Some(region) = &aws.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    if let Some(profile) = &aws.profile {
-        loader = loader.profile_name(profile);
-    }
-    if let Some(url) = &aws.endpoint_url {
-        loader = loader.endpoint_url(url);
-    }
-    let base = loader.load().await;
-    let base = if base.region().is_none() {
-        base.into_builder()
-            .region(aws_config::Region::from_static("us-east-1"))
-            .build()
-    } else {
-        base
-    };
-    match &aws.assume_role_arn {
-        None => base,
-        Some(arn) => {
-            let provider = aws_config::sts::AssumeRoleProvider::builder(arn)
-                .session_name("esm-gateway")
-                .configure(&base)
-                .build()
-                .await;
-            base.into_builder()
-                .credentials_provider(aws_sdk_lambda::config::SharedCredentialsProvider::new(
-                    provider,
-                ))
-                .build()
-        }
-    }
+/// Why a `function` is not a function reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FunctionRefError {
+    #[error("the function name is empty")]
+    Empty,
+    #[error("{0:?} is longer than 170 characters")]
+    TooLong(String),
+    #[error("{0:?} contains {1:?}, which no function name or ARN can")]
+    Character(String, char),
+    #[error("{0:?} is neither a function name, name:qualifier, nor a function ARN")]
+    Shape(String),
 }
 
 /// A validated function reference: a name, `name:qualifier`, or a full or partial ARN.
@@ -85,18 +30,16 @@ pub async fn sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
 pub struct FunctionRef(String);
 
 impl FunctionRef {
-    pub fn parse(s: &str) -> Result<FunctionRef, String> {
+    pub fn parse(s: &str) -> Result<FunctionRef, FunctionRefError> {
         let ok_char = |c: char| c.is_ascii_alphanumeric() || "-_:.$".contains(c);
         if s.is_empty() {
-            return Err("the function name is empty".into());
+            return Err(FunctionRefError::Empty);
         }
         if s.len() > 170 {
-            return Err(format!("{s:?} is longer than 170 characters"));
+            return Err(FunctionRefError::TooLong(s.to_owned()));
         }
         if let Some(bad) = s.chars().find(|&c| !ok_char(c)) {
-            return Err(format!(
-                "{s:?} contains {bad:?}, which no function name or ARN can"
-            ));
+            return Err(FunctionRefError::Character(s.to_owned(), bad));
         }
         let parts: Vec<&str> = s.split(':').collect();
         let shape_ok = matches!(
@@ -125,9 +68,7 @@ impl FunctionRef {
                 | [_, "function", _, _]
         );
         if !shape_ok || parts.iter().any(|p| p.is_empty()) {
-            return Err(format!(
-                "{s:?} is neither a function name, name:qualifier, nor a function ARN"
-            ));
+            return Err(FunctionRefError::Shape(s.to_owned()));
         }
         Ok(FunctionRef(s.to_owned()))
     }

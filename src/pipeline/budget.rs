@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use metrics::Counter;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
+
+use crate::record::Hold;
 
 /// The byte budget of one lane.
 #[derive(Debug, Clone)]
@@ -19,13 +21,6 @@ pub struct Budget {
     capacity: u32,
     /// `esm_gateway_buffer_waits_total`: records that waited for budget.
     waits: Counter,
-}
-
-/// Bytes of a [`Budget`] held by one record; returned when dropped.
-#[derive(Debug, Default)]
-pub struct Hold {
-    // Never read: holding it is the point.
-    _bytes: Option<OwnedSemaphorePermit>,
 }
 
 impl Budget {
@@ -55,9 +50,7 @@ impl Budget {
                     .expect("a budget's semaphore is never closed")
             }
         };
-        Hold {
-            _bytes: Some(permit),
-        }
+        Hold::of(permit)
     }
 }
 

@@ -11,6 +11,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::invoke::event::Decoded;
+
 /// At most this many patterns per mapping, as on AWS.
 pub const MAX_PATTERNS: usize = 5;
 
@@ -47,25 +49,47 @@ pub struct Filter {
     patterns: Vec<Node>,
 }
 
+/// Why a mapping's filter patterns were refused; each names the pattern.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("filters has {0} patterns; at most {MAX_PATTERNS} are allowed")]
+    TooMany(usize),
+    #[error("filters[{index}] is not JSON: {source}")]
+    NotJson {
+        index: usize,
+        source: serde_json::Error,
+    },
+    #[error("filters[{0}] must be a non-empty JSON object")]
+    NotAnObject(usize),
+    /// A pattern that is JSON but not a valid pattern: where in it, and why.
+    #[error("filters[{index}] at {path}: {reason}")]
+    Invalid {
+        index: usize,
+        path: String,
+        reason: String,
+    },
+}
+
 impl Filter {
     /// Compiles patterns given as JSON text; an error names the pattern's index and the
     /// path inside it.
-    pub fn parse(patterns: &[String]) -> Result<Filter, String> {
+    pub fn parse(patterns: &[String]) -> Result<Filter, FilterError> {
         if patterns.len() > MAX_PATTERNS {
-            return Err(format!(
-                "filters has {} patterns; at most {MAX_PATTERNS} are allowed",
-                patterns.len()
-            ));
+            return Err(FilterError::TooMany(patterns.len()));
         }
         let mut out = Vec::with_capacity(patterns.len());
-        for (i, text) in patterns.iter().enumerate() {
-            let v: Value =
-                serde_json::from_str(text).map_err(|e| format!("filters[{i}] is not JSON: {e}"))?;
+        for (index, text) in patterns.iter().enumerate() {
+            let v: Value = serde_json::from_str(text)
+                .map_err(|source| FilterError::NotJson { index, source })?;
             let node = match &v {
                 Value::Object(o) if !o.is_empty() => {
-                    object(o, "").map_err(|(path, e)| format!("filters[{i}] at {path}: {e}"))?
+                    object(o, "").map_err(|(path, reason)| FilterError::Invalid {
+                        index,
+                        path,
+                        reason,
+                    })?
                 }
-                _ => return Err(format!("filters[{i}] must be a non-empty JSON object")),
+                _ => return Err(FilterError::NotAnObject(index)),
             };
             out.push(node);
         }
@@ -236,18 +260,17 @@ fn scalar_matches(m: &Matcher, v: &Value) -> bool {
     }
 }
 
-/// The record as filters see it: its event element with the data field(s) decoded from
-/// base64 (RabbitMQ `data`, Kafka `value` and `key`) and parsed as JSON when they are
-/// JSON (else left as a string); SQS's `body` is parsed the same way.
-pub fn view(fragment: &str) -> Value {
+/// The record as filters see it: its event element with the source's data fields
+/// (`decoded`: RabbitMQ `data`, Kafka `value` and `key`, SQS `body`) decoded (from base64
+/// where they are) and parsed as JSON when they are JSON (else left as a string).
+pub fn view(fragment: &str, decoded: &[Decoded]) -> Value {
     let mut v: Value = serde_json::from_str(fragment).unwrap_or(Value::Null);
     if let Some(o) = v.as_object_mut() {
-        for (field, base64) in [
-            ("data", true),
-            ("value", true),
-            ("key", true),
-            ("body", false),
-        ] {
+        for d in decoded {
+            let (field, base64) = match *d {
+                Decoded::Base64(f) => (f, true),
+                Decoded::Json(f) => (f, false),
+            };
             let Some(Value::String(raw)) = o.get(field) else {
                 continue;
             };
@@ -458,17 +481,21 @@ mod tests {
     #[test]
     fn the_data_field_is_decoded_for_each_source() {
         let rmq = r#"{"basicProperties":{"messageId":"m"},"redelivered":false,"data":"eyJ0eXBlIjoib3JkZXIifQ=="}"#;
-        assert_eq!(view(rmq)["data"], json!({"type": "order"}));
+        let rabbit = [Decoded::Base64("data")];
+        assert_eq!(view(rmq, &rabbit)["data"], json!({"type": "order"}));
         let kafka = r#"{"topic":"t","key":"a2V5","value":"bm90IGpzb24="}"#;
-        let v = view(kafka);
+        let kafka_fields = [Decoded::Base64("value"), Decoded::Base64("key")];
+        let v = view(kafka, &kafka_fields);
         assert_eq!(
             (v["key"].clone(), v["value"].clone()),
             (json!("key"), json!("not json"))
         );
         let sqs = r#"{"messageId":"m","body":"{\"n\": 5}"}"#;
-        assert_eq!(view(sqs)["body"], json!({"n": 5}));
+        assert_eq!(view(sqs, &[Decoded::Json("body")])["body"], json!({"n": 5}));
+        // A field is decoded only for the source that has it so.
+        assert_eq!(view(sqs, &kafka_fields)["body"], "{\"n\": 5}");
         let f = filter(&[r#"{"value":[{"prefix":"not"}],"key":["key"]}"#]);
-        assert!(f.matches(&view(kafka)));
+        assert!(f.matches(&view(kafka, &kafka_fields)));
     }
 
     #[test]
@@ -500,13 +527,21 @@ mod tests {
             (r#"{"body": "#, "filters[0] is not JSON"),
         ];
         for (pattern, want) in cases {
-            let err = Filter::parse(&[pattern.to_owned()]).unwrap_err();
+            let err = Filter::parse(&[pattern.to_owned()])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{pattern}: {err}");
         }
         let six = vec![r#"{"a":["b"]}"#.to_owned(); 6];
-        assert!(Filter::parse(&six).unwrap_err().contains("at most 5"));
+        assert!(
+            Filter::parse(&six)
+                .unwrap_err()
+                .to_string()
+                .contains("at most 5")
+        );
         let second = Filter::parse(&[r#"{"a":["b"]}"#.to_owned(), r#"{"a":{"b":1}}"#.to_owned()])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(second.starts_with("filters[1] at a.b"), "{second}");
     }
 }

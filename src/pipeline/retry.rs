@@ -15,11 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use serde_json::Value;
+
 use tokio_util::sync::CancellationToken;
 
-use crate::destination::{Condition, Destination, DestinationError, Failure, Rendered};
-use crate::invoke::event::Envelope;
+use super::park::Condition;
+use super::response::{function_error_message, item_failures};
+use crate::destination::Destination;
+use crate::invoke::event::Shape;
 use crate::invoke::lambda::{InvokeError, Invoker, Response};
 use crate::pipeline::filter::{self, Filter};
 use crate::record::{Record, Resolution};
@@ -37,9 +39,24 @@ pub struct Policy {
     pub report_item_failures: bool,
     /// Largest event the function accepts.
     pub max_payload: usize,
-    /// Without an on-failure destination, give exhausted records back to the source
-    /// (SQS: they reappear after their visibility timeout) instead of blocking on them.
-    pub release_exhausted: bool,
+    /// What becomes of exhausted records without an on-failure destination.
+    pub exhausted: Exhausted,
+}
+
+/// What becomes of records that ran out of retries when there is no on-failure
+/// destination: a property of the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exhausted {
+    /// Wait for one: only a record too large for any invoke gets here (configuration
+    /// requires a destination where retries are limited), and it blocks its mapping
+    /// rather than being lost. RabbitMQ, Kafka.
+    Park,
+    /// Give them back to the source for redelivery (SQS: after their visibility
+    /// timeout, subject to the queue's redrive policy).
+    Release,
+    /// Drop them, logged (a schedule's fire, as Scheduler does without a dead-letter
+    /// queue: the schedule fires again at its next time).
+    Drop,
 }
 
 impl Policy {
@@ -66,20 +83,21 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn leave(&mut self, piece: Piece) {
+    pub(super) fn leave(&mut self, piece: Piece) {
         self.unresolved_invokes = self.unresolved_invokes.max(piece.invokes);
         self.unresolved.extend(piece.records);
     }
 }
 
 /// Everything needed to deliver a mapping's batches (cheap to clone: a partitioned
-/// source clones it per partition with its own envelope).
+/// source clones it per partition with its own shape, [`Deliverer::with_shape`]).
 #[derive(Clone)]
 pub struct Deliverer {
     pub mapping: Arc<MappingStatus>,
     pub invoker: Invoker,
     pub function_arn: String,
-    pub envelope: Envelope,
+    /// The source's event: how batches are rendered and failures identified.
+    pub shape: Arc<dyn Shape>,
     pub policy: Policy,
     pub destination: Option<Arc<Destination>>,
     /// The mapping's filter criteria, if it has any.
@@ -87,12 +105,12 @@ pub struct Deliverer {
 }
 
 /// Part of a batch still to deliver, with the invokes already spent on its records.
-struct Piece {
-    records: Vec<Record>,
+pub(super) struct Piece {
+    pub(super) records: Vec<Record>,
     /// Failed invokes counted against the retry budget.
-    failures: u32,
+    pub(super) failures: u32,
     /// All invokes its records took part in (AWS's approximateInvokeCount).
-    invokes: u32,
+    pub(super) invokes: u32,
 }
 
 enum Step {
@@ -105,14 +123,25 @@ enum Step {
 }
 
 impl Deliverer {
+    /// The same deliverer for another event shape (a Kafka partition's).
+    pub fn with_shape(&self, shape: Arc<dyn Shape>) -> Deliverer {
+        Deliverer {
+            shape,
+            ..self.clone()
+        }
+    }
+
+    /// Delivers `batch` and returns how each record ended; on shutdown the records not
+    /// yet resolved come back unresolved. Keeps the mapping's in-flight gauge.
     pub async fn deliver(&self, batch: Vec<Record>, shutdown: &CancellationToken) -> Outcome {
+        let _in_flight = InFlight::new(&self.mapping);
         let mut out = Outcome::default();
         let batch = match &self.filter {
             None => batch,
             Some(filter) => {
-                let (pass, drop): (Vec<_>, Vec<_>) = batch
-                    .into_iter()
-                    .partition(|r| filter.matches(&filter::view(&r.fragment)));
+                let (pass, drop): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| {
+                    filter.matches(&filter::view(&r.fragment, self.shape.decoded()))
+                });
                 self.mapping.metrics.filtered.increment(drop.len() as u64);
                 out.resolved
                     .extend(drop.into_iter().map(|r| (r, Resolution::Filtered)));
@@ -181,62 +210,6 @@ impl Deliverer {
         out
     }
 
-    /// Parks records that a shutdown interrupted, for a source with nowhere to leave
-    /// them (a schedule without a ledger): like an exhausted piece, retrying the
-    /// destination until it confirms or `give_up` is cancelled, when they stay unresolved.
-    pub async fn park_interrupted(
-        &self,
-        records: Vec<Record>,
-        invokes: u32,
-        error: &str,
-        give_up: &CancellationToken,
-    ) -> Outcome {
-        let mut out = Outcome::default();
-        let piece = Piece {
-            records,
-            failures: 0,
-            invokes,
-        };
-        if let Err(p) = self
-            .park(
-                piece,
-                Condition::RetryAttemptsExhausted,
-                None,
-                error,
-                &mut out,
-                give_up,
-            )
-            .await
-        {
-            out.leave(p);
-        }
-        out
-    }
-
-    /// Parks records without invoking the function (their event would misrepresent them);
-    /// on shutdown first they come back unresolved.
-    pub async fn park_uninvoked(
-        &self,
-        records: Vec<Record>,
-        condition: Condition,
-        error: &str,
-        shutdown: &CancellationToken,
-    ) -> Outcome {
-        let mut out = Outcome::default();
-        let piece = Piece {
-            records,
-            failures: 0,
-            invokes: 0,
-        };
-        if let Err(p) = self
-            .park(piece, condition, None, error, &mut out, shutdown)
-            .await
-        {
-            out.unresolved.extend(p.records);
-        }
-        out
-    }
-
     /// Parks the records of `piece` that are older than max_record_age (a prefix: they
     /// arrived in order) and returns the rest.
     async fn park_expired(
@@ -275,9 +248,7 @@ impl Deliverer {
     }
 
     async fn attempt(&self, mut piece: Piece, out: &mut Outcome, free_failures: &mut u32) -> Step {
-        let event = self
-            .envelope
-            .render_attempt(&piece.records, piece.invokes + 1);
+        let event = self.shape.render(&piece.records, piece.invokes + 1);
         let name = &self.mapping.name;
         let n = piece.records.len();
         let result = if event.len() > self.policy.max_payload {
@@ -347,7 +318,7 @@ impl Deliverer {
             self.mapping.metrics.failed.increment(n as u64);
             None.ok_or(message)
         } else if self.policy.report_item_failures {
-            item_failures(&response.payload, &self.envelope, &piece.records)
+            item_failures(&response.payload, self.shape.as_ref(), &piece.records)
         } else {
             Ok(Vec::new())
         };
@@ -415,122 +386,21 @@ impl Deliverer {
             }
         }
     }
+}
 
-    /// Writes the failure record, retrying the destination until it confirms; Err gives
-    /// the piece back unresolved when shutdown comes first.
-    async fn park(
-        &self,
-        piece: Piece,
-        condition: Condition,
-        response: Option<&Response>,
-        error: &str,
-        out: &mut Outcome,
-        shutdown: &CancellationToken,
-    ) -> Result<(), Piece> {
-        let name = &self.mapping.name;
-        let Some(destination) = &self.destination else {
-            if self.policy.release_exhausted {
-                tracing::warn!(mapping = %name, condition = condition.as_str(), records = piece.records.len(),
-                    error, "records released to the source for redelivery");
-                self.mapping
-                    .metrics
-                    .released
-                    .increment(piece.records.len() as u64);
-                out.resolved
-                    .extend(piece.records.into_iter().map(|r| (r, Resolution::Released)));
-                return Ok(());
-            }
-            if let Envelope::Schedule { .. } = self.envelope {
-                // Scheduler without a dead-letter queue drops an exhausted fire: the
-                // schedule fires again at its next time, and a missed tick cannot wait.
-                tracing::error!(mapping = %name, condition = condition.as_str(), error,
-                    "schedule fire exhausted its retries and there is no on_failure destination; dropped");
-                self.mapping
-                    .metrics
-                    .dropped
-                    .increment(piece.records.len() as u64);
-                out.resolved
-                    .extend(piece.records.into_iter().map(|r| (r, Resolution::Dropped)));
-                return Ok(());
-            }
-            // Only a record too large for any invoke gets here (configuration requires a
-            // destination for limited retries). It blocks the mapping until shutdown:
-            // skipping it would lose it.
-            let e = format!(
-                "{error}; no on_failure destination is configured, so it stays in the source and blocks the mapping"
-            );
-            tracing::error!(mapping = %name, condition = condition.as_str(), "{e}");
-            self.mapping.fail(e);
-            shutdown.cancelled().await;
-            return Err(piece);
-        };
-        let record = Failure {
-            function_arn: &self.function_arn,
-            condition,
-            invoke_count: piece.invokes,
-            response,
-            error: Some(error),
-            envelope: &self.envelope,
-            records: &piece.records,
-        }
-        .render();
-        // Kafka destinations are keyed by the original record's key.
-        let key = piece.records.first().and_then(|r| r.key.as_deref());
-        let mut tries = 0;
-        loop {
-            let written = match destination.write(&record, key).await {
-                Err(e) if e.is_permanent() => self.fall_back(destination, &record, &e).await,
-                other => other,
-            };
-            match written {
-                Ok(()) => break,
-                Err(e) => {
-                    tries += 1;
-                    tracing::error!(mapping = %name, error = %e, "on-failure destination unavailable; the mapping waits for it");
-                    self.mapping.fail(&e);
-                    tokio::select! {
-                        () = tokio::time::sleep(self.policy.backoff(tries)) => {}
-                        () = shutdown.cancelled() => return Err(piece),
-                    }
-                }
-            }
-        }
-        tracing::warn!(mapping = %name, condition = condition.as_str(), records = piece.records.len(),
-            destination = destination.kind(), "records parked in the on-failure destination");
-        self.mapping
-            .metrics
-            .dead_lettered(condition.as_str())
-            .increment(piece.records.len() as u64);
-        out.resolved.extend(
-            piece
-                .records
-                .into_iter()
-                .map(|r| (r, Resolution::DeadLettered)),
-        );
-        Ok(())
+/// One batch in `esm_gateway_batches_in_flight`, for as long as it lives.
+struct InFlight<'a>(&'a MappingStatus);
+
+impl<'a> InFlight<'a> {
+    fn new(status: &'a MappingStatus) -> Self {
+        status.metrics.in_flight.increment(1.0);
+        InFlight(status)
     }
 }
 
-impl Deliverer {
-    /// Keeps a record the destination refused for good in its payload directory: the
-    /// mapping goes on (and says it is degraded) rather than retrying it for ever. Err
-    /// (the write of that file failed) is retried like an unavailable destination.
-    async fn fall_back(
-        &self,
-        destination: &Destination,
-        record: &Rendered,
-        refused: &DestinationError,
-    ) -> Result<(), DestinationError> {
-        let path = destination.fall_back(record, refused).await?;
-        let name = &self.mapping.name;
-        tracing::error!(mapping = %name, destination = destination.kind(), path = %path.display(), error = %refused,
-            "the on-failure destination refuses this record for good; kept the failure record in payload_dir instead");
-        self.mapping.metrics.fallbacks.increment(1);
-        self.mapping.degrade(format!(
-            "{refused}; the record was kept in {} instead",
-            path.display()
-        ));
-        Ok(())
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.decrement(1.0);
     }
 }
 
@@ -544,169 +414,9 @@ fn split(mut piece: Piece) -> Step {
     Step::Split(piece, second)
 }
 
-/// The `errorType: errorMessage` of a function error body, or the body itself.
-pub(crate) fn function_error_message(body: &[u8]) -> String {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(v) if v.get("errorMessage").is_some() => format!(
-            "{}: {}",
-            v["errorType"].as_str().unwrap_or("Error"),
-            v["errorMessage"].as_str().unwrap_or_default()
-        ),
-        _ => String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
-    }
-}
-
-/// The indexes (into `records`) a partial batch response names (see
-/// `Envelope::item_indexes` for what identifies an item in each source). AWS's rules: an empty body, null, or an empty or missing list is full success;
-/// invalid JSON or an empty, null or unknown identifier is full failure (Err).
-pub(crate) fn item_failures(
-    body: &[u8],
-    envelope: &Envelope,
-    records: &[Record],
-) -> Result<Vec<usize>, String> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Vec::new());
-    }
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| format!("the function's partial batch response is not JSON: {e}"))?;
-    let items = match v.get("batchItemFailures") {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Array(items)) => items,
-        Some(other) => return Err(format!("batchItemFailures is not a list: {other}")),
-    };
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        let id = item.get("itemIdentifier").unwrap_or(&Value::Null);
-        let named = envelope.item_indexes(id, records);
-        if named.is_empty() {
-            return Err(format!("batchItemFailures names an unknown item: {item}"));
-        }
-        out.extend(named);
-    }
-    Ok(envelope.widen_failures(out, records))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn recs(ids: &[&str]) -> Vec<Record> {
-        ids.iter()
-            .enumerate()
-            .map(|(i, id)| Record::for_test((!id.is_empty()).then_some(*id), None, i as u64))
-            .collect()
-    }
-
-    fn rabbit() -> Envelope {
-        Envelope::Rabbit {
-            event_source_arn: "arn".into(),
-            queue: "q".into(),
-            vhost: "/".into(),
-        }
-    }
-
-    #[test]
-    fn partial_batch_responses_follow_aws_rules() {
-        let r = recs(&["a", "b", "", "d"]);
-        for ok in [
-            "",
-            "  ",
-            "null",
-            "{}",
-            r#"{"batchItemFailures":[]}"#,
-            r#"{"batchItemFailures":null}"#,
-            "\"done\"",
-        ] {
-            assert_eq!(
-                item_failures(ok.as_bytes(), &rabbit(), &r),
-                Ok(vec![]),
-                "{ok}"
-            );
-        }
-        assert_eq!(
-            item_failures(
-                br#"{"batchItemFailures":[{"itemIdentifier":"d"},{"itemIdentifier":2}]}"#,
-                &rabbit(),
-                &r
-            ),
-            Ok(vec![2, 3])
-        );
-        // Every record that carries a reported id is retried, not just the first one
-        // (a publisher may reuse a message id).
-        let dup = recs(&["a", "x", "a", "b", "x"]);
-        assert_eq!(
-            item_failures(
-                br#"{"batchItemFailures":[{"itemIdentifier":"a"},{"itemIdentifier":"x"}]}"#,
-                &rabbit(),
-                &dup
-            ),
-            Ok(vec![0, 1, 2, 4])
-        );
-        // Kafka: everything from the lowest failed offset on is retried.
-        let kafka = Envelope::Kafka {
-            bootstrap_servers: "b:9092".into(),
-            topic: "t".into(),
-            partition: 3,
-        };
-        // SQS FIFO: a failure fails the later messages of its group too.
-        let mut fifo = recs(&["a", "b", "c", "d"]);
-        for (r, g) in fifo.iter_mut().zip(["g1", "g2", "g1", "g2"]) {
-            r.key = Some(g.into());
-        }
-        let sqs = Envelope::Sqs {
-            queue_url: "q".into(),
-            fifo: true,
-        };
-        assert_eq!(
-            item_failures(
-                br#"{"batchItemFailures":[{"itemIdentifier":"a"}]}"#,
-                &sqs,
-                &fifo
-            ),
-            Ok(vec![0, 2])
-        );
-        assert_eq!(
-            item_failures(
-                br#"{"batchItemFailures":[{"itemIdentifier":{"partition":"t-3","offset":2}}]}"#,
-                &kafka,
-                &r
-            ),
-            Ok(vec![2, 3])
-        );
-        assert!(
-            item_failures(
-                br#"{"batchItemFailures":[{"itemIdentifier":{"partition":"t-4","offset":2}}]}"#,
-                &kafka,
-                &r
-            )
-            .is_err()
-        );
-        for bad in [
-            "{not json",
-            r#"{"batchItemFailures":[{"itemIdentifier":""}]}"#,
-            r#"{"batchItemFailures":[{"itemIdentifier":null}]}"#,
-            r#"{"batchItemFailures":[{"itemIdentifier":"zz"}]}"#,
-            r#"{"batchItemFailures":[{"itemIdentifier":4}]}"#,
-            r#"{"batchItemFailures":[{"id":"a"}]}"#,
-            r#"{"batchItemFailures":"a"}"#,
-        ] {
-            assert!(
-                item_failures(bad.as_bytes(), &rabbit(), &r).is_err(),
-                "{bad}"
-            );
-        }
-    }
-
-    #[test]
-    fn function_errors_are_summarised() {
-        assert_eq!(
-            function_error_message(
-                br#"{"errorMessage":"boom","errorType":"ValueError","stackTrace":[]}"#
-            ),
-            "ValueError: boom"
-        );
-        assert_eq!(function_error_message(b"plain"), "plain");
-    }
 
     #[test]
     fn backoff_doubles_within_bounds() {
@@ -718,7 +428,7 @@ mod tests {
             bisect: false,
             report_item_failures: false,
             max_payload: 1,
-            release_exhausted: false,
+            exhausted: Exhausted::Park,
         };
         for (n, full) in [
             (1, 100),

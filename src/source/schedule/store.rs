@@ -21,7 +21,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::SecretUrl;
+use crate::env::SecretUrl;
 
 const TABLE: &str = "CREATE TABLE IF NOT EXISTS esm_gateway_schedule_fires (
     schedule       text        NOT NULL,

@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 
 use super::*;
+use crate::record::Record;
 
 fn utc(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -171,23 +172,21 @@ fn an_input_gets_schedulers_placeholders() {
         r#"{"at":"2026-01-02T03:04:05Z","id":"exec-1","arn":"arn:aws:scheduler:us-east-1:0:schedule/default/s","n":<aws.scheduler.attempt-number>}"#
     );
     // The attempt number is the envelope's, per invoke.
-    let env = crate::invoke::event::Envelope::Schedule {
+    let env = super::event::ScheduleShape {
         name: "s".into(),
         arn: "arn".into(),
         expression: "rate(1 minute)".into(),
     };
     let record = Record {
-        key: None,
         fragment: text,
-        id: Some("exec-1".into()),
-        position: 0,
-        received: tokio::time::Instant::now(),
-        received_at: SystemTime::now(),
-        ack: Ack::None,
-        hold: Hold::default(),
+        ..Record::for_test(Some("exec-1"), None, 0)
     };
-    let third: serde_json::Value =
-        serde_json::from_slice(&env.render_attempt(std::slice::from_ref(&record), 3)).unwrap();
+    let third: serde_json::Value = serde_json::from_slice(&crate::invoke::event::Shape::render(
+        &env,
+        std::slice::from_ref(&record),
+        3,
+    ))
+    .unwrap();
     assert_eq!(third["n"], 3);
 }
 
@@ -208,7 +207,12 @@ source = { type = "rabbitmq", url = "amqp://h", queue = "q" }
 "#,
     )
     .unwrap();
-    let out = dry_run(&config, utc("2026-03-27T12:00:00Z"), 3);
+    let schedules = config.mappings.iter().filter_map(|m| {
+        m.source
+            .as_schedule()
+            .map(|s| (m.name.as_str(), s, m.enabled))
+    });
+    let out = dry_run(schedules, utc("2026-03-27T12:00:00Z"), 3);
     assert_eq!(
         out,
         "london  cron(30 1 * * ? *)  Europe/London\n\

@@ -30,13 +30,18 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::SqsSource;
-use crate::invoke::event::sqs_fragment;
-use crate::pipeline::batcher::{BatchLimits, Batcher};
-use crate::pipeline::retry::{Deliverer, Outcome};
+pub mod config;
+pub mod event;
+pub mod visibility;
+
+use crate::pipeline::batcher::Batcher;
+use crate::pipeline::retry::Outcome;
 use crate::record::{Ack, Hold, Record, Resolution};
-use crate::source::sqs_visibility::{Keeper, receipt_handle};
+use crate::source::Context;
 use crate::status::State;
+use config::SqsSource;
+use event::sqs_fragment;
+use visibility::{Keeper, Receipt, receipt_handle};
 
 /// Why the source cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -99,14 +104,22 @@ async fn queue_info(
 }
 
 /// Runs the source until `shutdown`.
-pub async fn run(
-    source: &SqsSource,
-    client: Client,
-    region: String,
-    limits: BatchLimits,
-    deliverer: Arc<Deliverer>,
-    shutdown: CancellationToken,
-) {
+pub async fn run(source: &SqsSource, context: Context) {
+    let Context {
+        limits,
+        deliverer,
+        env,
+        function_timeout,
+        shutdown,
+    } = context;
+    let client = Client::new(&env.sdk);
+    let region = env.region.clone();
+    // The visibility check follows the mapping's function_timeout when set (the
+    // source's own key is the older spelling of the same setting).
+    let source = &SqsSource {
+        function_timeout: source.function_timeout.or(function_timeout),
+        ..source.clone()
+    };
     let status = deliverer.mapping.clone();
     let info = loop {
         match queue_info(&client, source, limits.window).await {
@@ -325,7 +338,7 @@ impl Receiver {
                         position,
                         received: now,
                         received_at: SystemTime::now(),
-                        ack: Ack::Sqs(m.receipt_handle().unwrap_or_default().to_owned()),
+                        ack: Ack::new(Receipt(m.receipt_handle().unwrap_or_default().to_owned())),
                         hold: Hold::default(),
                     }
                 })
@@ -345,7 +358,7 @@ impl Receiver {
 
 /// Sets the visibility of the messages `handles` to `visibility`, ten per call (for
 /// `redrive`, which holds the messages it replays; a mapping's messages are held by
-/// `sqs_visibility::Keeper`).
+/// `visibility::Keeper`).
 pub(crate) async fn extend(client: &Client, url: &str, handles: &[String], visibility: Duration) {
     for chunk in handles.chunks(10) {
         let entries = chunk.iter().enumerate().map(|(i, h)| {
@@ -376,10 +389,7 @@ async fn delete(client: &Client, url: &str, outcome: Outcome, mapping: &str) {
         .resolved
         .into_iter()
         .filter(|(_, res)| *res != Resolution::Released)
-        .filter_map(|(r, _)| match r.ack {
-            Ack::Sqs(h) => Some(h),
-            _ => None,
-        })
+        .filter_map(|(r, _)| r.ack.take::<Receipt>().map(|h| h.0))
         .collect();
     futures_util::future::join_all(
         handles

@@ -9,12 +9,31 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer};
 
+/// Why a value's `${NAME}` could not be expanded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvError {
+    #[error("unterminated ${{…}} in {0:?}")]
+    Unterminated(String),
+    #[error("invalid environment variable name {0:?}")]
+    InvalidName(String),
+    #[error("environment variable {0} is not set")]
+    NotSet(String),
+}
+
+/// Why a URL is not an AMQP URL (the message never holds the password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotAmqp(String);
+
 /// Expands every `${NAME}` in `raw` from the environment; `$${` is a literal `${`.
-pub fn interpolate(raw: &str) -> Result<String, String> {
+pub fn interpolate(raw: &str) -> Result<String, EnvError> {
     interpolate_with(raw, |name| std::env::var(name).ok())
 }
 
-fn interpolate_with(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+fn interpolate_with(
+    raw: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, EnvError> {
     let mut out = String::with_capacity(raw.len());
     let mut rest = raw;
     while let Some(at) = rest.find('$') {
@@ -26,13 +45,12 @@ fn interpolate_with(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Resul
         } else if let Some(after) = tail.strip_prefix("${") {
             let end = after
                 .find('}')
-                .ok_or_else(|| format!("unterminated ${{…}} in {raw:?}"))?;
+                .ok_or_else(|| EnvError::Unterminated(raw.to_owned()))?;
             let name = &after[..end];
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("invalid environment variable name {name:?}"));
+                return Err(EnvError::InvalidName(name.to_owned()));
             }
-            let value =
-                lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+            let value = lookup(name).ok_or_else(|| EnvError::NotSet(name.to_owned()))?;
             out.push_str(&value);
             rest = &after[end + 1..];
         } else {
@@ -109,10 +127,10 @@ impl SecretUrl {
     }
 
     /// Parses as an AMQP URI; the error never contains the password.
-    pub fn amqp(&self) -> Result<lapin::uri::AMQPUri, String> {
+    pub fn amqp(&self) -> Result<lapin::uri::AMQPUri, NotAmqp> {
         self.0
             .parse::<lapin::uri::AMQPUri>()
-            .map_err(|e| e.replace(&self.0, &self.to_string()))
+            .map_err(|e| NotAmqp(e.replace(&self.0, &self.to_string())))
     }
 }
 
@@ -201,17 +219,19 @@ mod tests {
     #[test]
     fn missing_or_malformed_variables_are_named() {
         assert_eq!(
-            interpolate_with("${NOPE}", vars).unwrap_err(),
+            interpolate_with("${NOPE}", vars).unwrap_err().to_string(),
             "environment variable NOPE is not set"
         );
         assert!(
             interpolate_with("${PASS", vars)
                 .unwrap_err()
+                .to_string()
                 .contains("unterminated")
         );
         assert!(
             interpolate_with("${A-B}", vars)
                 .unwrap_err()
+                .to_string()
                 .contains("invalid")
         );
     }
@@ -263,7 +283,7 @@ mod tests {
     #[test]
     fn amqp_parse_errors_hide_the_password() {
         let u = SecretUrl::new("amqp://user:hunter2@:bad:port/");
-        let err = u.amqp().unwrap_err();
+        let err = u.amqp().unwrap_err().to_string();
         assert!(!err.contains("hunter2"), "{err}");
     }
 }

@@ -25,9 +25,8 @@
 //! changed restart with the new one, removed ones stop, added ones start, and unchanged
 //! ones are not touched (an admin API enable/disable on them stays in force).
 //!
-//! A schedule mapping's source is a timer task of its own that sleeps until its next fire
-//! (tokio's timer wheel: no task wakes every second); all of them share one PostgreSQL
-//! store for claiming each fire exactly once across replicas.
+//! Building a mapping from its configuration (its deliverer, its source's context) is
+//! `build`'s; nothing here knows one kind of source from another.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -37,20 +36,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
-use crate::config::{
-    AdminConfig, Config, InvocationType, Mapping, ScheduleSource, Secret, Source, SqsSource,
-};
-use crate::destination::Destination;
-use crate::invoke::event::Envelope;
-use crate::invoke::lambda::{FunctionRef, Invoker};
+mod build;
+mod supervise;
+
+use crate::config::{AdminConfig, Config, Mapping, Secret};
 use crate::notify::notify;
-use crate::pipeline::batcher::BatchLimits;
-use crate::pipeline::filter::Filter;
-use crate::pipeline::retry::{Deliverer, Policy};
-use crate::source::schedule::Scheduled;
 use crate::status::{MappingStatus, State};
+use build::Env;
+use supervise::{Command, Panicked, Refused, admit, supervise};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -193,51 +187,12 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
-/// What every mapping's deliverer is built from; rebuilt when `[aws]` or `[schedules]` changes.
-struct Env {
-    sdk: aws_config::SdkConfig,
-    region: String,
-    account: String,
-    /// The schedules' fire ledger, shared by every schedule mapping.
-    store: Option<Arc<crate::source::schedule::store::Store>>,
-    /// One Lambda client (and connection pool) for every mapping: 10,000 schedules
-    /// would otherwise build 10,000 clients.
-    lambda: aws_sdk_lambda::Client,
-}
-
-impl Env {
-    async fn new(config: &Config) -> Arc<Env> {
-        let sdk = crate::invoke::lambda::sdk_config(&config.aws).await;
-        let region = sdk
-            .region()
-            .map_or_else(|| "us-east-1".to_owned(), ToString::to_string);
-        Arc::new(Env {
-            lambda: aws_sdk_lambda::Client::new(&sdk),
-            sdk,
-            region,
-            account: config.account_id().to_owned(),
-            store: config.schedules.store.as_ref().map(|url| {
-                Arc::new(crate::source::schedule::store::Store::new(
-                    url,
-                    config.schedules.lease,
-                ))
-            }),
-        })
-    }
-}
-
-/// A supervisor's commands, worked one at a time.
-enum Command {
-    SetEnabled(bool, oneshot::Sender<Result<(), ControlError>>),
-    Replace(Box<Mapping>, Arc<Env>),
-}
-
 /// A running mapping: its config (to compare on reload) and its supervisor. Dropping
 /// `commands` tells the supervisor to drain and stop.
 struct Slot {
     config: Mapping,
     commands: mpsc::Sender<Command>,
-    task: JoinHandle<Result<(), String>>,
+    task: JoinHandle<Result<(), Panicked>>,
 }
 
 /// Runs every mapping of `config` until `shutdown` is cancelled, taking enable, disable
@@ -318,7 +273,7 @@ pub async fn run(
         for t in tasks {
             match t.await {
                 Ok(Ok(())) => {}
-                Ok(Err(name)) => panicked = Some(name),
+                Ok(Err(Panicked(name))) => panicked = Some(name),
                 Err(e) => panicked = Some(e.to_string()),
             }
         }
@@ -364,7 +319,7 @@ struct Gateway {
     slots: BTreeMap<String, Slot>,
     /// Supervisors of removed mappings, still draining; a mapping added back under the
     /// same name waits for its predecessor so that there is never a second consumer.
-    stopping: HashMap<String, JoinHandle<Result<(), String>>>,
+    stopping: HashMap<String, JoinHandle<Result<(), Panicked>>>,
     handle: Handle,
     shutdown: CancellationToken,
 }
@@ -500,308 +455,5 @@ impl Gateway {
         } else {
             Err(ControlError::ReloadIncomplete(busy))
         }
-    }
-}
-
-/// Why a command was not queued.
-#[derive(Debug, PartialEq)]
-enum Refused {
-    /// The queue has no more than `reserve` places left.
-    Full,
-    /// The supervisor has ended (shutdown).
-    Closed,
-}
-
-/// Queues `command` unless that would leave fewer than `reserve` free places; never
-/// waits. The refused command comes back, so that its reply can be answered.
-fn admit<T>(queue: &mpsc::Sender<T>, command: T, reserve: usize) -> Result<(), (Refused, T)> {
-    if queue.is_closed() {
-        return Err((Refused::Closed, command));
-    }
-    if queue.capacity() <= reserve {
-        return Err((Refused::Full, command));
-    }
-    queue.try_send(command).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(c) => (Refused::Full, c),
-        mpsc::error::TrySendError::Closed(c) => (Refused::Closed, c),
-    })
-}
-
-/// Runs one mapping: its source task while enabled, commands one at a time, each change
-/// preceded by a drain. Returns when its command channel closes (removed) or on
-/// shutdown; Err names a source task that panicked.
-async fn supervise(
-    mut mapping: Mapping,
-    mut env: Arc<Env>,
-    status: Arc<MappingStatus>,
-    mut commands: mpsc::Receiver<Command>,
-    previous: Option<JoinHandle<Result<(), String>>>,
-    shutdown: CancellationToken,
-) -> Result<(), String> {
-    if let Some(p) = previous {
-        let _ = p.await;
-    }
-    let mut enabled = mapping.enabled;
-    let mut panicked = None;
-    loop {
-        status.set_enabled(enabled);
-        let token = shutdown.child_token();
-        let mut task = if enabled {
-            status.set(State::Starting);
-            let deliverer = deliverer(&mapping, &env, status.clone());
-            let span = tracing::info_span!("mapping", name = %mapping.name, source = mapping.source.kind());
-            Some(tokio::spawn(
-                run_mapping(mapping.clone(), deliverer, env.clone(), token.clone())
-                    .instrument(span),
-            ))
-        } else {
-            tracing::info!(mapping = %mapping.name, "mapping disabled");
-            status.set(State::Disabled);
-            None
-        };
-
-        // Wait for a command that changes something (or shutdown).
-        let (next, reply) = loop {
-            let command = tokio::select! {
-                // Shutdown first: it also ends the source (its token is a child), and an
-                // unbiased select could see that end first and call it a panic (exit 70).
-                biased;
-                () = shutdown.cancelled() => None,
-                c = commands.recv() => c,
-                // A source runs until cancelled; ending on its own means it panicked.
-                r = async { task.as_mut().expect("guarded").await }, if task.is_some() => {
-                    task = None;
-                    let e = r.err().map_or_else(|| "the source task ended".to_owned(), |e| e.to_string());
-                    tracing::error!(mapping = %mapping.name, error = %e, "mapping task ended unexpectedly");
-                    status.fail(format!("mapping task ended unexpectedly: {e}"));
-                    panicked = Some(mapping.name.clone());
-                    continue;
-                }
-            };
-            match command {
-                None => break (None, None),
-                Some(Command::SetEnabled(e, reply)) if e == enabled => {
-                    let _ = reply.send(Ok(()));
-                }
-                Some(Command::SetEnabled(e, reply)) => break (Some(Err(e)), Some(reply)),
-                Some(Command::Replace(m, new_env)) => break (Some(Ok((m, new_env))), None),
-            }
-        };
-
-        // Drain: stop taking batches, finish and acknowledge the one in flight.
-        token.cancel();
-        if let Some(task) = task {
-            status.set(State::Draining);
-            if let Err(e) = task.await {
-                tracing::error!(mapping = %mapping.name, error = %e, "mapping task panicked");
-                panicked = Some(mapping.name.clone());
-            }
-        }
-        match next {
-            None => {
-                status.set(State::Disabled);
-                status.metrics.in_flight.set(0.0);
-                return panicked.map_or(Ok(()), Err);
-            }
-            Some(Err(e)) => {
-                tracing::info!(mapping = %mapping.name, enabled = e, "mapping {} through the admin API", if e { "enabled" } else { "disabled" });
-                enabled = e;
-            }
-            Some(Ok((m, new_env))) => {
-                enabled = m.enabled;
-                mapping = *m;
-                env = new_env;
-            }
-        }
-        if let Some(reply) = reply {
-            let _ = reply.send(Ok(()));
-        }
-    }
-}
-
-fn deliverer(mapping: &Mapping, env: &Env, status: Arc<MappingStatus>) -> Arc<Deliverer> {
-    let asynchronous = mapping.invocation_type == InvocationType::Event;
-    let (region, account) = (env.region.as_str(), env.account.as_str());
-    let function = FunctionRef::parse(&mapping.function).expect("validated at load");
-    let envelope = match &mapping.source {
-        Source::Rabbitmq(s) => {
-            let (vhost, event_source_arn) =
-                crate::source::rabbitmq::vhost_and_arn(s, region, account);
-            Envelope::Rabbit {
-                event_source_arn,
-                queue: s.queue.clone(),
-                vhost,
-            }
-        }
-        Source::Sqs(q) => Envelope::Sqs {
-            queue_url: q.queue_url.clone(),
-            fifo: q.is_fifo(),
-        },
-        // Each partition task sets its own topic and partition.
-        Source::Kafka(k) => Envelope::Kafka {
-            bootstrap_servers: k.bootstrap_servers.clone(),
-            topic: String::new(),
-            partition: -1,
-        },
-        Source::Schedule(s) => Envelope::Schedule {
-            name: mapping.name.clone(),
-            arn: if s.input.is_some() {
-                schedule_arn(&mapping.name, region, account)
-            } else {
-                rule_arn(&mapping.name, region, account)
-            },
-            expression: s.expression.0.to_string(),
-        },
-    };
-    let r = &mapping.retry;
-    Arc::new(Deliverer {
-        mapping: status,
-        invoker: Invoker::with_client(
-            env.lambda.clone(),
-            &mapping.function,
-            asynchronous,
-            mapping.function_timeout(),
-        ),
-        function_arn: function.arn(region, account),
-        envelope,
-        policy: Policy {
-            retries: mapping.retries(),
-            max_age: mapping.max_record_age(),
-            backoff_min: r.backoff_min,
-            backoff_max: r.backoff_max,
-            bisect: r.bisect_on_error,
-            report_item_failures: mapping.report_batch_item_failures,
-            max_payload: mapping.max_payload(),
-            release_exhausted: matches!(mapping.source, Source::Sqs(_)),
-        },
-        destination: mapping.on_failure.as_ref().map(|d| {
-            let d = Arc::new(Destination::new(d, &mapping.name, &env.sdk));
-            // In the background: a slow answer must not hold up the mapping's start.
-            let (check, name) = (d.clone(), mapping.name.clone());
-            tokio::spawn(async move { check.check_retention(&name).await });
-            d
-        }),
-        filter: (!mapping.filters.is_empty())
-            .then(|| Arc::new(Filter::parse(&mapping.filters).expect("validated at load"))),
-    })
-}
-
-async fn run_mapping(
-    mapping: Mapping,
-    deliverer: Arc<Deliverer>,
-    env: Arc<Env>,
-    shutdown: CancellationToken,
-) {
-    let limits = BatchLimits {
-        size: mapping.batch_size(),
-        window: mapping.batch_window(),
-        // The byte cap covers the whole event; the batcher counts only the records.
-        max_bytes: mapping
-            .max_payload()
-            .saturating_sub(deliverer.envelope.overhead() + 256),
-        buffer_bytes: mapping.buffer_bytes(),
-    };
-    match &mapping.source {
-        Source::Rabbitmq(s) => crate::source::rabbitmq::run(s, limits, deliverer, shutdown).await,
-        Source::Kafka(k) => crate::source::kafka::run(k, limits, deliverer, shutdown).await,
-        Source::Sqs(q) => {
-            let client = aws_sdk_sqs::Client::new(&env.sdk);
-            // The visibility check follows the mapping's function_timeout when set (the
-            // source's own key is the older spelling of the same setting).
-            let q = SqsSource {
-                function_timeout: q.function_timeout.or(mapping.function_timeout),
-                ..q.clone()
-            };
-            crate::source::sqs::run(&q, client, env.region.clone(), limits, deliverer, shutdown)
-                .await
-        }
-        Source::Schedule(s) => {
-            let scheduled = scheduled(&mapping, s, deliverer, &env.region, &env.account);
-            crate::source::schedule::run(
-                vec![scheduled],
-                env.store.clone(),
-                crate::source::schedule::Clock::System,
-                shutdown,
-            )
-            .await
-        }
-    }
-}
-
-/// The ARN a Scheduled Event names in `resources`: an EventBridge rule's.
-fn rule_arn(name: &str, region: &str, account: &str) -> String {
-    format!("arn:aws:events:{region}:{account}:rule/{name}")
-}
-
-/// The ARN `<aws.scheduler.schedule-arn>` stands for: a Scheduler schedule's, in the
-/// default group.
-fn schedule_arn(name: &str, region: &str, account: &str) -> String {
-    format!("arn:aws:scheduler:{region}:{account}:schedule/default/{name}")
-}
-
-fn scheduled(
-    mapping: &Mapping,
-    source: &ScheduleSource,
-    deliverer: Arc<Deliverer>,
-    region: &str,
-    account: &str,
-) -> Scheduled {
-    use crate::source::schedule::{Payload, Timing, When};
-    let payload = match &source.input {
-        Some(input) => Payload::Input {
-            template: input.0.clone(),
-            schedule_arn: schedule_arn(&mapping.name, region, account),
-        },
-        None => Payload::Event {
-            account: account.to_owned(),
-            region: region.to_owned(),
-            rule_arn: rule_arn(&mapping.name, region, account),
-        },
-    };
-    Scheduled {
-        when: When {
-            name: mapping.name.clone(),
-            timing: Timing::new(source),
-            window: source.flexible_window.map_or(Duration::ZERO, |w| w.0),
-        },
-        missed: source.missed,
-        payload,
-        max_age: mapping
-            .max_record_age()
-            .unwrap_or(crate::config::SCHEDULE_MAX_EVENT_AGE),
-        deliverer,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_full_command_queue_refuses_and_hands_the_command_back_keeping_places_for_reloads() {
-        let (tx, mut rx) = mpsc::channel::<usize>(COMMANDS);
-        // Enables and disables stop short of the reloads' reserve...
-        let mut sent = 0;
-        while admit(&tx, sent, RESERVED_FOR_RELOAD).is_ok() {
-            sent += 1;
-        }
-        assert_eq!(sent, COMMANDS - RESERVED_FOR_RELOAD);
-        assert_eq!(
-            admit(&tx, 99, RESERVED_FOR_RELOAD),
-            Err((Refused::Full, 99))
-        );
-        // ...which reloads may still use, up to the bound, and no further.
-        while admit(&tx, sent, 0).is_ok() {
-            sent += 1;
-        }
-        assert_eq!(sent, COMMANDS);
-        assert_eq!(admit(&tx, 99, 0), Err((Refused::Full, 99)));
-        // Nothing queued was lost, in order; a place taken frees one.
-        assert_eq!(rx.try_recv(), Ok(0));
-        assert_eq!(admit(&tx, COMMANDS, 0), Ok(()));
-        let rest: Vec<usize> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
-        assert_eq!(rest, (1..=COMMANDS).collect::<Vec<_>>());
-        drop(rx);
-        assert_eq!(admit(&tx, 7, 0), Err((Refused::Closed, 7)));
     }
 }

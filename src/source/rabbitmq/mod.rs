@@ -10,59 +10,33 @@
 //! therefore the batch that was in flight.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{RabbitSource, SecretUrl};
-use crate::destination::Condition;
-use crate::invoke::event;
+pub mod config;
+pub mod event;
+
 use crate::pipeline::batcher::{BatchLimits, Batcher};
+use crate::pipeline::park::Condition;
 use crate::pipeline::retry::{Deliverer, Outcome};
 use crate::record::{Ack, Hold, Record};
+use crate::source::Context;
 use crate::status::State;
-
-/// Opens a connection, with a custom CA when `ca_file` is given. Errors never carry the
-/// password.
-pub async fn connect(
-    url: &SecretUrl,
-    ca_file: Option<&Path>,
-    name: &str,
-) -> Result<Connection, String> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    let tls = match ca_file {
-        None => lapin::tcp::OwnedTLSConfig::default(),
-        Some(path) => lapin::tcp::OwnedTLSConfig {
-            identity: None,
-            cert_chain: Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?,
-            ),
-        },
-    };
-    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
-    Connection::connect_with_config(url.expose(), props, tls, runtime)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot connect to {url}: {}",
-                e.to_string().replace(url.expose(), &url.to_string())
-            )
-        })
-}
+use config::RabbitSource;
 
 /// Why a session with the broker ended (other than shutdown).
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("{0}")]
-    Connect(String),
+    #[error(transparent)]
+    Connect(#[from] crate::amqp::AmqpError),
+    #[error("cannot open a channel: {0}")]
+    Channel(lapin::Error),
     #[error("queue {queue:?} in vhost {vhost:?}: {message}")]
     Queue {
         queue: String,
@@ -71,33 +45,18 @@ enum SessionError {
     },
     #[error("the consumer of queue {0:?} stopped (connection or channel closed); reconnecting")]
     ConsumerEnded(String),
-    #[error("acknowledging on queue {queue:?} failed, the broker will redeliver: {message}")]
-    Ack { queue: String, message: String },
-}
-
-/// The `rmqMessagesByQueue` vhost and the default ARN for a source.
-pub fn vhost_and_arn(source: &RabbitSource, region: &str, account: &str) -> (String, String) {
-    let uri = source.url.amqp().ok();
-    let vhost = uri
-        .as_ref()
-        .map_or_else(|| "/".to_owned(), |u| u.vhost.clone());
-    let arn = source.event_source_arn.clone().unwrap_or_else(|| {
-        let host = uri
-            .as_ref()
-            .map_or("unknown", |u| u.authority.host.as_str());
-        let port = uri.as_ref().map_or(5672, |u| u.authority.port);
-        format!("arn:aws:mq:{region}:{account}:broker:{host}:{port}")
-    });
-    (vhost, arn)
+    #[error("acknowledging on queue {queue:?} failed, the broker will redeliver: {source}")]
+    Ack { queue: String, source: AckError },
 }
 
 /// Runs the source until `shutdown`, reconnecting after every broken session.
-pub async fn run(
-    source: &RabbitSource,
-    limits: BatchLimits,
-    deliverer: Arc<Deliverer>,
-    shutdown: CancellationToken,
-) {
+pub async fn run(source: &RabbitSource, context: Context) {
+    let Context {
+        limits,
+        deliverer,
+        shutdown,
+        ..
+    } = context;
     let status = deliverer.mapping.clone();
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
@@ -108,13 +67,15 @@ pub async fn run(
             failures = 0;
         }
         failures += 1;
-        let delay = super::reconnect_delay(failures);
+        let delay = crate::source::reconnect_delay(failures);
         tracing::warn!(mapping = %status.name, error = %e, retry_in = ?delay, "RabbitMQ session ended");
         match e {
-            SessionError::Connect(_) | SessionError::Queue { .. } => status.fail(&e),
+            SessionError::Connect(_) | SessionError::Channel(_) | SessionError::Queue { .. } => {
+                status.fail(&e)
+            }
             _ => status.error(&e),
         }
-        super::pause(delay, &shutdown).await;
+        crate::source::pause(delay, &shutdown).await;
     }
 }
 
@@ -132,17 +93,13 @@ async fn session(
         vhost: vhost.clone(),
         message: e.to_string(),
     };
-    let conn = connect(
+    let conn = crate::amqp::connect(
         &source.url,
         source.ca_file.as_deref(),
         &format!("esm-gateway {}", status.name),
     )
-    .await
-    .map_err(SessionError::Connect)?;
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(|e| SessionError::Connect(e.to_string()))?;
+    .await?;
+    let channel = conn.create_channel().await.map_err(SessionError::Channel)?;
     let prefetch = source
         .prefetch
         .unwrap_or_else(|| (limits.size * 2).clamp(100, 65_535) as u16);
@@ -224,7 +181,7 @@ async fn session(
                 position: d.delivery_tag,
                 received: tokio::time::Instant::now(),
                 received_at: SystemTime::now(),
-                ack: Ack::Rabbit(d.acker),
+                ack: Ack::new(d.acker),
                 hold: Hold::default(),
             };
             if tx.send(record).await.is_err() {
@@ -247,22 +204,19 @@ async fn session(
         let Some(batch) = batch.filter(|_| channel.status().connected()) else {
             return Err(SessionError::ConsumerEnded(queue.to_owned()));
         };
-        let in_flight = &status.metrics.in_flight;
-        in_flight.increment(1.0);
         let outcome = deliver_in_order(deliverer, batch, &undecodable, &batch_stop).await;
         if batch_stop.is_cancelled() && !shutdown.is_cancelled() {
-            in_flight.decrement(1.0);
             tracing::warn!(mapping = %status.name, queue, resolved = outcome.resolved.len(),
                 unresolved = outcome.unresolved.len(),
                 "channel closed during the batch; it is given up, the broker redelivers all of it");
             return Err(SessionError::ConsumerEnded(queue.to_owned()));
         }
-        let acked = acknowledge(outcome).await;
-        in_flight.decrement(1.0);
-        acked.map_err(|message| SessionError::Ack {
-            queue: queue.to_owned(),
-            message,
-        })?;
+        acknowledge(outcome)
+            .await
+            .map_err(|source| SessionError::Ack {
+                queue: queue.to_owned(),
+                source,
+            })?;
         // Only a shutdown leaves records unresolved; they stay unacknowledged.
         if shutdown.is_cancelled() {
             break;
@@ -393,21 +347,18 @@ async fn poll_depth(
 /// Acks every resolved record: with one `multiple` ack of the highest tag when the whole
 /// batch is resolved (every earlier delivery on the channel is resolved too, since batches
 /// run one at a time), one by one otherwise. Unresolved records are left unacked.
-async fn acknowledge(outcome: Outcome) -> Result<(), String> {
+async fn acknowledge(outcome: Outcome) -> Result<(), AckError> {
     let ackers: Vec<(u64, lapin::Acker)> = outcome
         .resolved
         .into_iter()
-        .filter_map(|(r, _)| match r.ack {
-            Ack::Rabbit(a) => Some((r.position, a)),
-            _ => None,
-        })
+        .filter_map(|(r, _)| r.ack.take::<lapin::Acker>().map(|a| (r.position, a)))
         .collect();
     let ack = |a: lapin::Acker, multiple: bool| async move {
         match a.ack(BasicAckOptions { multiple }).await {
             Ok(true) => Ok(()),
             // The channel was closed or recovered since the delivery: the broker redelivers.
-            Ok(false) => Err("the channel that delivered the batch is gone".to_owned()),
-            Err(e) => Err(e.to_string()),
+            Ok(false) => Err(AckError::ChannelGone),
+            Err(e) => Err(AckError::Failed(e)),
         }
     };
     if outcome.unresolved.is_empty() {
@@ -420,6 +371,16 @@ async fn acknowledge(outcome: Outcome) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Why an acknowledgement did not land.
+#[derive(Debug, thiserror::Error)]
+enum AckError {
+    /// The channel was closed or recovered since the delivery: the broker redelivers.
+    #[error("the channel that delivered the batch is gone")]
+    ChannelGone,
+    #[error(transparent)]
+    Failed(lapin::Error),
 }
 
 /// Stops the reader task with the session.

@@ -31,7 +31,7 @@ use metrics::Counter;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::record::{Ack, Record};
+use crate::record::Record;
 
 /// SQS's limit on a message's total visibility, counted from its first receipt.
 pub const CAP: Duration = Duration::from_secs(12 * 3600);
@@ -119,12 +119,13 @@ pub struct Keeper {
     capped: Counter,
 }
 
+/// An SQS message's receipt handle: its record's acknowledgement handle.
+#[derive(Debug, Clone)]
+pub struct Receipt(pub String);
+
 /// A record's SQS receipt handle.
 pub fn receipt_handle(r: &Record) -> Option<&str> {
-    match &r.ack {
-        Ack::Sqs(h) => Some(h),
-        _ => None,
-    }
+    r.ack.get::<Receipt>().map(|h| h.0.as_str())
 }
 
 impl Keeper {

@@ -1,0 +1,96 @@
+//! How the gateway reaches AWS: the `[aws]` table and the SDK configuration every
+//! client (Lambda, SQS) is built from.
+
+use std::time::Duration;
+
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+use serde::Deserialize;
+
+/// `[aws]`
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// AWS region. Default: the SDK's chain (AWS_REGION, profile), else us-east-1.
+    pub region: Option<String>,
+    /// Endpoint override for local emulators, e.g. "http://127.0.0.1:4566". Default: AWS.
+    #[serde(default, deserialize_with = "crate::env::expand_opt")]
+    pub endpoint_url: Option<String>,
+    /// Named profile from ~/.aws/config. Default: the SDK's chain.
+    pub profile: Option<String>,
+    /// Role to assume (STS AssumeRole) on top of the base credentials. Default: none.
+    pub assume_role_arn: Option<String>,
+    /// Account id used in the synthetic ARNs the gateway builds. Default: "000000000000".
+    pub account_id: Option<String>,
+}
+
+impl AwsConfig {
+    /// The account id in the synthetic ARNs the gateway builds.
+    pub fn account_id(&self) -> &str {
+        self.account_id.as_deref().unwrap_or("000000000000")
+    }
+}
+
+/// Idle time before the first TCP keepalive probe on an AWS connection: well under the
+/// 5–6 minutes after which NATs and firewalls commonly forget an idle flow, so that a
+/// long synchronous invoke keeps its connection.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// The SDK's default HTTPS client (rustls, proxy settings from the environment) with TCP
+/// keepalive, which the default client leaves off.
+fn http_client() -> aws_smithy_http_client::pool::Client {
+    use aws_smithy_http_client::{pool, proxy::ProxyConfig, tls};
+    let pool = pool::ConnectionPool::builder()
+        .tcp_keepalive(TCP_KEEPALIVE)
+        .proxy_config(ProxyConfig::from_env())
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ))
+        .build_https()
+        .expect("a TLS connection pool with default settings builds");
+    pool::Client::new(&pool).expect("a pool's anonymous partition exists")
+}
+
+/// Builds the SDK configuration shared by every AWS client of the process.
+pub async fn sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(http_client())
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build(),
+        );
+    if let Some(region) = &aws.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(profile) = &aws.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(url) = &aws.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    let base = loader.load().await;
+    let base = if base.region().is_none() {
+        base.into_builder()
+            .region(aws_config::Region::from_static("us-east-1"))
+            .build()
+    } else {
+        base
+    };
+    match &aws.assume_role_arn {
+        None => base,
+        Some(arn) => {
+            let provider = aws_config::sts::AssumeRoleProvider::builder(arn)
+                .session_name("esm-gateway")
+                .configure(&base)
+                .build()
+                .await;
+            base.into_builder()
+                .credentials_provider(aws_sdk_lambda::config::SharedCredentialsProvider::new(
+                    provider,
+                ))
+                .build()
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! A Kafka source's configuration: its TOML table, its checks and its librdkafka
+//! client configuration.
+
+use std::path::PathBuf;
+
+use rdkafka::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
+use serde::Deserialize;
+
+use super::event::KafkaShape;
+use crate::source::Facts;
+
+/// `[mapping.source]` with `type = "kafka"`: a self-managed Kafka cluster.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSource {
+    /// "host1:9092,host2:9092".
+    pub bootstrap_servers: String,
+    /// Topics to consume.
+    pub topics: Vec<String>,
+    /// Consumer group. Default: `esm-gateway-<mapping name>`. Changing it starts the
+    /// mapping over from `starting_position`: never change it lightly.
+    pub group_id: Option<String>,
+    /// Where a partition with no committed offset starts; committed offsets always win.
+    /// Default: "latest".
+    #[serde(default)]
+    pub starting_position: StartingPosition,
+    /// With `starting_position = "at_timestamp"`: RFC 3339 time to start from.
+    pub starting_timestamp: Option<String>,
+    /// SASL authentication. Default: none.
+    pub sasl: Option<KafkaSasl>,
+    /// TLS (`tls = {}` for the system's trust store). Default: plaintext.
+    pub tls: Option<KafkaTls>,
+    /// Batches of one partition in flight at once, 1–10, keeping order per record key.
+    /// Default: 1 (strict partition order, as AWS).
+    pub parallelization_factor: Option<u8>,
+    /// Most batches in flight across all partitions. Default: no limit.
+    pub max_concurrency: Option<u32>,
+    /// Extra librdkafka properties, passed through (`${ENV}` is expanded). The gateway
+    /// manages group.id, bootstrap.servers, offsets, commits and security itself.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, crate::env::Expanded>,
+}
+
+/// Where a partition without a committed offset starts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartingPosition {
+    TrimHorizon,
+    #[default]
+    Latest,
+    AtTimestamp,
+}
+
+/// `sasl = { mechanism = "scram-sha-512", username = "…", password = "${PASS}" }`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSasl {
+    /// "plain", "scram-sha-256" or "scram-sha-512".
+    pub mechanism: SaslMechanism,
+    pub username: crate::env::Expanded,
+    /// `${ENV}` is expanded; never logged.
+    pub password: crate::env::Secret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "plain")]
+    Plain,
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "scram-sha-512")]
+    ScramSha512,
+}
+
+/// `tls = { ca_file = "…", cert_file = "…", key_file = "…" }`
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaTls {
+    /// PEM CA bundle. Default: the system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for mTLS.
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM), for mTLS.
+    pub key_file: Option<PathBuf>,
+    /// Password of the client key, if it is encrypted.
+    pub key_password: Option<crate::env::Secret>,
+}
+
+/// librdkafka properties the gateway sets itself.
+const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.password",
+];
+
+/// AWS's defaults for self-managed Kafka mappings.
+pub const DEFAULTS: crate::source::Defaults = crate::source::STREAM_DEFAULTS;
+
+impl KafkaSource {
+    pub fn problems(&self, facts: &Facts, out: &mut Vec<String>) {
+        let name = facts.mapping;
+        if self.bootstrap_servers.trim().is_empty() {
+            out.push(format!(
+                "mapping {name:?}: source.bootstrap_servers is empty"
+            ));
+        }
+        if self.topics.is_empty() || self.topics.iter().any(|t| t.is_empty()) {
+            out.push(format!(
+                "mapping {name:?}: source.topics must name at least one topic, none empty"
+            ));
+        }
+        match (self.starting_position, &self.starting_timestamp) {
+            (StartingPosition::AtTimestamp, None) => out.push(format!(
+                "mapping {name:?}: source.starting_position = \"at_timestamp\" needs source.starting_timestamp"
+            )),
+            (StartingPosition::AtTimestamp, Some(t)) => {
+                if let Err(e) = humantime::parse_rfc3339_weak(t) {
+                    out.push(format!(
+                        "mapping {name:?}: source.starting_timestamp {t:?} is not an RFC 3339 time: {e}"
+                    ));
+                }
+            }
+            (_, Some(_)) => out.push(format!(
+                "mapping {name:?}: source.starting_timestamp is only used with starting_position = \"at_timestamp\""
+            )),
+            (_, None) => {}
+        }
+        if let Some(p) = self.parallelization_factor
+            && !(1..=10).contains(&p)
+        {
+            out.push(format!(
+                "mapping {name:?}: source.parallelization_factor must be between 1 and 10, got {p}"
+            ));
+        }
+        if self.max_concurrency == Some(0) {
+            out.push(format!(
+                "mapping {name:?}: source.max_concurrency must be at least 1"
+            ));
+        }
+        for key in self.properties.keys() {
+            if MANAGED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                out.push(format!(
+                    "mapping {name:?}: source.properties.\"{key}\" is set by the gateway; use the source's own settings"
+                ));
+            }
+        }
+    }
+
+    /// The mapping's shape: a placeholder, since each partition renders its own.
+    pub fn shape(&self) -> KafkaShape {
+        KafkaShape::new(&self.bootstrap_servers, "", -1)
+    }
+}
+
+/// The default consumer group of a mapping.
+pub fn group_id(source: &KafkaSource, mapping: &str) -> String {
+    source
+        .group_id
+        .clone()
+        .unwrap_or_else(|| format!("esm-gateway-{mapping}"))
+}
+
+/// The librdkafka configuration of a source.
+pub fn client_config(source: &KafkaSource, mapping: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &source.bootstrap_servers)
+        .set("group.id", group_id(source, mapping))
+        .set("client.id", format!("esm-gateway-{mapping}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("statistics.interval.ms", "10000")
+        // librdkafka prefetches up to 64 MiB per partition by default; a blocked
+        // partition needs far less, and a mapping with many partitions would hold
+        // gigabytes. 16 MiB keeps a draining partition's fetches ahead of it (4 MiB cost
+        // a quarter of the drain rate in `cargo bench --bench kafka`). Overridable
+        // through `properties`.
+        .set("queued.max.messages.kbytes", "16384")
+        // ... and when a partition's queue is full librdkafka postpones its next fetch by
+        // this much (default 1 s): a draining partition would idle most of the time.
+        .set("fetch.queue.backoff.ms", "10")
+        // Only reached by a partition without a committed offset that is not seeded (see
+        // `Context::seed`), or whose committed offset is out of range (an outage longer
+        // than retention, a partition blocked behind a failing record): both resume at
+        // the earliest record still in the log, never past records not yet delivered.
+        .set("auto.offset.reset", "earliest");
+    // The out-of-range reset is only reported as a librdkafka warning (see
+    // `Context::log`): let warnings through whatever the global log level.
+    if (c.log_level as i32) < (RDKafkaLogLevel::Warning as i32) {
+        c.set_log_level(RDKafkaLogLevel::Warning);
+    }
+    let tls = source.tls.is_some();
+    let protocol = match (&source.sasl, tls) {
+        (None, false) => "plaintext",
+        (None, true) => "ssl",
+        (Some(_), false) => "sasl_plaintext",
+        (Some(_), true) => "sasl_ssl",
+    };
+    c.set("security.protocol", protocol);
+    if let Some(sasl) = &source.sasl {
+        c.set(
+            "sasl.mechanisms",
+            match sasl.mechanism {
+                SaslMechanism::Plain => "PLAIN",
+                SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+                SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            },
+        )
+        .set("sasl.username", &sasl.username.0)
+        .set("sasl.password", sasl.password.expose());
+    }
+    if let Some(t) = &source.tls {
+        let path = |p: &std::path::Path| p.display().to_string();
+        if let Some(p) = &t.ca_file {
+            c.set("ssl.ca.location", path(p));
+        }
+        if let Some(p) = &t.cert_file {
+            c.set("ssl.certificate.location", path(p));
+        }
+        if let Some(p) = &t.key_file {
+            c.set("ssl.key.location", path(p));
+        }
+        if let Some(p) = &t.key_password {
+            c.set("ssl.key.password", p.expose());
+        }
+    }
+    for (k, v) in &source.properties {
+        c.set(k, &v.0);
+    }
+    c
+}
