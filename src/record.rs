@@ -19,8 +19,10 @@ pub struct Record {
     pub fragment: String,
     /// What a partial batch response names it by (message id), when it has one.
     pub id: Option<Box<str>>,
-    /// Its ordering key within the source (Kafka key, SQS FIFO message group).
-    pub key: Option<Box<str>>,
+    /// Its key within the source, as bytes: the Kafka record's key exactly as
+    /// produced, the SQS FIFO message group. Orders records (FIFO groups) and keys
+    /// the failure records a Kafka topic destination receives.
+    pub key: Option<Box<[u8]>>,
     /// Position in its stream (delivery tag, offset); used in failure records.
     pub position: u64,
     /// When the gateway received it: the clock max_record_age runs on.
@@ -42,7 +44,7 @@ impl Record {
         Record {
             fragment: "{}".into(),
             id: id.map(Into::into),
-            key: key.map(Into::into),
+            key: key.map(|k| k.as_bytes().into()),
             position,
             received: Instant::now(),
             received_at: SystemTime::now(),

@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use common::*;
 use rdkafka::ClientConfig;
+use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -254,9 +255,22 @@ path = "{}"
     let r = &records[0];
     assert_eq!(r["requestContext"]["condition"], "RetryAttemptsExhausted");
     assert_eq!(r["requestContext"]["approximateInvokeCount"], 4);
-    assert_eq!(r["KafkaBatchInfo"]["partition"], 3);
-    assert_eq!(r["KafkaBatchInfo"]["firstOffset"], 50);
-    assert_eq!(r["KafkaBatchInfo"]["batchSize"], 10);
+    // AWS's KafkaBatchInfo: offsets as strings, under recordsInfo by topic-partition.
+    let info = &r["KafkaBatchInfo"];
+    assert_eq!(info["batchSize"], 10);
+    assert_eq!(info["bootstrapServers"], b);
+    assert!(info["payloadSize"].as_u64().unwrap() > 0, "{info}");
+    assert!(
+        info["eventSourceArn"]
+            .as_str()
+            .unwrap()
+            .starts_with("arn:aws:lambda:"),
+        "{info}"
+    );
+    let ranges = &info["recordsInfo"][format!("{topic}-3")];
+    assert_eq!(ranges["firstRecordOffset"], "50");
+    assert_eq!(ranges["lastRecordOffset"], "59");
+    assert!(ranges["firstRecordTimestamp"].is_string(), "{ranges}");
     assert_eq!(
         r["payload"]["records"][format!("{topic}-3")]
             .as_array()
@@ -917,4 +931,119 @@ backoff_max = "1s""#,
         (0..RECORDS as i64).collect(),
         "every record still in the topic"
     );
+}
+
+/// AWS's Kafka rule (Lambda Developer Guide, "Configuring error handling controls for
+/// Kafka event sources"): a partial batch response retries only the records it names,
+/// not everything after the first of them as a stream checkpoint would, and the
+/// partition commits only past records that are resolved.
+#[tokio::test]
+async fn a_partial_batch_response_retries_only_the_named_records() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "partial", 1).await;
+    produce(
+        &b,
+        &topic,
+        (0..10).map(|i| rec(0, "k", format!("r-{i}"))).collect(),
+    )
+    .await;
+    let f = Function::deploy("kpartial", &[("FAIL_ONCE", "r-3,r-6")]).await;
+    let group = unique("g");
+    let gw = Gateway::start(&kafka_config(&b, &f.name, &topic, &group, PARTIAL_BATCH));
+    let inv = wait_for("the retry of the named records", LONG, || {
+        let inv = f.invocations();
+        (inv.len() >= 2).then_some(inv)
+    })
+    .await;
+    assert_eq!(inv[0].bodies, values("r", 10), "one batch of all ten first");
+    assert_eq!(inv[0].failed, ["3", "6"], "named by offset");
+    assert_eq!(
+        inv[1].bodies,
+        ["r-3", "r-6"],
+        "only the named records come back"
+    );
+    // Committed past all ten once the retry succeeded, and nothing invoked again.
+    wait_for("the commit past the last record", LONG, || {
+        let (_, offsets) = committed(&b, &group, &topic, 1);
+        (offsets[0] == Offset::Offset(10)).then_some(())
+    })
+    .await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(f.invocations().len(), 2);
+}
+
+/// To a Kafka topic, AWS writes one failure record per failed record, produced with that
+/// record's own key bytes (unaltered, even when they are not UTF-8), `batchSize` 1,
+/// `recordInfo` and a payload holding that one record.
+#[tokio::test]
+async fn a_kafka_topic_destination_gets_one_record_per_failed_record_keyed_by_its_raw_key() {
+    let b = bootstrap();
+    let topic = create_topic(&b, "perrec", 1).await;
+    let dlt = create_topic(&b, "perrec-dlt", 1).await;
+    let keys: [&[u8]; 3] = [b"plain", b"\xff\xfebin", b"k3"];
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .create()
+        .unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .partition(0)
+                    .key(*k)
+                    .payload(&format!("bad{i}")),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("record produced");
+    }
+    let f = Function::deploy("kperrec", &[("FAIL_ALL", "1")]).await;
+    let gw = Gateway::start(&kafka_config(
+        &b,
+        &f.name,
+        &topic,
+        &unique("g"),
+        &format!(
+            "[mapping.batch]\nsize = 10\nwindow = \"1s\"\n\n[mapping.retry]\nmax_attempts = 0\n\n\
+             [mapping.on_failure]\ntype = \"kafka\"\nbootstrap_servers = \"{b}\"\ntopic = \"{dlt}\""
+        ),
+    ));
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .set("group.id", unique("dlt-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&dlt]).unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let m = tokio::time::timeout(LONG, reader.recv())
+            .await
+            .expect("a failure record on the topic")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        got.push((m.key().map(<[u8]>::to_vec), v));
+    }
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    for (i, (key, v)) in got.iter().enumerate() {
+        assert_eq!(
+            key.as_deref(),
+            Some(keys[i]),
+            "record {i} keyed by its own bytes"
+        );
+        let info = &v["KafkaBatchInfo"];
+        assert_eq!(info["batchSize"], 1);
+        assert_eq!(info["recordInfo"]["offset"], i.to_string());
+        assert!(info["recordInfo"]["timestamp"].is_string(), "{info}");
+        assert_eq!(info["bootstrapServers"], b);
+        assert!(info.get("recordsInfo").is_none(), "{info}");
+        let records = v["payload"]["records"][format!("{topic}-0")]
+            .as_array()
+            .unwrap();
+        assert_eq!(records.len(), 1, "one record per failure record");
+        assert_eq!(records[0]["offset"], i);
+        assert_eq!(v["requestContext"]["condition"], "RetryAttemptsExhausted");
+        assert_eq!(v["responseContext"]["functionError"], "Unhandled");
+    }
 }

@@ -92,7 +92,7 @@ impl KafkaDestination {
         }
     }
 
-    pub async fn write(&self, record: &[u8], key: Option<&str>) -> Result<(), DestinationError> {
+    pub async fn write(&self, record: &[u8], key: Option<&[u8]>) -> Result<(), DestinationError> {
         let kind = "Kafka topic";
         let error = |message: String| DestinationError::Service {
             kind,

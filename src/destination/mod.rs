@@ -142,11 +142,12 @@ impl Destination {
         }
     }
 
-    /// Writes one failure record durably; `key` is the original record's key (Kafka).
+    /// Writes one failure record durably; `key` is the original record's key, as bytes
+    /// (Kafka).
     pub async fn write(
         &self,
         record: &Rendered,
-        key: Option<&str>,
+        key: Option<&[u8]>,
     ) -> Result<(), DestinationError> {
         match self {
             Destination::File(d) => d.write(&record.bytes).await,
@@ -188,6 +189,18 @@ impl Destination {
     pub async fn check_retention(&self, mapping: &str) {
         if let Destination::Sqs(d) = self {
             d.check_retention(mapping).await;
+        }
+    }
+
+    /// Whether it takes one failure record per failed record rather than one per failed
+    /// batch: a Kafka topic does, as AWS writes them, each keyed by its record's key.
+    pub fn one_per_record(&self) -> bool {
+        match self {
+            Destination::Kafka(_) => true,
+            Destination::File(_)
+            | Destination::Rabbit(_)
+            | Destination::Sqs(_)
+            | Destination::Lambda(_) => false,
         }
     }
 

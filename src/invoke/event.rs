@@ -43,6 +43,12 @@ pub trait Shape: std::fmt::Debug + Send + Sync {
     /// The `…BatchInfo` member of a failure record: where the records came from.
     fn batch_info(&self, records: &[Record]) -> (&'static str, Value);
 
+    /// The same for a failure record of one record alone (for destinations that take
+    /// one per record). By default the batch info of a batch of one.
+    fn record_info(&self, record: &Record) -> (&'static str, Value) {
+        self.batch_info(std::slice::from_ref(record))
+    }
+
     /// The fields of a record's element that filters see decoded.
     fn decoded(&self) -> &'static [Decoded];
 }

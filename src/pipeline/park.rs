@@ -65,13 +65,19 @@ pub struct Failure<'a> {
     pub error: Option<&'a str>,
     pub shape: &'a dyn Shape,
     pub records: &'a [Record],
+    /// A record of one record alone, for a destination that takes one per record: its
+    /// info is the shape's `record_info`.
+    pub single: bool,
 }
 
 impl Failure<'_> {
     /// The JSON failure record: AWS's shape, plus `error` (at most [`MAX_ERROR_BYTES`],
     /// with `errorTruncated` when cut) and the failed event as `payload`.
     pub fn render(&self) -> Rendered {
-        let (info_key, info) = self.shape.batch_info(self.records);
+        let (info_key, info) = match self.records {
+            [one] if self.single => self.shape.record_info(one),
+            records => self.shape.batch_info(records),
+        };
         let request_id = uuid::Uuid::new_v4().to_string();
         let (error, truncated) = match self.error.map(bounded) {
             Some((e, t)) => (Some(e), t),
@@ -84,11 +90,13 @@ impl Failure<'_> {
                 "condition": self.condition.as_str(),
                 "approximateInvokeCount": self.invoke_count,
             },
-            "responseContext": {
-                "statusCode": self.response.map(|r| r.status),
-                "executedVersion": self.response.and_then(|r| r.executed_version.as_deref()),
-                "functionError": self.response.and_then(|r| r.function_error.as_deref()),
-            },
+            // Null, as AWS has it, when the function never answered for these records
+            // (too large to invoke, or parked before an invoke).
+            "responseContext": self.response.map(|r| json!({
+                "statusCode": r.status,
+                "executedVersion": r.executed_version.as_deref(),
+                "functionError": r.function_error.as_deref(),
+            })),
             "version": "1.0",
             "timestamp": rfc3339(SystemTime::now()),
             "error": error,
@@ -216,50 +224,98 @@ impl Deliverer {
             shutdown.cancelled().await;
             return Err(piece);
         };
-        let record = Failure {
-            function_arn: &self.function_arn,
-            condition,
-            invoke_count: piece.invokes,
-            response,
-            error: Some(error),
-            shape: self.shape.as_ref(),
-            records: &piece.records,
+        // A Kafka topic takes one failure record per record, keyed by its own key; the
+        // others one per piece.
+        let groups: Vec<&[Record]> = if destination.one_per_record() {
+            piece.records.chunks(1).collect()
+        } else {
+            vec![&piece.records[..]]
+        };
+        let mut written = 0;
+        for records in groups {
+            let record = Failure {
+                function_arn: &self.function_arn,
+                condition,
+                invoke_count: piece.invokes,
+                response,
+                error: Some(error),
+                shape: self.shape.as_ref(),
+                records,
+                single: destination.one_per_record(),
+            }
+            .render();
+            let key = match records {
+                [one] => one.key.as_deref(),
+                _ => None,
+            };
+            if !self
+                .write_until_confirmed(destination, &record, key, shutdown)
+                .await
+            {
+                // Those written are parked; the rest stay in the source.
+                let mut piece = piece;
+                let rest = piece.records.split_off(written);
+                self.parked(condition, destination, piece.records, out);
+                return Err(Piece {
+                    records: rest,
+                    ..piece
+                });
+            }
+            written += records.len();
         }
-        .render();
-        // Kafka destinations are keyed by the original record's key.
-        let key = piece.records.first().and_then(|r| r.key.as_deref());
+        self.parked(condition, destination, piece.records, out);
+        Ok(())
+    }
+
+    /// Writes one failure record, retrying the destination until it confirms; false
+    /// when shutdown comes first.
+    async fn write_until_confirmed(
+        &self,
+        destination: &Destination,
+        record: &Rendered,
+        key: Option<&[u8]>,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let mut tries = 0;
         loop {
-            let written = match destination.write(&record, key).await {
-                Err(e) if e.is_permanent() => self.fall_back(destination, &record, &e).await,
+            let written = match destination.write(record, key).await {
+                Err(e) if e.is_permanent() => self.fall_back(destination, record, &e).await,
                 other => other,
             };
             match written {
-                Ok(()) => break,
+                Ok(()) => return true,
                 Err(e) => {
                     tries += 1;
-                    tracing::error!(mapping = %name, error = %e, "on-failure destination unavailable; the mapping waits for it");
+                    tracing::error!(mapping = %self.mapping.name, error = %e, "on-failure destination unavailable; the mapping waits for it");
                     self.mapping.fail(&e);
                     tokio::select! {
                         () = tokio::time::sleep(self.policy.backoff(tries)) => {}
-                        () = shutdown.cancelled() => return Err(piece),
+                        () = shutdown.cancelled() => return false,
                     }
                 }
             }
         }
-        tracing::warn!(mapping = %name, condition = condition.as_str(), records = piece.records.len(),
+    }
+
+    /// Resolves records whose failure records the destination confirmed.
+    fn parked(
+        &self,
+        condition: Condition,
+        destination: &Destination,
+        records: Vec<Record>,
+        out: &mut Outcome,
+    ) {
+        if records.is_empty() {
+            return;
+        }
+        tracing::warn!(mapping = %self.mapping.name, condition = condition.as_str(), records = records.len(),
             destination = destination.kind(), "records parked in the on-failure destination");
         self.mapping
             .metrics
             .dead_lettered(condition.as_str())
-            .increment(piece.records.len() as u64);
-        out.resolved.extend(
-            piece
-                .records
-                .into_iter()
-                .map(|r| (r, Resolution::DeadLettered)),
-        );
-        Ok(())
+            .increment(records.len() as u64);
+        out.resolved
+            .extend(records.into_iter().map(|r| (r, Resolution::DeadLettered)));
     }
 }
 
@@ -305,6 +361,7 @@ mod tests {
             error: Some(error),
             shape: &shape,
             records: &records,
+            single: false,
         }
         .render();
         let v: serde_json::Value = serde_json::from_slice(&rendered.bytes).unwrap();

@@ -141,7 +141,7 @@ impl SourceConfig {
     pub fn shape(&self, name: &str, region: &str, account: &str) -> Arc<dyn Shape> {
         match self {
             SourceConfig::Rabbitmq(s) => Arc::new(s.shape(region, account)),
-            SourceConfig::Kafka(s) => Arc::new(s.shape()),
+            SourceConfig::Kafka(s) => Arc::new(s.shape(name, region, account)),
             SourceConfig::Sqs(s) => Arc::new(s.shape()),
             SourceConfig::Schedule(s) => Arc::new(s.shape(name, region, account)),
         }

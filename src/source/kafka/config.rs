@@ -155,8 +155,9 @@ impl KafkaSource {
     }
 
     /// The mapping's shape: a placeholder, since each partition renders its own.
-    pub fn shape(&self) -> KafkaShape {
+    pub fn shape(&self, name: &str, region: &str, account: &str) -> KafkaShape {
         KafkaShape::new(&self.bootstrap_servers, "", -1)
+            .with_event_source_arn(&event_source_arn(name, region, account))
     }
 }
 
@@ -236,4 +237,10 @@ pub fn client_config(source: &KafkaSource, mapping: &str) -> ClientConfig {
         c.set(k, &v.0);
     }
     c
+}
+
+/// The synthetic ARN of mapping `name` that Kafka failure records carry as
+/// `eventSourceArn` (an event source mapping's ARN, named rather than numbered).
+pub fn event_source_arn(name: &str, region: &str, account: &str) -> String {
+    format!("arn:aws:lambda:{region}:{account}:event-source-mapping:{name}")
 }

@@ -1,6 +1,8 @@
 //! The self-managed Kafka event, as AWS's trigger sends it: each record rendered once
 //! into its element of `records`, and the envelope around one partition's batch.
 
+use std::time::SystemTime;
+
 use serde_json::{Value, json};
 
 use crate::invoke::event::{Decoded, Shape, join, push_base64, push_json_str, rfc3339};
@@ -11,8 +13,11 @@ use crate::record::Record;
 #[derive(Debug, Clone)]
 pub struct KafkaShape {
     prefix: Vec<u8>,
+    bootstrap_servers: String,
     topic: String,
     partition: i32,
+    /// The failure records' `eventSourceArn` (see [`KafkaShape::with_event_source_arn`]).
+    event_source_arn: String,
 }
 
 impl KafkaShape {
@@ -24,10 +29,42 @@ impl KafkaShape {
             .expect("string to JSON");
         KafkaShape {
             prefix,
+            bootstrap_servers: bootstrap_servers.to_owned(),
             topic: topic.to_owned(),
             partition,
+            event_source_arn: String::new(),
         }
     }
+
+    /// Names the mapping in failure records' `eventSourceArn`: a self-managed cluster has
+    /// no ARN, so AWS's field carries the event source mapping's (synthetic here:
+    /// `arn:aws:lambda:<region>:<account>:event-source-mapping:<mapping name>`).
+    pub fn with_event_source_arn(mut self, arn: &str) -> KafkaShape {
+        self.event_source_arn = arn.to_owned();
+        self
+    }
+
+    /// The record's Kafka timestamp as AWS writes it in failure records (ISO 8601, ms),
+    /// or when it arrived if it has none.
+    fn timestamp(r: &Record) -> String {
+        match record_timestamp(&r.fragment) {
+            Some(ms) if ms >= 0 => {
+                rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64))
+            }
+            _ => rfc3339(r.received_at),
+        }
+    }
+}
+
+/// The `timestamp` (epoch milliseconds) of a record's element: its first such key,
+/// right after `offset` (the topic before it is a JSON string, whose quotes are escaped).
+fn record_timestamp(fragment: &str) -> Option<i64> {
+    let at = fragment.find(r#""timestamp":"#)? + r#""timestamp":"#.len();
+    let digits: &str = &fragment[at..];
+    let end = digits
+        .find(|c: char| c != '-' && !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
 }
 
 impl Shape for KafkaShape {
@@ -55,28 +92,45 @@ impl Shape for KafkaShape {
         }
     }
 
-    /// Everything from the lowest failed offset on (a stream checkpoints at it).
-    fn widen_failures(&self, mut failed: Vec<usize>, records: &[Record]) -> Vec<usize> {
-        failed.sort_unstable();
-        match failed.first() {
-            Some(&lowest) => (lowest..records.len()).collect(),
-            None => failed,
+    // Only the named records fail (AWS's Kafka rule, unlike the Kinesis checkpoint): the
+    // default `widen_failures`. Offsets still advance only past resolved records.
+
+    /// AWS's `KafkaBatchInfo`: offsets as strings and record timestamps, under
+    /// `recordsInfo` by "topic-partition".
+    fn batch_info(&self, records: &[Record]) -> (&'static str, Value) {
+        let mut info = json!({
+            "batchSize": records.len(),
+            "eventSourceArn": self.event_source_arn,
+            "bootstrapServers": self.bootstrap_servers,
+            "payloadSize": self.render(records, 1).len(),
+        });
+        if let (Some(first), Some(last)) = (records.first(), records.last()) {
+            info["recordsInfo"] = json!({
+                format!("{}-{}", self.topic, self.partition): {
+                    "firstRecordOffset": first.position.to_string(),
+                    "lastRecordOffset": last.position.to_string(),
+                    "firstRecordTimestamp": KafkaShape::timestamp(first),
+                    "lastRecordTimestamp": KafkaShape::timestamp(last),
+                }
+            });
         }
+        ("KafkaBatchInfo", info)
     }
 
-    fn batch_info(&self, records: &[Record]) -> (&'static str, Value) {
-        let (first, last) = (records.first(), records.last());
-        let ts = |r: Option<&Record>| r.map(|r| rfc3339(r.received_at));
+    /// What AWS writes to a Kafka topic destination for each failed record: `batchSize`
+    /// 1 and `recordInfo`.
+    fn record_info(&self, record: &Record) -> (&'static str, Value) {
         (
             "KafkaBatchInfo",
             json!({
-                "batchSize": records.len(),
-                "topic": self.topic,
-                "partition": self.partition,
-                "firstOffset": first.map(|r| r.position),
-                "lastOffset": last.map(|r| r.position),
-                "firstRecordTime": ts(first),
-                "lastRecordTime": ts(last),
+                "batchSize": 1,
+                "eventSourceArn": self.event_source_arn,
+                "bootstrapServers": self.bootstrap_servers,
+                "payloadSize": self.render(std::slice::from_ref(record), 1).len(),
+                "recordInfo": {
+                    "offset": record.position.to_string(),
+                    "timestamp": KafkaShape::timestamp(record),
+                },
             }),
         )
     }

@@ -72,6 +72,8 @@ type TopicPartition = (String, i32);
 struct Shared {
     deliverer: Arc<Deliverer>,
     bootstrap_servers: String,
+    /// The mapping's synthetic ARN, for failure records.
+    event_source_arn: String,
     limits: BatchLimits,
     lanes: usize,
     /// `max_concurrency`: batches in flight across partitions.
@@ -187,13 +189,15 @@ pub async fn run(source: &KafkaSource, context: SourceContext) {
     let SourceContext {
         limits,
         deliverer,
+        env,
         shutdown,
         ..
     } = context;
     let status = deliverer.mapping.clone();
+    let arn = config::event_source_arn(&status.name, &env.region, &env.account);
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
-        match session(source, limits, deliverer.clone(), shutdown.clone()).await {
+        match session(source, limits, deliverer.clone(), &arn, shutdown.clone()).await {
             Ok(()) => break,
             Err(e) => {
                 failures += 1;
@@ -210,6 +214,7 @@ async fn session(
     source: &KafkaSource,
     limits: BatchLimits,
     deliverer: Arc<Deliverer>,
+    event_source_arn: &str,
     shutdown: CancellationToken,
 ) -> Result<(), KafkaError> {
     let name = deliverer.mapping.name.clone();
@@ -220,6 +225,7 @@ async fn session(
         .map_or(Duration::from_secs(45), Duration::from_millis);
     let shared = Arc::new(Shared {
         bootstrap_servers: source.bootstrap_servers.clone(),
+        event_source_arn: event_source_arn.to_owned(),
         limits,
         lanes: source.parallelization_factor.unwrap_or(1).max(1) as usize,
         permits: source

@@ -156,11 +156,9 @@ async fn drain(
     stop: CancellationToken,
 ) -> Result<(), tokio::task::JoinError> {
     let fragments = KafkaFragments::new(&topic, partition);
-    let deliverer = Arc::new(shared.deliverer.with_shape(Arc::new(KafkaShape::new(
-        &shared.bootstrap_servers,
-        &topic,
-        partition,
-    ))));
+    let shape = KafkaShape::new(&shared.bootstrap_servers, &topic, partition)
+        .with_event_source_arn(&shared.event_source_arn);
+    let deliverer = Arc::new(shared.deliverer.with_shape(Arc::new(shape)));
     let mut lanes = Vec::with_capacity(shared.lanes);
     let mut lane_tasks = tokio::task::JoinSet::new();
     for _ in 0..shared.lanes {
@@ -265,7 +263,7 @@ fn to_record(m: &BorrowedMessage<'_>, fragments: &KafkaFragments, mapping: &str)
                 "Kafka header name is not UTF-8; delivered with each invalid byte sequence replaced by U+FFFD");
         }),
         id: None,
-        key: m.key().map(|k| String::from_utf8_lossy(k).into()),
+        key: m.key().map(Into::into),
         position: m.offset() as u64,
         received: received.checked_sub(age).unwrap_or(received),
         received_at: now.checked_sub(age).unwrap_or(now),

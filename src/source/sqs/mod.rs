@@ -334,7 +334,7 @@ impl Receiver {
                         key: m
                             .attributes()
                             .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId))
-                            .map(|g| g.as_str().into()),
+                            .map(|g| g.as_bytes().into()),
                         position,
                         received: now,
                         received_at: SystemTime::now(),
