@@ -5,9 +5,11 @@
 //!
 //! ```text
 //! cargo bench --bench activemq
-//! BENCH_MESSAGES=100000 BENCH_SIZE=1024 BENCH_ACK=client ESM_ACTIVEMQ_URL=stomp://… cargo bench --bench activemq
+//! BENCH_MESSAGES=100000 BENCH_SIZE=1024 BENCH_ACK=client BENCH_WARMUP=20000 \
+//!   ESM_ACTIVEMQ_URL=stomp://… cargo bench --bench activemq
 //! ```
 //!
+//! 0. Warms the broker's JVM up: fills and drains `BENCH_WARMUP` messages as below, untimed.
 //! 1. Fills a fresh queue with `BENCH_MESSAGES` persistent messages of `BENCH_SIZE` bytes
 //!    (STOMP SEND with `content-length`, so JMS bytes messages), a receipt awaited once per
 //!    1,000 sends, and checks the queue's depth through the statistics plugin.
@@ -58,12 +60,15 @@ impl AckMode {
     }
 }
 
+#[derive(Clone)]
 struct Params {
     /// `host:port` of the broker's plain STOMP connector.
     addr: String,
     user: String,
     password: String,
     messages: u64,
+    /// Filled and drained untimed first (0: none).
+    warmup: u64,
     size: usize,
     ack: AckMode,
 }
@@ -91,6 +96,7 @@ impl Params {
             user: var("ESM_ACTIVEMQ_USER", "esm"),
             password: var("ESM_ACTIVEMQ_PASSWORD", "esm-stack"),
             messages: num("BENCH_MESSAGES", 100_000)?,
+            warmup: num("BENCH_WARMUP", 20_000)?,
             size: num("BENCH_SIZE", 1024)?,
             ack,
         };
@@ -122,6 +128,17 @@ async fn main() -> Result<()> {
         eprintln!("note: no local ActiveMQ JVM found; broker CPU will read 0");
     }
 
+    if params.warmup > 0 {
+        // The broker's JIT: a cold JVM drains markedly slower (first runs after a start
+        // read 70+ µs of broker CPU per record, later ones ~42), so warm it up untimed.
+        let warm = Params {
+            messages: params.warmup,
+            ..params.clone()
+        };
+        fill(&warm, &queue).await?;
+        raw_drain(&warm, &queue).await?;
+        eprintln!("warm-up: {} messages filled and drained", params.warmup);
+    }
     fill(&params, &queue).await?;
     let (self_before, broker_before) = (
         proc_stats::cpu_time("self", ticks)?,
