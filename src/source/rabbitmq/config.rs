@@ -28,7 +28,9 @@ pub struct RabbitSource {
     /// PEM file with the CA(s) that sign the broker's certificate (amqps). Default: the
     /// platform's trust store.
     pub ca_file: Option<PathBuf>,
-    /// Override the synthetic `eventSourceArn`. Default: built from host and vhost.
+    /// The event's `eventSourceArn`, e.g. the real Amazon MQ broker ARN
+    /// (`arn:aws:mq:<region>:<account>:broker:<name>:<id>`). Default: synthetic,
+    /// `arn:aws:mq:<region>:<account>:broker:<host>:<port>` from the URL.
     pub event_source_arn: Option<String>,
 }
 
