@@ -8,7 +8,7 @@ use aws_smithy_types::timeout::TimeoutConfig;
 use serde::Deserialize;
 
 /// `[aws]`
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
     /// AWS region. Default: the SDK's chain (AWS_REGION, profile), else us-east-1.

@@ -76,7 +76,7 @@ pub fn expand_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error>
 }
 
 /// A string with `${NAME}` expanded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, schemars::JsonSchema)]
 pub struct Expanded(pub String);
 
 impl<'de> Deserialize<'de> for Expanded {
@@ -87,7 +87,7 @@ impl<'de> Deserialize<'de> for Expanded {
 
 /// A secret (password, token): expanded from `${ENV}` like any value, shown as `***`
 /// by Debug so that it never reaches a log.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, schemars::JsonSchema)]
 pub struct Secret(String);
 
 impl Secret {
@@ -114,7 +114,7 @@ impl fmt::Debug for Secret {
 
 /// A URL that may carry a password. Debug and Display show it with the password
 /// replaced by `***`; only [`SecretUrl::expose`] gives the real text, for connecting.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, schemars::JsonSchema)]
 pub struct SecretUrl(String);
 
 impl SecretUrl {

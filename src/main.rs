@@ -89,6 +89,9 @@ enum Command {
         #[arg(long)]
         ready: bool,
     },
+    /// Print the JSON Schema of the configuration file (what config/esm-gateway.schema.json
+    /// holds), for editors that complete and check TOML (Taplo, Even Better TOML).
+    ConfigSchema,
     /// Print the next fire times of every schedule, in UTC and in its zone.
     Schedules {
         #[arg(long, short)]
@@ -111,6 +114,10 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::ConfigSchema => {
+            println!("{}", esm_gateway::config::schema());
+            ExitCode::SUCCESS
+        }
         Command::Validate { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: ok ({} mapping(s))", config.display(), c.mappings.len());

@@ -17,7 +17,7 @@ use crate::pipeline::retry::Exhausted;
 use crate::source::{Facts, SourceConfig};
 
 /// One `[[mapping]]`: a source drained into a function.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Mapping {
     /// Unique name; used in logs, metrics, the default consumer tag and synthetic ARNs.
@@ -51,6 +51,7 @@ pub struct Mapping {
     /// queue's visibility timeout covers the batching window plus this. Default: "15m"
     /// (Lambda's maximum function timeout).
     #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
     pub function_timeout: Option<Duration>,
     /// Where records go when they cannot be delivered. Default: none.
     pub on_failure: Option<DestinationConfig>,
@@ -84,7 +85,7 @@ impl PartialEq for Checked {
 pub const MAX_FUNCTION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// How the function is invoked.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InvocationType {
     #[default]
@@ -93,7 +94,7 @@ pub enum InvocationType {
 }
 
 /// `[mapping.batch]`
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Batching {
     /// Records per invoke, 1–10,000 (SQS FIFO: 1–10). Default: 100 (SQS: 10).
@@ -109,7 +110,7 @@ pub struct Batching {
 }
 
 /// `[mapping.retry]`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Retries after the first attempt: -1 (forever) or 0–10,000. Default: -1 (SQS: 0,
@@ -120,9 +121,11 @@ pub struct RetryPolicy {
     pub max_record_age: Option<MaxRecordAge>,
     /// First backoff after a failure. Default: "1s".
     #[serde(default = "default_backoff_min", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub backoff_min: Duration,
     /// Longest backoff (doubling from backoff_min, with full jitter). Default: "60s".
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub backoff_max: Duration,
     /// Split a failing batch in two and retry the halves; a split is not a retry.
     /// Default: false.

@@ -41,7 +41,7 @@ pub enum ConfigError {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// How to reach AWS (or an emulator). Credentials come from the SDK's standard chain.
@@ -62,7 +62,7 @@ pub struct Config {
 }
 
 /// `[schedules]`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulesConfig {
     /// PostgreSQL URL of the fire ledger that lets several replicas fire each scheduled
@@ -73,6 +73,7 @@ pub struct SchedulesConfig {
     /// is renewed every third of this while the fire retries). A fire whose replica died
     /// is resumed by another one this long after its last renewal. Default: "30s".
     #[serde(default = "default_lease", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub lease: Duration,
 }
 
@@ -90,11 +91,12 @@ fn default_lease() -> Duration {
 }
 
 /// `[gateway]`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// How long shutdown waits for in-flight invokes before giving up. Default: "30s".
     #[serde(default = "default_grace", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub shutdown_grace: Duration,
 }
 
@@ -111,7 +113,7 @@ fn default_grace() -> Duration {
 }
 
 /// `[admin]`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Serve the admin API at all. Default: true.
@@ -148,6 +150,17 @@ fn default_admin_listen() -> SocketAddr {
 
 fn yes() -> bool {
     true
+}
+
+/// The JSON Schema (draft 7, which TOML editors read) of the file, generated from the
+/// types that parse it; `esm-gateway config-schema` prints it and
+/// `config/esm-gateway.schema.json` is a copy (a test keeps them equal). It describes the
+/// shape and the per-field ranges; the checks across fields are `Config::parse`'s.
+pub fn schema() -> String {
+    let generator = schemars::generate::SchemaSettings::draft07().into_generator();
+    let mut schema = generator.into_root_schema_for::<Config>();
+    schema.insert("title".into(), "esm-gateway configuration".into());
+    serde_json::to_string_pretty(&schema).expect("a schema is JSON")
 }
 
 impl Config {

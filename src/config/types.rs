@@ -9,8 +9,8 @@ use serde::{Deserialize, Deserializer};
 pub const MAX_PAYLOAD: usize = 6 * 1024 * 1024;
 
 /// Records per batch, 1–10,000.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchSize(pub u32);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, schemars::JsonSchema)]
+pub struct BatchSize(#[schemars(range(min = 1, max = 10_000))] pub u32);
 
 impl<'de> Deserialize<'de> for BatchSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -26,8 +26,8 @@ impl<'de> Deserialize<'de> for BatchSize {
 }
 
 /// Batching window, 0–300 s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchWindow(pub Duration);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, schemars::JsonSchema)]
+pub struct BatchWindow(#[schemars(with = "String")] pub Duration);
 
 impl<'de> Deserialize<'de> for BatchWindow {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -44,7 +44,7 @@ impl<'de> Deserialize<'de> for BatchWindow {
 }
 
 /// Batch byte cap, 1 KiB–6 MB.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, schemars::JsonSchema)]
 pub struct ByteSize(pub usize);
 
 impl<'de> Deserialize<'de> for ByteSize {
@@ -61,7 +61,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 }
 
 /// A lane's buffer budget in bytes, 1 MiB–4 GiB (less one byte).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, schemars::JsonSchema)]
 pub struct BufferBytes(pub usize);
 
 impl<'de> Deserialize<'de> for BufferBytes {
@@ -79,8 +79,8 @@ impl<'de> Deserialize<'de> for BufferBytes {
 }
 
 /// AWS's MaximumRetryAttempts: -1 (forever) or 0–10,000.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryAttempts(pub i32);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, schemars::JsonSchema)]
+pub struct RetryAttempts(#[schemars(range(min = -1, max = 10_000))] pub i32);
 
 impl<'de> Deserialize<'de> for RetryAttempts {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -96,8 +96,8 @@ impl<'de> Deserialize<'de> for RetryAttempts {
 }
 
 /// AWS's MaximumRecordAgeInSeconds: 60 s–604,800 s (leave it out for no limit).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MaxRecordAge(pub Duration);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, schemars::JsonSchema)]
+pub struct MaxRecordAge(#[schemars(with = "String")] pub Duration);
 
 impl<'de> Deserialize<'de> for MaxRecordAge {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

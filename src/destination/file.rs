@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 use super::DestinationError;
 
 /// `on_failure = { type = "file", … }`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The JSON-lines file; created if missing (its directory must exist).

@@ -12,7 +12,7 @@ use super::{DestinationError, Limit, Rendered, aws_code, within_limit};
 use crate::invoke::lambda::MAX_ASYNC_PAYLOAD;
 
 /// `on_failure = { type = "lambda", function = "…" }`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(deserialize_with = "crate::env::expand")]

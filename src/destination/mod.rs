@@ -71,7 +71,7 @@ pub(crate) fn aws_code(code: Option<&str>) -> &str {
 }
 
 /// The closed set of on-failure destinations.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum DestinationConfig {
     /// Append one JSON failure record per line, fsynced before the source is acked.

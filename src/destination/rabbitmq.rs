@@ -13,7 +13,7 @@ use super::DestinationError;
 use crate::env::SecretUrl;
 
 /// `on_failure = { type = "rabbitmq", … }`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Broker URL; `${ENV}` is expanded.

@@ -14,7 +14,7 @@ use aws_smithy_types::error::display::DisplayErrorContext;
 use super::{DestinationError, Limit, Rendered, aws_code, within_limit};
 
 /// `on_failure = { type = "sqs", queue_url = "…" }`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(deserialize_with = "crate::env::expand")]

@@ -36,6 +36,28 @@ pub enum SourceConfig {
 
 const SOURCE_TYPES: &[&str] = &["rabbitmq", "kafka", "sqs", "schedule"];
 
+/// The schema of [`SourceConfig`]: what its hand-written deserializer accepts, a table
+/// tagged by `type`.
+#[derive(schemars::JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[allow(dead_code)]
+enum SourceSchema {
+    Rabbitmq(rabbitmq::config::RabbitSource),
+    Kafka(kafka::config::KafkaSource),
+    Sqs(sqs::config::SqsSource),
+    Schedule(schedule::config::ScheduleSource),
+}
+
+impl schemars::JsonSchema for SourceConfig {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SourceConfig".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        SourceSchema::json_schema(generator)
+    }
+}
+
 /// AWS's defaults for a kind of source, and what becomes of its records that run out of
 /// retries.
 #[derive(Debug, Clone, Copy, PartialEq)]

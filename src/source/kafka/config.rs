@@ -11,7 +11,7 @@ use super::event::KafkaShape;
 use crate::source::Facts;
 
 /// `[mapping.source]` with `type = "kafka"`: a self-managed Kafka cluster.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSource {
     /// "host1:9092,host2:9092".
@@ -43,7 +43,7 @@ pub struct KafkaSource {
 }
 
 /// Where a partition without a committed offset starts.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StartingPosition {
     TrimHorizon,
@@ -53,7 +53,7 @@ pub enum StartingPosition {
 }
 
 /// `sasl = { mechanism = "scram-sha-512", username = "…", password = "${PASS}" }`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSasl {
     /// "plain", "scram-sha-256" or "scram-sha-512".
@@ -63,7 +63,7 @@ pub struct KafkaSasl {
     pub password: crate::env::Secret,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 pub enum SaslMechanism {
     #[serde(rename = "plain")]
     Plain,
@@ -74,7 +74,7 @@ pub enum SaslMechanism {
 }
 
 /// `tls = { ca_file = "…", cert_file = "…", key_file = "…" }`
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaTls {
     /// PEM CA bundle. Default: the system's trust store.

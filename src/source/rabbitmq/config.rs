@@ -9,7 +9,7 @@ use crate::env::SecretUrl;
 use crate::source::Facts;
 
 /// `[mapping.source]` with `type = "rabbitmq"`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitSource {
     /// `amqp://user:pass@host:5672/vhost` or `amqps://…`; `${ENV}` is expanded.

@@ -9,7 +9,7 @@ use crate::pipeline::retry::Exhausted;
 use crate::source::{Defaults, Facts};
 
 /// `[mapping.source]` with `type = "schedule"`: EventBridge-style schedule.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSource {
     /// `cron(min hour day-of-month month day-of-week year)`, `rate(N unit)` or
@@ -34,7 +34,7 @@ pub struct ScheduleSource {
 }
 
 /// The missed-fire policy of a schedule.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MissedFire {
     #[default]
@@ -137,8 +137,8 @@ impl<'de> Deserialize<'de> for ScheduleExpression {
 }
 
 /// An IANA time zone name, e.g. "Europe/London". Default: UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TimeZoneName(pub chrono_tz::Tz);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, schemars::JsonSchema)]
+pub struct TimeZoneName(#[schemars(with = "String")] pub chrono_tz::Tz);
 
 impl Default for TimeZoneName {
     fn default() -> Self {
@@ -158,8 +158,8 @@ impl<'de> Deserialize<'de> for TimeZoneName {
 }
 
 /// A schedule's flexible window, 1 minute–24 hours (AWS's 1–1,440 minutes); "0s" is off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlexibleWindow(pub Duration);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, schemars::JsonSchema)]
+pub struct FlexibleWindow(#[schemars(with = "String")] pub Duration);
 
 impl<'de> Deserialize<'de> for FlexibleWindow {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -213,7 +213,7 @@ impl<'de> Deserialize<'de> for ScheduleTime {
 }
 
 /// A schedule's input: JSON, once Scheduler's placeholders are substituted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, schemars::JsonSchema)]
 pub struct ScheduleInput(pub String);
 
 impl<'de> Deserialize<'de> for ScheduleInput {
@@ -234,5 +234,34 @@ impl<'de> Deserialize<'de> for ScheduleInput {
                 "input must be JSON (after placeholders are substituted): {e}"
             ))),
         }
+    }
+}
+
+/// Written as a string in TOML.
+impl schemars::JsonSchema for ScheduleExpression {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ScheduleExpression".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "cron(min hour day-of-month month day-of-week year), rate(N unit) or at(yyyy-mm-ddThh:mm:ss)",
+            "pattern": "^(cron|rate|at)\\(.*\\)$"
+        })
+    }
+}
+
+/// Written as a string in TOML.
+impl schemars::JsonSchema for ScheduleTime {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ScheduleTime".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "RFC 3339 (2026-01-01T09:00:00Z) or a local time in the schedule's zone (2026-01-01T09:00:00)"
+        })
     }
 }

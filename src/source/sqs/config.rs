@@ -9,7 +9,7 @@ use crate::pipeline::retry::Exhausted;
 use crate::source::{Defaults, Facts};
 
 /// `[mapping.source]` with `type = "sqs"`: a standard or FIFO queue.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SqsSource {
     /// The queue URL (a FIFO queue's ends in ".fifo").
@@ -21,6 +21,7 @@ pub struct SqsSource {
     /// (which is preferred): the same start-up check of the queue's visibility timeout.
     /// Default: the mapping's `function_timeout` when set, else no check.
     #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
     pub function_timeout: Option<Duration>,
 }
 
