@@ -74,6 +74,7 @@ fn every_config_file_validates_and_bad_ones_do_not() {
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     files.push(repo().join("docker/config.toml"));
+    files.push(repo().join("packaging/config.toml"));
     assert!(files.len() >= 2, "{files:?}");
     for (path, errors) in validate(&files) {
         assert!(errors.is_empty(), "{}: {errors}", path.display());
