@@ -140,6 +140,28 @@ async fn a_partial_batch_response_retries_only_the_reported_messages() {
     rabbit.delete(&queue).await;
 }
 
+/// On AWS a failed batch comes back from the broker with `redelivered: true`; the
+/// gateway's own retry of it says the same.
+#[tokio::test]
+async fn a_retried_message_arrives_redelivered() {
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("redelivered").await;
+    let f = Function::deploy("redelivered", &[("FAIL_ONCE", "msg-0001")]).await;
+    rabbit.publish(&queue, numbered(3)).await;
+
+    let gw = Gateway::start(&rabbit_config(&f.name, &queue, PARTIAL_BATCH));
+    f.wait_invocations(2, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let inv = f.invocations();
+    assert_eq!(inv.len(), 2, "one batch, one retry: {inv:?}");
+    assert_eq!(inv[0].bodies, numbered_strings(0..3));
+    assert_eq!(inv[0].redelivered, [false, false, false], "first delivery");
+    assert_eq!(inv[1].bodies, ["msg-0001"]);
+    assert_eq!(inv[1].redelivered, [true], "the retry is a redelivery");
+    assert_eq!(rabbit.ready(&queue).await, 0);
+    rabbit.delete(&queue).await;
+}
+
 #[tokio::test]
 async fn kill_9_mid_stream_loses_nothing_and_duplicates_only_the_batch_in_flight() {
     let rabbit = Rabbit::connect().await;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use common::*;
+use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -151,11 +152,12 @@ path = "{}"
         first["arn"],
         format!("arn:aws:scheduler:us-east-1:000000000000:schedule/default/{name}")
     );
-    assert!(
-        invocations
-            .iter()
-            .all(|i| i.event.as_ref().unwrap()["id"] == first["id"])
-    );
+    // Each attempt has its own execution id, as on AWS.
+    let ids: HashSet<String> = invocations
+        .iter()
+        .map(|i| i.event.as_ref().unwrap()["id"].to_string())
+        .collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
 
     assert_eq!(records.len(), 1, "{records:?}");
     let r = &records[0];
@@ -176,8 +178,60 @@ path = "{}"
             .starts_with(&at.to_string()),
         "{info}"
     );
+    // The failure record correlates by the fire's (first attempt's) id.
     assert_eq!(info["executionId"], first["id"]);
     assert_eq!(r["payload"]["time"], first["time"]);
+    assert_eq!(r["payload"]["attempt"], 3, "the last attempt's event");
+}
+
+/// Scheduler gives every attempted invocation its own `<aws.scheduler.execution-id>`:
+/// a fire failing once is invoked twice, with two ids.
+#[tokio::test]
+async fn each_attempt_of_a_fire_has_its_own_execution_id() {
+    let f = Function::deploy("schedexec", &[("FAIL_SCHEDULE_TIMES", "1")]).await;
+    let name = unique("execid");
+    let at = (Utc::now() + TimeDelta::seconds(4)).format("%Y-%m-%dT%H:%M:%S");
+    let gw = Gateway::start(&schedule_config(
+        &name,
+        &f.name,
+        "",
+        &format!(
+            r#"expression = "at({at})"
+input = '{{"time":"<aws.scheduler.scheduled-time>","attempt":<aws.scheduler.attempt-number>,"id":"<aws.scheduler.execution-id>"}}'"#
+        ),
+        "[mapping.retry]\nbackoff_min = \"10ms\"\nbackoff_max = \"50ms\"",
+    ));
+    let invocations = wait_for("the failed attempt and its retry", LONG, || {
+        let i = f.invocations();
+        i.iter().any(|i| i.ok).then_some(i)
+    })
+    .await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let events: Vec<&Value> = invocations
+        .iter()
+        .map(|i| i.event.as_ref().unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e["attempt"].clone())
+            .collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert!(
+        events.iter().all(|e| e["time"] == format!("{at}Z")),
+        "one fire: {events:?}"
+    );
+    let ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    for id in &ids {
+        assert_eq!(
+            uuid::Uuid::parse_str(id).unwrap().get_version_num(),
+            4,
+            "{id}"
+        );
+    }
+    assert_ne!(ids[0], ids[1], "a retry has its own execution id");
 }
 
 #[tokio::test]

@@ -78,6 +78,46 @@ async fn a_partial_batch_response_returns_exactly_the_reported_messages() {
     assert_eq!(depth(&client, &url).await, (0, 0));
 }
 
+/// On AWS a failed message is received again with a higher `ApproximateReceiveCount`;
+/// a retry inside the gateway (same receipt, the message never went back) says the same.
+#[tokio::test]
+async fn a_gateway_retry_raises_the_approximate_receive_count() {
+    let client = sqs_client().await;
+    let url = create_queue(&client, "receivecount", false, 30).await;
+    send(&client, &url, &[(None, "m-0".into()), (None, "m-1".into())]).await;
+    let f = Function::deploy("sqscount", &[("FAIL_ONCE", "m-1"), ("LOG_EVENT", "1")]).await;
+    let gw = Gateway::start(&sqs_config(
+        &f.name,
+        &url,
+        "report_batch_item_failures = true\n\n[mapping.batch]\nsize = 10\nwindow = \"1s\"\n\n\
+         [mapping.retry]\nmax_attempts = 2\nbackoff_min = \"10ms\"",
+    ));
+    f.wait_delivered(2, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let inv = f.invocations();
+    assert_eq!(inv.len(), 2, "one batch, one retry: {inv:?}");
+    let record = |i: usize, body: &str| {
+        let event = inv[i].event.clone().unwrap();
+        let records = event["Records"].as_array().unwrap().clone();
+        records.into_iter().find(|r| r["body"] == body).unwrap()
+    };
+    let (first, retried) = (record(0, "m-1"), record(1, "m-1"));
+    assert_eq!(inv[1].bodies, ["m-1"]);
+    assert_eq!(first["attributes"]["ApproximateReceiveCount"], "1");
+    assert_eq!(retried["attributes"]["ApproximateReceiveCount"], "2");
+    assert_eq!(inv[1].redelivered, [true]);
+    // The gateway's retry, not a second receive; nothing else changed.
+    assert_eq!(retried["receiptHandle"], first["receiptHandle"]);
+    let mut expected = first.clone();
+    expected["attributes"]["ApproximateReceiveCount"] = "2".into();
+    assert_eq!(retried, expected);
+    assert_eq!(
+        record(0, "m-0")["attributes"]["ApproximateReceiveCount"],
+        "1"
+    );
+    assert_eq!(depth(&client, &url).await, (0, 0));
+}
+
 #[tokio::test]
 async fn fifo_groups_keep_their_order_and_a_failure_holds_back_only_its_group() {
     let client = sqs_client().await;

@@ -20,8 +20,9 @@ pub fn function_error_message(body: &[u8]) -> String {
 
 /// The indexes (into `records`) a partial batch response names (see
 /// [`Shape::item_indexes`] for what identifies an item in each source). AWS's rules: an
-/// empty body, null, or an empty or missing list is full success;
-/// invalid JSON or an empty, null or unknown identifier is full failure (Err).
+/// empty body, null, or an object with an empty or missing list is full success;
+/// invalid JSON, JSON that is neither an object nor null (a string, a list, a number,
+/// a bool), or an empty, null or unknown identifier is full failure (Err).
 pub fn item_failures(
     body: &[u8],
     shape: &dyn Shape,
@@ -32,7 +33,24 @@ pub fn item_failures(
     }
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| format!("the function's partial batch response is not JSON: {e}"))?;
-    let items = match v.get("batchItemFailures") {
+    let object = match &v {
+        Value::Null => return Ok(Vec::new()),
+        Value::Object(object) => object,
+        // A function that meant to report failures and returned something else must
+        // not have its records acknowledged.
+        other => {
+            let kind = match other {
+                Value::String(_) => "a string",
+                Value::Array(_) => "a list",
+                Value::Number(_) => "a number",
+                _ => "a bool",
+            };
+            return Err(format!(
+                "the function's partial batch response is {kind}, not a JSON object"
+            ));
+        }
+    };
+    let items = match object.get("batchItemFailures") {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) => items,
         Some(other) => return Err(format!("batchItemFailures is not a list: {other}")),
@@ -77,7 +95,6 @@ mod tests {
             "{}",
             r#"{"batchItemFailures":[]}"#,
             r#"{"batchItemFailures":null}"#,
-            "\"done\"",
         ] {
             assert_eq!(
                 item_failures(ok.as_bytes(), &rabbit(), &r),
@@ -148,6 +165,13 @@ mod tests {
             r#"{"batchItemFailures":[{"itemIdentifier":4}]}"#,
             r#"{"batchItemFailures":[{"id":"a"}]}"#,
             r#"{"batchItemFailures":"a"}"#,
+            // Valid JSON, but not a partial batch response: AWS fails the batch.
+            "\"done\"",
+            r#"[{"itemIdentifier":"a"}]"#,
+            "[]",
+            "0",
+            "true",
+            "false",
         ] {
             assert!(
                 item_failures(bad.as_bytes(), &rabbit(), &r).is_err(),

@@ -39,8 +39,25 @@ impl Shape for RabbitShape {
         "rabbitmq"
     }
 
-    fn render(&self, records: &[Record], _attempt: u32) -> Vec<u8> {
-        join(&self.prefix, records, b"}}")
+    /// From the second attempt on, every message says `"redelivered":true`, as the
+    /// broker's redelivery of a failed batch does on AWS. The first attempt sends the
+    /// fragments as rendered on arrival.
+    fn render(&self, records: &[Record], attempt: u32) -> Vec<u8> {
+        if attempt <= 1 || records.is_empty() {
+            return join(&self.prefix, records, b"}}");
+        }
+        let bytes: usize = records.iter().map(Record::weight).sum();
+        let mut out = Vec::with_capacity(self.prefix.len() + bytes + records.len() + 5);
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(b":[");
+        for (i, r) in records.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_redelivered(&mut out, &r.fragment);
+        }
+        out.extend_from_slice(b"]}}");
+        out
     }
 
     /// A message id (string) names every record that carries it; a number is a
@@ -125,6 +142,27 @@ pub fn rabbit_fragment(
     push_base64(&mut out, body);
     out.push_str("\"}");
     out
+}
+
+/// What [`rabbit_fragment`] writes between the basic properties and the body of a
+/// message the broker delivered for the first time.
+const FIRST_DELIVERY: &str = r#"},"redelivered":false,"data":""#;
+const REDELIVERY: &str = r#"},"redelivered":true,"data":""#;
+
+/// Appends a message's fragment with `"redelivered":true`. The last occurrence of
+/// [`FIRST_DELIVERY`] is the message's own: JSON strings cannot hold its unescaped
+/// quotes, header values are never strings, and `data` (base64) is the last field of an
+/// element that is invoked.
+fn push_redelivered(out: &mut Vec<u8>, fragment: &str) {
+    match fragment.rfind(FIRST_DELIVERY) {
+        Some(at) => {
+            out.extend_from_slice(&fragment.as_bytes()[..at]);
+            out.extend_from_slice(REDELIVERY.as_bytes());
+            out.extend_from_slice(&fragment.as_bytes()[at + FIRST_DELIVERY.len()..]);
+        }
+        // Already redelivered by the broker.
+        None => out.extend_from_slice(fragment.as_bytes()),
+    }
 }
 
 /// The short-string basic properties by their event names, in the event's order.
@@ -387,6 +425,65 @@ mod tests {
         // Every key of AWS's own example is present, no more and no fewer.
         let keys: Vec<_> = bp.as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys.len(), 15, "{keys:?}");
+    }
+
+    #[test]
+    fn a_retry_says_redelivered_and_changes_nothing_else() {
+        // A header named like the fields, with values that look like them: only the
+        // message's own flag changes.
+        let mut headers = FieldTable::default();
+        headers.insert("redelivered".into(), AMQPValue::Boolean(false));
+        headers.insert(
+            "data".into(),
+            AMQPValue::LongString(LongString::from(r#"},"redelivered":false,"data":""#)),
+        );
+        let props = lapin::BasicProperties::default()
+            .with_message_id(r#"},"redelivered":false,"data":""#.into())
+            .with_delivery_mode(2)
+            .with_priority(0)
+            .with_headers(headers);
+        let fresh = Record {
+            fragment: rabbit_fragment(&props, false, b"hello"),
+            ..Record::for_test(Some("m-1"), None, 1)
+        };
+        let again = Record {
+            fragment: rabbit_fragment(&props, true, b"bye"),
+            ..Record::for_test(Some("m-2"), None, 2)
+        };
+        let env = RabbitShape::new("arn:aws:mq:us-east-1:000000000000:broker:b", "orders", "/");
+        let records = [fresh, again];
+        let first = env.render(&records, 1);
+        // The first attempt sends the fragments exactly as rendered on arrival.
+        let expected = [
+            &env.prefix[..],
+            b":[",
+            records[0].fragment.as_bytes(),
+            b",",
+            records[1].fragment.as_bytes(),
+            b"]}}",
+        ]
+        .concat();
+        assert_eq!(first, expected);
+        for attempt in [2, 3, 186] {
+            let retried = env.render(&records, attempt);
+            let mut a: Value = serde_json::from_slice(&first).unwrap();
+            let b: Value = serde_json::from_slice(&retried).unwrap();
+            let msgs = &b["rmqMessagesByQueue"]["orders::/"];
+            assert_eq!(msgs[0]["redelivered"], true, "attempt {attempt}");
+            assert_eq!(msgs[1]["redelivered"], true, "attempt {attempt}");
+            // Everything else is as on the first attempt.
+            a["rmqMessagesByQueue"]["orders::/"][0]["redelivered"] = json!(true);
+            assert_eq!(a, b, "attempt {attempt}");
+            assert_eq!(retried.len(), first.len() - 1, "one false became true");
+            let e: aws_lambda_events::event::rabbitmq::RabbitMqEvent =
+                serde_json::from_slice(&retried).unwrap();
+            assert!(
+                e.messages_by_queue["orders::/"]
+                    .iter()
+                    .all(|m| m.redelivered)
+            );
+        }
+        assert_eq!(env.render(&[], 2), env.render(&[], 1));
     }
 
     #[test]

@@ -49,9 +49,9 @@ use store::Store;
 pub use timer::{Clock, Registration, Timer, timer};
 
 /// The Scheduler input placeholders substituted when a schedule fires (the attempt
-/// number is substituted per invoke, by the envelope).
+/// number and the execution id are substituted per invoke, by the envelope).
 pub const SCHEDULED_TIME: &str = "<aws.scheduler.scheduled-time>";
-pub const EXECUTION_ID: &str = "<aws.scheduler.execution-id>";
+pub use event::EXECUTION_ID;
 pub const SCHEDULE_ARN: &str = "<aws.scheduler.schedule-arn>";
 
 /// When a schedule fires: its expression in its zone, between its start and end.
@@ -132,7 +132,8 @@ pub enum Payload {
         region: String,
         rule_arn: String,
     },
-    /// The configured input, with Scheduler's placeholders substituted.
+    /// The configured input, with Scheduler's placeholders substituted (the attempt
+    /// number and execution id per invoke).
     Input {
         template: String,
         schedule_arn: String,
@@ -140,7 +141,9 @@ pub enum Payload {
 }
 
 impl Payload {
-    /// The event for one fire (the attempt number is left to the envelope).
+    /// The event for one fire. A Scheduled Event's `id` is the fire's `execution_id`;
+    /// an input's attempt number and execution id are left to the envelope, which
+    /// gives each attempt its own.
     pub fn render(&self, scheduled: DateTime<Utc>, execution_id: &str) -> String {
         let time = scheduled.to_rfc3339_opts(SecondsFormat::Secs, true);
         let s = |v: &str| serde_json::Value::from(v).to_string();
@@ -162,7 +165,6 @@ impl Payload {
                 schedule_arn,
             } => template
                 .replace(SCHEDULED_TIME, &time)
-                .replace(EXECUTION_ID, execution_id)
                 .replace(SCHEDULE_ARN, schedule_arn),
         }
     }

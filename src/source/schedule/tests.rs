@@ -169,9 +169,9 @@ fn an_input_gets_schedulers_placeholders() {
     let text = p.render(utc("2026-01-02T03:04:05Z"), "exec-1");
     assert_eq!(
         text,
-        r#"{"at":"2026-01-02T03:04:05Z","id":"exec-1","arn":"arn:aws:scheduler:us-east-1:0:schedule/default/s","n":<aws.scheduler.attempt-number>}"#
+        r#"{"at":"2026-01-02T03:04:05Z","id":"<aws.scheduler.execution-id>","arn":"arn:aws:scheduler:us-east-1:0:schedule/default/s","n":<aws.scheduler.attempt-number>}"#
     );
-    // The attempt number is the envelope's, per invoke.
+    // The attempt number and execution id are the envelope's, per invoke.
     let env = super::event::ScheduleShape {
         name: "s".into(),
         arn: "arn".into(),
@@ -188,6 +188,14 @@ fn an_input_gets_schedulers_placeholders() {
     ))
     .unwrap();
     assert_eq!(third["n"], 3);
+    let first: serde_json::Value = serde_json::from_slice(&crate::invoke::event::Shape::render(
+        &env,
+        std::slice::from_ref(&record),
+        1,
+    ))
+    .unwrap();
+    assert_eq!(first["id"], "exec-1");
+    assert_eq!(first["n"], 1);
 }
 
 #[test]

@@ -20,8 +20,28 @@ impl Shape for SqsShape {
         "sqs"
     }
 
-    fn render(&self, records: &[Record], _attempt: u32) -> Vec<u8> {
-        join(br#"{"Records""#, records, b"}")
+    /// From the second attempt on, each message's `ApproximateReceiveCount` is what it
+    /// would be had the failed batch gone back to the queue and been received again
+    /// (as on AWS): the count it arrived with, plus one per earlier attempt. The first
+    /// attempt sends the fragments as rendered on arrival.
+    fn render(&self, records: &[Record], attempt: u32) -> Vec<u8> {
+        if attempt <= 1 || records.is_empty() {
+            return join(br#"{"Records""#, records, b"}");
+        }
+        let bytes: usize = records.iter().map(Record::weight).sum();
+        let mut out = Vec::with_capacity(bytes + records.len() + 16);
+        out.extend_from_slice(br#"{"Records":["#);
+        for (i, r) in records.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            match received_again(&r.fragment, attempt - 1) {
+                Some(fragment) => out.extend_from_slice(fragment.as_bytes()),
+                None => out.extend_from_slice(r.fragment.as_bytes()),
+            }
+        }
+        out.extend_from_slice(b"]}");
+        out
     }
 
     fn item_indexes(&self, id: &Value, records: &[Record]) -> Vec<usize> {
@@ -73,6 +93,18 @@ impl Shape for SqsShape {
     }
 }
 
+/// A message's fragment with `attributes.ApproximateReceiveCount` raised by `more`;
+/// None if it has no such count. Only retries pay for this parse: the fragment was
+/// written by serde_json, so writing it again changes nothing but the count (every
+/// value of an SQS element is a string, which reads back exactly).
+fn received_again(fragment: &str, more: u32) -> Option<String> {
+    let mut element: Value = serde_json::from_str(fragment).ok()?;
+    let count = element.pointer_mut("/attributes/ApproximateReceiveCount")?;
+    let n: u64 = count.as_str()?.parse().ok()?;
+    *count = Value::from(n.saturating_add(u64::from(more)).to_string());
+    Some(element.to_string())
+}
+
 /// One SQS message as an element of `Records`, exactly as Lambda's SQS trigger sends
 /// it: system attributes by name, message attributes with camelCase keys, binary values
 /// base64.
@@ -117,4 +149,107 @@ pub fn sqs_fragment(
         "awsRegion": region,
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName as A};
+
+    fn message(id: &str, receive_count: &str) -> Message {
+        Message::builder()
+            .message_id(id)
+            .receipt_handle(format!("rh-{id}"))
+            // A body that names the attribute, in JSON and in escapes.
+            .body(r#"{"ApproximateReceiveCount":"1","attributes":{"ApproximateReceiveCount":"1"}} é \u00e9"#)
+            .md5_of_body("md5")
+            .attributes(A::ApproximateReceiveCount, receive_count)
+            .attributes(A::ApproximateFirstReceiveTimestamp, "1545082649185")
+            .attributes(A::SentTimestamp, "1545082649183")
+            .attributes(A::SenderId, "AIDAIENQZJOLO23YVJ4VO")
+            .message_attributes(
+                "ApproximateReceiveCount",
+                MessageAttributeValue::builder()
+                    .data_type("Number")
+                    .string_value("1")
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+    }
+
+    fn record(m: &Message) -> Record {
+        Record {
+            fragment: sqs_fragment(m, "arn:aws:sqs:us-east-1:000000000000:q", "us-east-1"),
+            ..Record::for_test(m.message_id(), None, 0)
+        }
+    }
+
+    fn counts(event: &[u8]) -> Vec<String> {
+        let e: aws_lambda_events::event::sqs::SqsEvent = serde_json::from_slice(event).unwrap();
+        e.records
+            .iter()
+            .map(|r| r.attributes["ApproximateReceiveCount"].clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_retry_counts_one_more_receive_per_attempt_and_changes_nothing_else() {
+        let shape = SqsShape {
+            queue_url: "q".into(),
+            fifo: false,
+        };
+        // One received for the first time, one the queue had already handed out thrice.
+        let records = [record(&message("m-1", "1")), record(&message("m-2", "4"))];
+        let first = shape.render(&records, 1);
+        // The first attempt sends the fragments exactly as rendered on arrival.
+        let expected = [
+            &br#"{"Records":["#[..],
+            records[0].fragment.as_bytes(),
+            b",",
+            records[1].fragment.as_bytes(),
+            b"]}",
+        ]
+        .concat();
+        assert_eq!(first, expected);
+        assert_eq!(counts(&first), ["1", "4"]);
+        for (attempt, want) in [(2, ["2", "5"]), (3, ["3", "6"]), (186, ["186", "189"])] {
+            let retried = shape.render(&records, attempt);
+            assert_eq!(counts(&retried), want, "attempt {attempt}");
+            // Byte for byte the first attempt's event, but for the two counts.
+            let text = String::from_utf8(first.clone())
+                .unwrap()
+                .replacen(
+                    r#""ApproximateReceiveCount":"1""#,
+                    &format!(r#""ApproximateReceiveCount":"{}""#, want[0]),
+                    1,
+                )
+                .replacen(
+                    r#""ApproximateReceiveCount":"4""#,
+                    &format!(r#""ApproximateReceiveCount":"{}""#, want[1]),
+                    1,
+                );
+            assert_eq!(
+                String::from_utf8(retried).unwrap(),
+                text,
+                "attempt {attempt}"
+            );
+        }
+        assert_eq!(shape.render(&[], 2), shape.render(&[], 1));
+    }
+
+    #[test]
+    fn a_fragment_without_a_receive_count_is_sent_as_it_is() {
+        let m = Message::builder().message_id("m").body("b").build();
+        let r = record(&m);
+        assert_eq!(received_again(&r.fragment, 1), None);
+        let shape = SqsShape {
+            queue_url: "q".into(),
+            fifo: false,
+        };
+        assert_eq!(
+            shape.render(std::slice::from_ref(&r), 2),
+            shape.render(std::slice::from_ref(&r), 1)
+        );
+    }
 }
