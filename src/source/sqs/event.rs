@@ -126,13 +126,19 @@ pub fn sqs_fragment(
         .into_iter()
         .flatten()
         .map(|(k, a)| {
-            let v = json!({
-                "stringValue": a.string_value(),
-                "binaryValue": a.binary_value().map(b64),
+            // As Lambda's SQS trigger has them: the list values always, a string or
+            // binary value only when the attribute has one (AWS leaves the key out).
+            let mut v = json!({
                 "stringListValues": a.string_list_values(),
                 "binaryListValues": a.binary_list_values().iter().map(b64).collect::<Vec<_>>(),
                 "dataType": a.data_type(),
             });
+            if let Some(s) = a.string_value() {
+                v["stringValue"] = s.into();
+            }
+            if let Some(b) = a.binary_value() {
+                v["binaryValue"] = b64(b).into();
+            }
             (k.clone(), v)
         })
         .collect();
