@@ -1,8 +1,8 @@
 //! What flows from a source through the pipeline: a [`Record`] and how it ends.
 //!
 //! A record is rendered into its element of the AWS event once, when it arrives, so the
-//! batcher can count bytes exactly and a retry or a bisection re-renders nothing but the
-//! envelope. Every record ends with one [`Resolution`]; a source acknowledges it only
+//! batcher can count bytes exactly and a first attempt or a bisection re-renders nothing
+//! but the envelope (a retry rewrites only what a redelivery would change). Every record ends with one [`Resolution`]; a source acknowledges it only
 //! then, and a record dropped unresolved is left to the broker to redeliver.
 
 use std::any::Any;

@@ -3,8 +3,9 @@
 //!
 //! Records arrive pre-rendered (see `record.rs`): each source renders its element of the
 //! AWS event once, when a message arrives, and its [`Shape`] wraps a batch of them in the
-//! source's envelope for each invoke. A retry or a bisection re-renders nothing but the
-//! envelope.
+//! source's envelope for each invoke. A bisection re-renders nothing but the envelope; a
+//! retry also rewrites what AWS's redelivery would change (RabbitMQ's `redelivered`, SQS's
+//! `ApproximateReceiveCount`, a schedule's attempt number and execution id), and only then.
 
 use std::fmt::Write as _;
 use std::time::SystemTime;

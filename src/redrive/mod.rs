@@ -338,10 +338,14 @@ fn succeeded(r: &Response, item_failures: bool) -> bool {
     if !item_failures {
         return true;
     }
+    // The pipeline's rules (`pipeline::response`): an empty body, null or an object
+    // without failures is success; any other JSON (a string, a list) is not.
     match serde_json::from_slice::<Value>(&r.payload) {
-        Ok(v) => v
+        Ok(Value::Null) => true,
+        Ok(Value::Object(o)) => o
             .get("batchItemFailures")
             .is_none_or(|f| f.is_null() || f.as_array().is_some_and(Vec::is_empty)),
+        Ok(_) => false,
         Err(_) => r.payload.iter().all(u8::is_ascii_whitespace),
     }
 }
@@ -349,6 +353,29 @@ fn succeeded(r: &Response, item_failures: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replay_succeeds_only_on_what_the_pipeline_counts_as_success() {
+        let answer = |body: &str| Response {
+            status: 200,
+            payload: body.as_bytes().to_vec(),
+            function_error: None,
+            executed_version: None,
+        };
+        for ok in ["", " ", "null", "{}", r#"{"batchItemFailures":[]}"#] {
+            assert!(succeeded(&answer(ok), true), "{ok:?}");
+        }
+        for failed in [
+            r#"{"batchItemFailures":[{"itemIdentifier":"m"}]}"#,
+            r#""done""#,
+            "[]",
+            "0",
+            "{bad",
+        ] {
+            assert!(!succeeded(&answer(failed), true), "{failed:?}");
+        }
+        assert!(succeeded(&answer(r#""done""#), false));
+    }
 
     fn refused(r: Result<Vec<u8>, RedriveError>) -> String {
         match r {
