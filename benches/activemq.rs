@@ -1,11 +1,9 @@
-//! ActiveMQ drain benchmark, raw-client half: how fast does a plain STOMP 1.2 consumer
-//! empty an ActiveMQ queue? The gateway half (the release `esm-gateway` binary draining the
-//! same queue into the Lambda stub, as `benches/rabbitmq.rs` does) comes with the ActiveMQ
-//! source; its row will be compared with this one.
+//! ActiveMQ drain benchmark: how fast does esm-gateway empty an ActiveMQ queue into
+//! Lambda, compared with a plain STOMP 1.2 consumer draining the same queue?
 //!
 //! ```text
 //! cargo bench --bench activemq
-//! BENCH_MESSAGES=100000 BENCH_SIZE=1024 BENCH_ACK=client BENCH_WARMUP=20000 \
+//! BENCH_MESSAGES=100000 BENCH_SIZE=1024 BENCH_ACK=client BENCH_WARMUP=20000 BENCH_BATCH=100 \
 //!   ESM_ACTIVEMQ_URL=stomp://… cargo bench --bench activemq
 //! ```
 //!
@@ -18,8 +16,13 @@
 //!    receipt. `BENCH_ACK=client` (default) sends one cumulative ACK every 100 messages, as
 //!    the gateway acks a delivered batch; `client-individual` acks every message (flushed
 //!    every 100), as it must when one record of a batch is NACKed.
-//! 3. Checks the queue is empty, prints a Markdown table and the CPU time per record of
-//!    this process and of the broker's JVM (from `/proc`). The drained queue is removed by
+//! 3. Fills the queue again and times the release `esm-gateway` binary (built by `cargo
+//!    bench`) draining it into an in-process Lambda API stub that answers `null` at once,
+//!    from process start until the stub has counted every record (batches of
+//!    `BENCH_BATCH`, prefetch 1000 or the batch if larger, cumulative acks).
+//! 4. Checks the queue is empty, prints a Markdown table with each row's ratio to the raw
+//!    consumer, and the CPU time per record of the gateway, this process and the broker's
+//!    JVM (from `/proc`). The drained queue is removed by
 //!    the broker once idle (`scripts/stack` configures that; STOMP cannot delete a queue).
 //!
 //! Needs a local ActiveMQ with the statistics plugin (`scripts/stack up`, whose `env` sets
@@ -34,6 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 use support::Drain;
+use support::lambda_stub::{self, EventKind};
 use support::proc_stats;
 
 /// Prefetch of the raw consumer (`activemq.prefetchSize`).
@@ -71,6 +75,10 @@ struct Params {
     warmup: u64,
     size: usize,
     ack: AckMode,
+    /// The gateway's batch size.
+    batch: u64,
+    /// The broker's URL as the gateway is given it.
+    url: String,
 }
 
 impl Params {
@@ -99,8 +107,14 @@ impl Params {
             warmup: num("BENCH_WARMUP", 20_000)?,
             size: num("BENCH_SIZE", 1024)?,
             ack,
+            batch: num("BENCH_BATCH", 100)?,
+            url: url.clone(),
         };
         ensure!(p.messages > 0, "BENCH_MESSAGES must be positive");
+        ensure!(
+            (1..=10_000).contains(&p.batch),
+            "BENCH_BATCH must be between 1 and 10000"
+        );
         Ok(p)
     }
 }
@@ -157,7 +171,39 @@ async fn main() -> Result<()> {
         "queue {queue} still holds {left} messages after the drain"
     );
 
-    print!("{}", report(&params, &raw, raw_cpu, raw_broker_cpu));
+    // The gateway, timed against the raw drain (it gets 20 times as long, at least 60 s).
+    let (stub, stats) = lambda_stub::start_with(lambda_stub::Options {
+        target: params.messages,
+        kind: EventKind::ActiveMq,
+        delay: Duration::ZERO,
+    })
+    .await?;
+    fill(&params, &queue).await?;
+    let limit = (raw.elapsed * 20).max(Duration::from_secs(60));
+    let run = support::gateway::drain_into_stub(
+        &gateway_config(&params, &queue, stub),
+        &stats,
+        params.messages,
+        &broker,
+        ticks,
+        limit,
+    )
+    .await?;
+    let gw = Drain {
+        records: run.records,
+        elapsed: run.reached - run.started,
+    };
+    let left = queue_depth(&params, &queue).await?;
+    ensure!(
+        left == 0,
+        "queue {queue} still holds {left} messages after the gateway's drain"
+    );
+
+    let (rows, notes) = gateway_report(&params, &raw, &gw, &run, stats.invokes());
+    print!(
+        "{}{notes}",
+        report(&params, &raw, raw_cpu, raw_broker_cpu, &rows)
+    );
     std::io::stdout().flush()?;
     Ok(())
 }
@@ -312,6 +358,85 @@ async fn queue_depth(params: &Params, queue: &str) -> Result<u64> {
         .with_context(|| format!("no size in the statistics reply {json}"))
 }
 
+fn gateway_config(params: &Params, queue: &str, stub: std::net::SocketAddr) -> String {
+    // JSON strings are valid TOML basic strings.
+    let s = |v: &str| serde_json::to_string(v).expect("string to JSON");
+    format!(
+        r#"[aws]
+region = "us-east-1"
+endpoint_url = "http://{stub}"
+
+[gateway]
+shutdown_grace = "5s"
+
+[[mapping]]
+name = "bench"
+function = "bench-fn"
+
+[mapping.source]
+type = "activemq"
+url = {url}
+username = {user}
+password = {password}
+queue = {queue}
+prefetch = {prefetch}
+
+[mapping.batch]
+size = {batch}
+window = "500ms"
+"#,
+        url = s(&params.url),
+        user = s(&params.user),
+        password = s(&params.password),
+        queue = s(queue),
+        prefetch = PREFETCH.max(params.batch),
+        batch = params.batch,
+    )
+}
+
+/// The gateway's table rows, with their ratio to the raw consumer, and a line of its
+/// costs.
+fn gateway_report(
+    params: &Params,
+    raw: &Drain,
+    gw: &Drain,
+    run: &support::gateway::StubDrain,
+    invokes: u64,
+) -> (String, String) {
+    let per_record = |d: Duration, n: u64| d.as_secs_f64() * 1e6 / n as f64;
+    let mut out = String::new();
+    let mut row = |path: &str, d: &Drain| {
+        let _ = writeln!(
+            out,
+            "| {path:<44} | {:>7} | {:>7.2} | {:>9.0} | {:>5.2} |",
+            d.records,
+            d.elapsed.as_secs_f64(),
+            d.rate(),
+            d.rate() / raw.rate()
+        );
+    };
+    row(&format!("esm-gateway (batch {})", params.batch), gw);
+    if run.reached > run.first {
+        let steady = Drain {
+            records: run.records - run.first_records,
+            elapsed: run.reached - run.first,
+        };
+        row("esm-gateway, first→last invoke", &steady);
+    }
+    let mut notes = String::new();
+    let _ = writeln!(
+        notes,
+        "gateway CPU: {:.1} µs/record, peak RSS: {:.1} MiB, invokes: {invokes}; \
+         start → first invoke {:.3} s; lambda stub CPU {:.1} µs/record; broker CPU {:.1} µs/record",
+        per_record(run.cpu, gw.records),
+        run.peak_rss_kib as f64 / 1024.0,
+        (run.first - run.started).as_secs_f64(),
+        per_record(run.stub_cpu, gw.records),
+        per_record(run.broker_cpu, gw.records),
+    );
+    (out, notes)
+}
+
 /// The local ActiveMQ JVM(s): `java` processes whose command line names activemq.jar.
 fn broker_pids() -> Vec<String> {
     proc_stats::pids_named("java")
@@ -323,7 +448,13 @@ fn broker_pids() -> Vec<String> {
         .collect()
 }
 
-fn report(params: &Params, raw: &Drain, raw_cpu: Duration, raw_broker_cpu: Duration) -> String {
+fn report(
+    params: &Params,
+    raw: &Drain,
+    raw_cpu: Duration,
+    raw_broker_cpu: Duration,
+    gateway_rows: &str,
+) -> String {
     let per_record = |d: Duration, n: u64| d.as_secs_f64() * 1e6 / n as f64;
     let mut out = format!(
         "\n{} messages × {} B\n\n| {:<44} | records | seconds | records/s | ratio |\n|{}|---------|---------|-----------|-------|\n",
@@ -346,6 +477,7 @@ fn report(params: &Params, raw: &Drain, raw_cpu: Duration, raw_broker_cpu: Durat
         &format!("raw STOMP consumer, ack {}", params.ack.header()),
         raw,
     );
+    out.push_str(gateway_rows);
     let _ = writeln!(
         out,
         "\nraw consumer CPU: {:.1} µs/record; broker CPU: {:.1} µs/record",

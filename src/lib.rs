@@ -5,7 +5,8 @@
 //! Data flows one way, and the modules follow it:
 //!
 //! ```text
-//! source (rabbitmq | kafka | sqs | schedule)   source/<kind>/ (schedule: one record per fire)
+//! source (rabbitmq | activemq | kafka | sqs | schedule)
+//!                                              source/<kind>/ (schedule: one record per fire)
 //!    -> Record { event element, id, key, position, ack handle }   record.rs
 //!    -> batcher (size / bytes / window)         pipeline/batcher.rs, pipeline/budget.rs
 //!    -> one batch in flight per ordering unit   source/<kind>/ (queue, partition or lane, receive)
@@ -33,6 +34,8 @@
 //! - `aws`: the `[aws]` table and the SDK configuration every AWS client shares.
 //! - `amqp`: the AMQP connection code shared by the RabbitMQ source, destination and
 //!   redrive.
+//! - `source::activemq`: ActiveMQ over STOMP 1.2, with the gateway's own small client
+//!   (`source/activemq/stomp.rs`; TLS through tokio-rustls).
 //! - `config`: the TOML file, composed of each component's config; cross-cutting checks
 //!   (shared by `run` and `validate`).
 //! - `runtime`: one supervised task per mapping (`supervise.rs`), built from its config

@@ -24,6 +24,8 @@ pub enum EventKind {
     RabbitMq,
     /// `SelfManagedKafka`: one `"offset"` key per record.
     Kafka,
+    /// `aws:mq` (ActiveMQ): one `"messageID"` key per record, in a `messages` array.
+    ActiveMq,
 }
 
 /// How the stub behaves.
@@ -156,6 +158,7 @@ impl EventKind {
         match self {
             EventKind::RabbitMq => (b"basicProperties", "aws:rmq", "rmqMessagesByQueue"),
             EventKind::Kafka => (b"offset", "SelfManagedKafka", "records"),
+            EventKind::ActiveMq => (b"messageID", "aws:mq", "messages"),
         }
     }
 
@@ -180,11 +183,16 @@ impl EventKind {
         if v["eventSource"] != source {
             return Err(format!("eventSource is {}", v["eventSource"]));
         }
-        let groups = v[field]
-            .as_object()
-            .ok_or_else(|| format!("no {field} object"))?;
-        let [(_, records)] = groups.iter().collect::<Vec<_>>()[..] else {
-            return Err(format!("{} entries in {field}", groups.len()));
+        let records = if self == EventKind::ActiveMq {
+            &v[field]
+        } else {
+            let groups = v[field]
+                .as_object()
+                .ok_or_else(|| format!("no {field} object"))?;
+            let [(_, records)] = groups.iter().collect::<Vec<_>>()[..] else {
+                return Err(format!("{} entries in {field}", groups.len()));
+            };
+            records
         };
         let parsed = records.as_array().ok_or("records are not an array")?.len() as u64;
         if parsed == expected {

@@ -9,6 +9,7 @@
 //! with one line per kind and no wildcard, so that adding a kind makes the compiler name
 //! each place to extend (all in this file).
 
+pub mod activemq;
 pub mod kafka;
 pub mod rabbitmq;
 pub mod schedule;
@@ -29,12 +30,13 @@ use crate::pipeline::retry::{Deliverer, Exhausted};
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
     Rabbitmq(rabbitmq::config::RabbitSource),
+    Activemq(activemq::config::ActiveMqSource),
     Kafka(kafka::config::KafkaSource),
     Sqs(sqs::config::SqsSource),
     Schedule(schedule::config::ScheduleSource),
 }
 
-const SOURCE_TYPES: &[&str] = &["rabbitmq", "kafka", "sqs", "schedule"];
+const SOURCE_TYPES: &[&str] = &["rabbitmq", "activemq", "kafka", "sqs", "schedule"];
 
 /// The schema of [`SourceConfig`]: what its hand-written deserializer accepts, a table
 /// tagged by `type`.
@@ -42,10 +44,23 @@ const SOURCE_TYPES: &[&str] = &["rabbitmq", "kafka", "sqs", "schedule"];
 #[serde(tag = "type", rename_all = "snake_case")]
 #[allow(dead_code)]
 enum SourceSchema {
+    Activemq(activemq::config::ActiveMqSource),
     Rabbitmq(rabbitmq::config::RabbitSource),
     Kafka(kafka::config::KafkaSource),
     Sqs(sqs::config::SqsSource),
     Schedule(schedule::config::ScheduleSource),
+}
+
+/// Never called: its match makes the compiler name [`SourceSchema`] when a kind is added.
+#[allow(dead_code)]
+fn schema_of(source: SourceConfig) -> SourceSchema {
+    match source {
+        SourceConfig::Activemq(s) => SourceSchema::Activemq(s),
+        SourceConfig::Rabbitmq(s) => SourceSchema::Rabbitmq(s),
+        SourceConfig::Kafka(s) => SourceSchema::Kafka(s),
+        SourceConfig::Sqs(s) => SourceSchema::Sqs(s),
+        SourceConfig::Schedule(s) => SourceSchema::Schedule(s),
+    }
 }
 
 impl schemars::JsonSchema for SourceConfig {
@@ -133,6 +148,7 @@ impl SourceConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             SourceConfig::Rabbitmq(_) => "rabbitmq",
+            SourceConfig::Activemq(_) => "activemq",
             SourceConfig::Kafka(_) => "kafka",
             SourceConfig::Sqs(_) => "sqs",
             SourceConfig::Schedule(_) => "schedule",
@@ -142,6 +158,7 @@ impl SourceConfig {
     pub fn defaults(&self) -> Defaults {
         match self {
             SourceConfig::Rabbitmq(_) => rabbitmq::config::DEFAULTS,
+            SourceConfig::Activemq(_) => activemq::config::DEFAULTS,
             SourceConfig::Kafka(_) => kafka::config::DEFAULTS,
             SourceConfig::Sqs(_) => sqs::config::DEFAULTS,
             SourceConfig::Schedule(_) => schedule::config::DEFAULTS,
@@ -152,6 +169,7 @@ impl SourceConfig {
     pub fn problems(&self, facts: &Facts, out: &mut Vec<String>) {
         match self {
             SourceConfig::Rabbitmq(s) => s.problems(facts, out),
+            SourceConfig::Activemq(s) => s.problems(facts, out),
             SourceConfig::Kafka(s) => s.problems(facts, out),
             SourceConfig::Sqs(s) => s.problems(facts, out),
             SourceConfig::Schedule(s) => s.problems(facts, out),
@@ -163,6 +181,7 @@ impl SourceConfig {
     pub fn shape(&self, name: &str, region: &str, account: &str) -> Arc<dyn Shape> {
         match self {
             SourceConfig::Rabbitmq(s) => Arc::new(s.shape(region, account)),
+            SourceConfig::Activemq(s) => Arc::new(s.shape(region, account)),
             SourceConfig::Kafka(s) => Arc::new(s.shape(name, region, account)),
             SourceConfig::Sqs(s) => Arc::new(s.shape()),
             SourceConfig::Schedule(s) => Arc::new(s.shape(name, region, account)),
@@ -173,7 +192,10 @@ impl SourceConfig {
     pub fn rabbitmq_url(&self) -> Option<&crate::env::SecretUrl> {
         match self {
             SourceConfig::Rabbitmq(s) => Some(&s.url),
-            SourceConfig::Kafka(_) | SourceConfig::Sqs(_) | SourceConfig::Schedule(_) => None,
+            SourceConfig::Activemq(_)
+            | SourceConfig::Kafka(_)
+            | SourceConfig::Sqs(_)
+            | SourceConfig::Schedule(_) => None,
         }
     }
 
@@ -181,7 +203,10 @@ impl SourceConfig {
     pub fn as_schedule(&self) -> Option<&schedule::config::ScheduleSource> {
         match self {
             SourceConfig::Schedule(s) => Some(s),
-            SourceConfig::Rabbitmq(_) | SourceConfig::Kafka(_) | SourceConfig::Sqs(_) => None,
+            SourceConfig::Rabbitmq(_)
+            | SourceConfig::Activemq(_)
+            | SourceConfig::Kafka(_)
+            | SourceConfig::Sqs(_) => None,
         }
     }
 
@@ -189,6 +214,7 @@ impl SourceConfig {
     pub async fn run(&self, context: Context) {
         match self {
             SourceConfig::Rabbitmq(s) => rabbitmq::run(s, context).await,
+            SourceConfig::Activemq(s) => activemq::run(s, context).await,
             SourceConfig::Kafka(s) => kafka::run(s, context).await,
             SourceConfig::Sqs(s) => sqs::run(s, context).await,
             SourceConfig::Schedule(s) => schedule::run_source(s, context).await,
@@ -214,6 +240,7 @@ fn variant<'de, D: serde::Deserializer<'de>>(
     use serde::de::Error as _;
     match kind {
         "rabbitmq" => Deserialize::deserialize(rest).map(SourceConfig::Rabbitmq),
+        "activemq" => Deserialize::deserialize(rest).map(SourceConfig::Activemq),
         "kafka" => Deserialize::deserialize(rest).map(SourceConfig::Kafka),
         "sqs" => Deserialize::deserialize(rest).map(SourceConfig::Sqs),
         "schedule" => Deserialize::deserialize(rest).map(SourceConfig::Schedule),

@@ -1,7 +1,7 @@
 """Test function for esm-gateway's integration tests, run by MiniStack.
 
-It parses its event with Powertools (RabbitMQEvent, touching every field AWS sends, the
-KafkaSelfManagedEventModel parser model, or for a schedule's Scheduled Event the
+It parses its event with Powertools (RabbitMQEvent or ActiveMQEvent, touching every field
+AWS sends, the KafkaSelfManagedEventModel parser model, or for a schedule's Scheduled Event the
 EventBridgeModel), so a missing field fails the invoke; appends one JSON line per invoke
 to $LOG_FILE, and then behaves as its environment says:
   POISON=b1,b2      raise if any of these bodies is in the batch (with $ERROR_MESSAGE
@@ -117,6 +117,8 @@ def handler(event, context):
         return sqs_handler(event)
     if "rmqMessagesByQueue" in event:
         return rabbit_handler(event)
+    if "messages" in event and str(event.get("eventSource")).startswith("aws:"):
+        return activemq_handler(event)
     return schedule_handler(event)
 
 
@@ -213,6 +215,43 @@ def rabbit_handler(event):
         "redelivered": [r for _, _, r in messages],
         "ok": not poison,
         "failed": [f["itemIdentifier"] for f in failures],
+        "event": event if os.environ.get("LOG_EVENT") else None,
+    }
+    return _finish(line, "message", poison, failures)
+
+
+AMQ_FIELDS = ("message_id", "message_type", "data", "connection_id", "redelivered", "timestamp",
+              "broker_in_time", "broker_out_time", "properties", "destination_physicalname",
+              "delivery_mode", "correlation_id", "reply_to", "get_type", "expiration", "priority")
+
+
+def activemq_handler(event):
+    """An Amazon MQ (ActiveMQ) event, read with Powertools' ActiveMQEvent."""
+    from aws_lambda_powertools.utilities.data_classes.active_mq_event import ActiveMQEvent
+
+    parsed = ActiveMQEvent(event)
+    assert parsed.event_source in ("aws:mq", "aws:amq"), parsed.event_source
+    assert parsed.event_source_arn.startswith("arn:aws:mq:"), parsed.event_source_arn
+    messages = []
+    for m in parsed.messages:
+        for field in AMQ_FIELDS:
+            getattr(m, field)
+        assert m.message_type in ("jms/text-message", "jms/bytes-message"), m.message_type
+        assert isinstance(m.properties, dict), m.properties
+        raw = base64.b64decode(m.data)
+        messages.append((raw.decode("utf-8", errors="replace"), m.message_id, m.redelivered, m.message_type))
+    bodies = [b for b, _, _, _ in messages]
+
+    poison = _poison(bodies)
+    failures = [{"itemIdentifier": message_id} for body, message_id, _, _ in messages if _fail_once(body)]
+    _sleep(bodies)
+    line = {
+        "bodies": bodies,
+        "redelivered": [r for _, _, r, _ in messages],
+        "ok": not poison,
+        "failed": [f["itemIdentifier"] for f in failures],
+        "ids": [i for _, i, _, _ in messages],
+        "types": [t for _, _, _, t in messages],
         "event": event if os.environ.get("LOG_EVENT") else None,
     }
     return _finish(line, "message", poison, failures)
