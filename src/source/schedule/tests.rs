@@ -229,3 +229,26 @@ source = { type = "rabbitmq", url = "amqp://h", queue = "q" }
          \x20 2026-03-31T00:30:00Z  2026-03-31T01:30:00+01:00 BST\n"
     );
 }
+
+/// The process's one timer: schedules of different mappings register with it and each
+/// hears only its own fires; one taken off (its mapping stopped) fires no more while the
+/// other goes on.
+#[tokio::test(start_paused = true)]
+async fn one_timer_serves_every_registered_schedule_and_forgets_a_removed_one() {
+    let timer = Timer::start(Clock::tokio_from(utc("2026-05-06T07:59:59Z")));
+    let (a_tx, mut a) = tokio::sync::mpsc::unbounded_channel();
+    let (b_tx, mut b) = tokio::sync::mpsc::unbounded_channel();
+    let a_reg = timer.register(0, when("a", "rate(1 minute)", "UTC", Duration::ZERO), a_tx);
+    let _b_reg = timer.register(7, when("b", "rate(1 minute)", "UTC", Duration::ZERO), b_tx);
+    let (index, first) = a.recv().await.unwrap();
+    assert_eq!((index, rfc3339(first)), (0, "2026-05-06T08:00:00Z".into()));
+    let (index, first) = b.recv().await.unwrap();
+    assert_eq!((index, rfc3339(first)), (7, "2026-05-06T08:00:00Z".into()));
+    drop(a_reg);
+    let (_, next) = b.recv().await.unwrap();
+    assert_eq!(rfc3339(next), "2026-05-06T08:01:00Z");
+    let (_, next) = b.recv().await.unwrap();
+    assert_eq!(rfc3339(next), "2026-05-06T08:02:00Z");
+    // Taken off after its first fire: nothing more for it (its sender is gone with it).
+    assert!(a.try_recv().is_err());
+}
