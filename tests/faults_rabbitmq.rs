@@ -208,17 +208,28 @@ backoff_max = "100ms"
 "#,
         );
     let gw = Gateway::start(&config);
-    // The first delivery (redelivered = false) is being retried.
-    let first = |f: &Function| {
-        f.invocations()
+    // The first delivery is being retried. Its retries say `redelivered`, as the
+    // broker's redelivery would (AWS's behaviour), so the sessions are told apart by the
+    // gateway's log instead: each session logs "consuming" once it has its consumer.
+    let sessions = |gw: &Gateway| {
+        gw.logs
+            .lock()
+            .unwrap()
             .iter()
-            .filter(|i| i.redelivered.iter().all(|r| !r))
+            .filter(|l| l.contains("consuming"))
             .count()
     };
     wait_for("three invokes of the first delivery", LONG, || {
-        (first(&f) >= 3).then_some(())
+        (f.invocations().len() >= 3).then_some(())
     })
     .await;
+    let inv = f.invocations();
+    assert!(inv[0].redelivered.iter().all(|r| !r), "a first delivery");
+    assert!(
+        inv[1..].iter().all(|i| i.redelivered.iter().all(|r| *r)),
+        "its retries look like redeliveries"
+    );
+    assert_eq!(sessions(&gw), 1);
 
     let pid = wait_for("the gateway's connection in rabbitmqctl", LONG, || {
         gateway_connection(&name)
@@ -233,23 +244,28 @@ backoff_max = "100ms"
         ],
     );
 
-    // The batch is given up once its channel is gone ...
+    // The batch is given up once its channel is gone: nothing is invoked between that
+    // and the next session's consumer ...
     gw.wait_log("channel closed during the batch", LONG).await;
-    let at_close = first(&f);
-    // ... and the broker's redelivery, on the next session, is what gets retried.
-    wait_for("three invokes of the redelivery", LONG, || {
-        let again = f
-            .invocations()
-            .iter()
-            .filter(|i| i.redelivered.iter().all(|r| *r))
-            .count();
-        (again >= 3).then_some(())
+    let at_close = f.invocations().len();
+    let at_reconnect = wait_for("the next session", LONG, || {
+        (sessions(&gw) >= 2).then(|| f.invocations().len())
     })
     .await;
     assert_eq!(
-        first(&f),
-        at_close,
+        at_reconnect, at_close,
         "the first delivery was not invoked after its channel closed"
+    );
+    // ... and the broker's redelivery, on the next session, is what gets retried.
+    wait_for("three invokes of the redelivery", LONG, || {
+        (f.invocations().len() >= at_close + 3).then_some(())
+    })
+    .await;
+    assert!(
+        f.invocations()[at_close..]
+            .iter()
+            .all(|i| i.redelivered.iter().all(|r| *r)),
+        "the broker redelivered them"
     );
     assert!(
         f.invocations().iter().all(|i| i.bodies.len() == 3),
