@@ -305,6 +305,31 @@ async fn tls_with_the_stacks_ca_file_delivers() {
 }
 
 #[tokio::test]
+async fn heart_beats_keep_an_idle_connection_open() {
+    let mut amq = Amq::connect().await;
+    let queue = unique("esm-test-idle");
+    let f = Function::deploy("amq-idle", &[]).await;
+    let config = amq_config(&f.name, &queue, "[mapping.batch]\nwindow = \"100ms\"")
+        + "heart_beat = \"1s\"\n";
+    let gw = start(&config);
+    gw.wait_log("consuming", LONG).await;
+    amq.publish(&queue, &numbered(1)).await;
+    assert_eq!(f.wait_delivered(1, LONG).await, numbered_strings(0..1));
+    // Idle for many heart-beat intervals, both ways: the broker drops a connection
+    // silent past its interval, and the gateway one whose broker is.
+    let idle = Instant::now();
+    while idle.elapsed() < Duration::from_secs(6) {
+        assert!(!gw.log_contains("ActiveMQ session ended"), "{:?}", gw.logs);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    amq.publish(&queue, &numbered(2)[1..]).await;
+    assert_eq!(f.wait_delivered(2, LONG).await, numbered_strings(0..2));
+    assert!(!gw.log_contains("ActiveMQ session ended"));
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(amq.depth(&queue).await, 0);
+}
+
+#[tokio::test]
 async fn a_poison_message_is_isolated_by_bisection_and_parked_alone() {
     let mut amq = Amq::connect().await;
     let queue = unique("esm-test-poison");

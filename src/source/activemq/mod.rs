@@ -6,8 +6,9 @@
 //! the current one is resolved. Then the records given back to the broker (retries
 //! exhausted without an on-failure destination) are NACKed one by one, so that the
 //! broker's redelivery policy and dead-letter queue apply, and one ACK of the batch's
-//! last other record acknowledges the rest; a receipt confirms both before the next
-//! batch. A lost connection (or broker silence past the heart-beats) ends the session:
+//! last other record acknowledges the rest; their receipt is awaited before the next
+//! batch's acknowledgements are sent (so the broker's synced ack overlaps the next
+//! invoke; an ack unconfirmed when the connection drops means redelivery). A lost connection (or broker silence past the heart-beats) ends the session:
 //! the broker redelivers everything unacknowledged, in order and `redelivered`, and the
 //! source reconnects with backoff. The batch in flight then is given up at once, retries
 //! and all, so the only duplicates are that batch.
@@ -124,13 +125,22 @@ struct Conn {
 
 impl Conn {
     /// Sends `frames`, the last with a receipt, and waits for the receipt.
-    async fn send_confirmed(&self, mut frames: Vec<Frame>) -> Result<(), String> {
+    async fn send_confirmed(&self, frames: Vec<Frame>) -> Result<(), String> {
+        match self.send(frames).await? {
+            Some(rx) => self.confirm(rx).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Sends `frames`, the last with a receipt, and returns what the receipt arrives on
+    /// (None for no frames).
+    async fn send(&self, mut frames: Vec<Frame>) -> Result<Option<oneshot::Receiver<()>>, String> {
         let n = self
             .next_receipt
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("r-{n}");
         let Some(last) = frames.last_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         last.headers.push(("receipt".into(), id.clone()));
         let rx = self.receipts.expect(&id).ok_or_else(|| self.why())?;
@@ -141,6 +151,11 @@ impl Conn {
             }
             w.flush().await.map_err(|e| e.to_string())?;
         }
+        Ok(Some(rx))
+    }
+
+    /// Waits for a receipt of [`Conn::send`].
+    async fn confirm(&self, rx: oneshot::Receiver<()>) -> Result<(), String> {
         match tokio::time::timeout(RECEIPT_TIMEOUT, rx).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(self.why()),
@@ -281,6 +296,9 @@ async fn session(
         reason: conn.why(),
     };
     let mut batcher = Batcher::new(rx, limits);
+    // The receipt of the last batch's acknowledgement, awaited before the next one is
+    // sent: the broker's (synced) ack overlaps the next batch's invoke.
+    let mut unconfirmed: Option<oneshot::Receiver<()>> = None;
     loop {
         // Shutdown first: a batch not yet started is left to the broker.
         let batch = tokio::select! {
@@ -300,13 +318,17 @@ async fn session(
                 "connection lost during the batch; it is given up, the broker redelivers all of it");
             return Err(lost());
         }
-        let frames = acknowledgements(outcome);
-        conn.send_confirmed(frames)
+        let ack_error = |message| SessionError::Ack {
+            queue: queue.to_owned(),
+            message,
+        };
+        if let Some(rx) = unconfirmed.take() {
+            conn.confirm(rx).await.map_err(ack_error)?;
+        }
+        unconfirmed = conn
+            .send(acknowledgements(outcome))
             .await
-            .map_err(|message| SessionError::Ack {
-                queue: queue.to_owned(),
-                message,
-            })?;
+            .map_err(ack_error)?;
         // Only a shutdown leaves records unresolved; they stay unacknowledged.
         if shutdown.is_cancelled() {
             break;
@@ -314,7 +336,8 @@ async fn session(
     }
     // DISCONNECT (rather than dropping the connection) hands the prefetched,
     // unacknowledged messages back to the queue at once, in order: a disabled or
-    // restarting mapping must not sit on them.
+    // restarting mapping must not sit on them. Its receipt also confirms the last acks,
+    // which the broker handles first.
     drop(batcher);
     if let Err(e) = conn
         .send_confirmed(vec![Frame::new("DISCONNECT", &[])])
