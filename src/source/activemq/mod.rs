@@ -6,9 +6,11 @@
 //! the current one is resolved. Then the records given back to the broker (retries
 //! exhausted without an on-failure destination) are NACKed one by one, so that the
 //! broker's redelivery policy and dead-letter queue apply, and one ACK of the batch's
-//! last other record acknowledges the rest; their receipt is awaited before the next
-//! batch's acknowledgements are sent (so the broker's synced ack overlaps the next
-//! invoke; an ack unconfirmed when the connection drops means redelivery). A lost connection (or broker silence past the heart-beats) ends the session:
+//! last other record acknowledges the rest, without a receipt (one per batch made the
+//! broker handle each ack synchronously, several times slower; BENCHMARKS.md): the
+//! broker handles a connection's frames in order, an ERROR ends the session, and
+//! DISCONNECT's receipt confirms the last acks. An ack lost with its connection means a
+//! redelivery, as with RabbitMQ's unconfirmed acks. A lost connection (or broker silence past the heart-beats) ends the session:
 //! the broker redelivers everything unacknowledged, in order and `redelivered`, and the
 //! source reconnects with backoff. The batch in flight then is given up at once, retries
 //! and all, so the only duplicates are that batch.
@@ -130,6 +132,15 @@ impl Conn {
             Some(rx) => self.confirm(rx).await,
             None => Ok(()),
         }
+    }
+
+    /// Sends `frames` without asking for a receipt.
+    async fn send_unconfirmed(&self, frames: Vec<Frame>) -> Result<(), String> {
+        let mut w = self.writer.lock().await;
+        for f in &frames {
+            w.send(f).await.map_err(|e| e.to_string())?;
+        }
+        w.flush().await.map_err(|e| e.to_string())
     }
 
     /// Sends `frames`, the last with a receipt, and returns what the receipt arrives on
@@ -296,9 +307,6 @@ async fn session(
         reason: conn.why(),
     };
     let mut batcher = Batcher::new(rx, limits);
-    // The receipt of the last batch's acknowledgement, awaited before the next one is
-    // sent: the broker's (synced) ack overlaps the next batch's invoke.
-    let mut unconfirmed: Option<oneshot::Receiver<()>> = None;
     loop {
         // Shutdown first: a batch not yet started is left to the broker.
         let batch = tokio::select! {
@@ -318,17 +326,12 @@ async fn session(
                 "connection lost during the batch; it is given up, the broker redelivers all of it");
             return Err(lost());
         }
-        let ack_error = |message| SessionError::Ack {
-            queue: queue.to_owned(),
-            message,
-        };
-        if let Some(rx) = unconfirmed.take() {
-            conn.confirm(rx).await.map_err(ack_error)?;
-        }
-        unconfirmed = conn
-            .send(acknowledgements(outcome))
+        conn.send_unconfirmed(acknowledgements(outcome))
             .await
-            .map_err(ack_error)?;
+            .map_err(|message| SessionError::Ack {
+                queue: queue.to_owned(),
+                message,
+            })?;
         // Only a shutdown leaves records unresolved; they stay unacknowledged.
         if shutdown.is_cancelled() {
             break;
