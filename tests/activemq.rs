@@ -416,6 +416,31 @@ async fn without_a_destination_a_failing_message_is_redelivered_by_the_broker_th
 }
 
 #[tokio::test]
+async fn a_partial_batch_response_by_message_id_retries_only_the_reported_messages() {
+    let mut amq = Amq::connect().await;
+    let queue = unique("esm-test-partial");
+    let f = Function::deploy("amq-partial", &[("FAIL_ONCE", "msg-0003,msg-0007")]).await;
+    amq.publish(&queue, &numbered(10)).await;
+
+    let gw = start(&amq_config(&f.name, &queue, PARTIAL_BATCH));
+    f.wait_invocations(2, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let inv = f.invocations();
+    assert_eq!(inv.len(), 2, "one batch, one retry: {inv:?}");
+    assert_eq!(inv[0].bodies, numbered_strings(0..10));
+    // Reported by messageID, the broker's ID:… of those two.
+    assert_eq!(
+        inv[0].failed,
+        [inv[0].ids[3].clone(), inv[0].ids[7].clone()]
+    );
+    assert!(inv[0].failed[0].starts_with("ID:"), "{:?}", inv[0].failed);
+    assert_eq!(inv[1].bodies, ["msg-0003", "msg-0007"]);
+    assert!(inv[1].failed.is_empty());
+    assert_eq!(f.delivered().len(), 10);
+    assert_eq!(amq.depth(&queue).await, 0);
+}
+
+#[tokio::test]
 async fn kill_9_mid_stream_loses_nothing_and_duplicates_only_the_batch_in_flight() {
     let mut amq = Amq::connect().await;
     let queue = unique("esm-test-kill");
