@@ -305,6 +305,31 @@ async fn tls_with_the_stacks_ca_file_delivers() {
 }
 
 #[tokio::test]
+async fn heart_beats_keep_an_idle_connection_open() {
+    let mut amq = Amq::connect().await;
+    let queue = unique("esm-test-idle");
+    let f = Function::deploy("amq-idle", &[]).await;
+    let config = amq_config(&f.name, &queue, "[mapping.batch]\nwindow = \"100ms\"")
+        + "heart_beat = \"1s\"\n";
+    let gw = start(&config);
+    gw.wait_log("consuming", LONG).await;
+    amq.publish(&queue, &numbered(1)).await;
+    assert_eq!(f.wait_delivered(1, LONG).await, numbered_strings(0..1));
+    // Idle for many heart-beat intervals, both ways: the broker drops a connection
+    // silent past its interval, and the gateway one whose broker is.
+    let idle = Instant::now();
+    while idle.elapsed() < Duration::from_secs(6) {
+        assert!(!gw.log_contains("ActiveMQ session ended"), "{:?}", gw.logs);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    amq.publish(&queue, &numbered(2)[1..]).await;
+    assert_eq!(f.wait_delivered(2, LONG).await, numbered_strings(0..2));
+    assert!(!gw.log_contains("ActiveMQ session ended"));
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(amq.depth(&queue).await, 0);
+}
+
+#[tokio::test]
 async fn a_poison_message_is_isolated_by_bisection_and_parked_alone() {
     let mut amq = Amq::connect().await;
     let queue = unique("esm-test-poison");
@@ -388,6 +413,31 @@ async fn without_a_destination_a_failing_message_is_redelivered_by_the_broker_th
         Some(format!("/queue/{queue}").as_str())
     );
     // 4 delivered + 1 dead-lettered = 5.
+}
+
+#[tokio::test]
+async fn a_partial_batch_response_by_message_id_retries_only_the_reported_messages() {
+    let mut amq = Amq::connect().await;
+    let queue = unique("esm-test-partial");
+    let f = Function::deploy("amq-partial", &[("FAIL_ONCE", "msg-0003,msg-0007")]).await;
+    amq.publish(&queue, &numbered(10)).await;
+
+    let gw = start(&amq_config(&f.name, &queue, PARTIAL_BATCH));
+    f.wait_invocations(2, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let inv = f.invocations();
+    assert_eq!(inv.len(), 2, "one batch, one retry: {inv:?}");
+    assert_eq!(inv[0].bodies, numbered_strings(0..10));
+    // Reported by messageID, the broker's ID:… of those two.
+    assert_eq!(
+        inv[0].failed,
+        [inv[0].ids[3].clone(), inv[0].ids[7].clone()]
+    );
+    assert!(inv[0].failed[0].starts_with("ID:"), "{:?}", inv[0].failed);
+    assert_eq!(inv[1].bodies, ["msg-0003", "msg-0007"]);
+    assert!(inv[1].failed.is_empty());
+    assert_eq!(f.delivered().len(), 10);
+    assert_eq!(amq.depth(&queue).await, 0);
 }
 
 #[tokio::test]

@@ -6,8 +6,11 @@
 //! the current one is resolved. Then the records given back to the broker (retries
 //! exhausted without an on-failure destination) are NACKed one by one, so that the
 //! broker's redelivery policy and dead-letter queue apply, and one ACK of the batch's
-//! last other record acknowledges the rest; a receipt confirms both before the next
-//! batch. A lost connection (or broker silence past the heart-beats) ends the session:
+//! last other record acknowledges the rest, without a receipt (one per batch made the
+//! broker handle each ack synchronously, several times slower; BENCHMARKS.md): the
+//! broker handles a connection's frames in order, an ERROR ends the session, and
+//! DISCONNECT's receipt confirms the last acks. An ack lost with its connection means a
+//! redelivery, as with RabbitMQ's unconfirmed acks. A lost connection (or broker silence past the heart-beats) ends the session:
 //! the broker redelivers everything unacknowledged, in order and `redelivered`, and the
 //! source reconnects with backoff. The batch in flight then is given up at once, retries
 //! and all, so the only duplicates are that batch.
@@ -124,13 +127,31 @@ struct Conn {
 
 impl Conn {
     /// Sends `frames`, the last with a receipt, and waits for the receipt.
-    async fn send_confirmed(&self, mut frames: Vec<Frame>) -> Result<(), String> {
+    async fn send_confirmed(&self, frames: Vec<Frame>) -> Result<(), String> {
+        match self.send(frames).await? {
+            Some(rx) => self.confirm(rx).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Sends `frames` without asking for a receipt.
+    async fn send_unconfirmed(&self, frames: Vec<Frame>) -> Result<(), String> {
+        let mut w = self.writer.lock().await;
+        for f in &frames {
+            w.send(f).await.map_err(|e| e.to_string())?;
+        }
+        w.flush().await.map_err(|e| e.to_string())
+    }
+
+    /// Sends `frames`, the last with a receipt, and returns what the receipt arrives on
+    /// (None for no frames).
+    async fn send(&self, mut frames: Vec<Frame>) -> Result<Option<oneshot::Receiver<()>>, String> {
         let n = self
             .next_receipt
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("r-{n}");
         let Some(last) = frames.last_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         last.headers.push(("receipt".into(), id.clone()));
         let rx = self.receipts.expect(&id).ok_or_else(|| self.why())?;
@@ -141,6 +162,11 @@ impl Conn {
             }
             w.flush().await.map_err(|e| e.to_string())?;
         }
+        Ok(Some(rx))
+    }
+
+    /// Waits for a receipt of [`Conn::send`].
+    async fn confirm(&self, rx: oneshot::Receiver<()>) -> Result<(), String> {
         match tokio::time::timeout(RECEIPT_TIMEOUT, rx).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(self.why()),
@@ -300,8 +326,7 @@ async fn session(
                 "connection lost during the batch; it is given up, the broker redelivers all of it");
             return Err(lost());
         }
-        let frames = acknowledgements(outcome);
-        conn.send_confirmed(frames)
+        conn.send_unconfirmed(acknowledgements(outcome))
             .await
             .map_err(|message| SessionError::Ack {
                 queue: queue.to_owned(),
@@ -314,7 +339,8 @@ async fn session(
     }
     // DISCONNECT (rather than dropping the connection) hands the prefetched,
     // unacknowledged messages back to the queue at once, in order: a disabled or
-    // restarting mapping must not sit on them.
+    // restarting mapping must not sit on them. Its receipt also confirms the last acks,
+    // which the broker handles first.
     drop(batcher);
     if let Err(e) = conn
         .send_confirmed(vec![Frame::new("DISCONNECT", &[])])

@@ -130,7 +130,9 @@ pub struct Writer {
 pub struct Connected {
     /// The connection's id (ActiveMQ: `ID:host-…`).
     pub session: String,
-    /// How often the client must send something, if at all.
+    /// How often the client sends a heart-beat, if at all: half the negotiated
+    /// interval, since ActiveMQ's inactivity monitor checks at the interval itself
+    /// (without grace), and a beat sent exactly on it can miss a check.
     pub send_every: Option<Duration>,
     /// How long the broker may stay silent before the connection counts as dead.
     pub silent_for: Option<Duration>,
@@ -208,7 +210,7 @@ pub async fn connect(e: &Endpoint<'_>) -> Result<(Reader, Writer, Connected), St
         writer,
         Connected {
             session: reply.header("session").unwrap_or_default().to_owned(),
-            send_every: every(ours, sy),
+            send_every: every(ours, sy).map(|d| d / 2),
             // The spec's "some tolerance": twice the interval, and a second more.
             silent_for: every(ours, sx).map(|d| d * 2 + Duration::from_secs(1)),
         },
