@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::invoke::event::Shape;
 use crate::pipeline::batcher::BatchLimits;
 use crate::pipeline::retry::{Deliverer, Exhausted};
+use crate::status::MappingStatus;
 
 /// `[mapping.source]`: the closed set of sources, tagged by `type` (deserialized by
 /// hand, below).
@@ -277,6 +278,40 @@ impl<'de> serde::de::Visitor<'de> for SourceVisitor {
             return Err(A::Error::missing_field("type"));
         };
         variant(&kind, toml::Value::Table(table)).map_err(|e| A::Error::custom(e.message()))
+    }
+}
+
+/// Runs a broker session after another until one ends cleanly (shutdown) or `shutdown`
+/// comes: after each that ends in an error, logs it as "`<broker>` session ended",
+/// reports it on `status` (as a failure of the mapping when `fatal` says so, else as an
+/// error) and waits [`reconnect_delay`], counted afresh after a session that lasted 30 s.
+pub async fn reconnect_loop<E, F, Fut>(
+    broker: &str,
+    status: &MappingStatus,
+    shutdown: &CancellationToken,
+    mut session: F,
+    fatal: impl Fn(&E) -> bool,
+) where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let started = tokio::time::Instant::now();
+        let Err(e) = session().await else { break };
+        if started.elapsed() > Duration::from_secs(30) {
+            failures = 0;
+        }
+        failures += 1;
+        let delay = reconnect_delay(failures);
+        tracing::warn!(mapping = %status.name, error = %e, retry_in = ?delay, "{broker} session ended");
+        if fatal(&e) {
+            status.fail(&e);
+        } else {
+            status.error(&e);
+        }
+        pause(delay, shutdown).await;
     }
 }
 

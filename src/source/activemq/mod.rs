@@ -64,24 +64,19 @@ pub async fn run(source: &ActiveMqSource, context: Context) {
         shutdown,
         ..
     } = context;
-    let status = deliverer.mapping.clone();
-    let mut failures = 0u32;
-    while !shutdown.is_cancelled() {
-        let started = tokio::time::Instant::now();
-        let result = session(source, limits, &deliverer, &shutdown).await;
-        let Err(e) = result else { break };
-        if started.elapsed() > Duration::from_secs(30) {
-            failures = 0;
-        }
-        failures += 1;
-        let delay = crate::source::reconnect_delay(failures);
-        tracing::warn!(mapping = %status.name, error = %e, retry_in = ?delay, "ActiveMQ session ended");
-        match e {
-            SessionError::Connect { .. } | SessionError::Subscribe { .. } => status.fail(&e),
-            _ => status.error(&e),
-        }
-        crate::source::pause(delay, &shutdown).await;
-    }
+    crate::source::reconnect_loop(
+        "ActiveMQ",
+        &deliverer.mapping,
+        &shutdown,
+        || session(source, limits, &deliverer, &shutdown),
+        |e| {
+            matches!(
+                e,
+                SessionError::Connect { .. } | SessionError::Subscribe { .. }
+            )
+        },
+    )
+    .await
 }
 
 /// Receipts awaited, by id; closed (None) when the connection's reader ends, so that

@@ -57,26 +57,19 @@ pub async fn run(source: &RabbitSource, context: Context) {
         shutdown,
         ..
     } = context;
-    let status = deliverer.mapping.clone();
-    let mut failures = 0u32;
-    while !shutdown.is_cancelled() {
-        let started = tokio::time::Instant::now();
-        let result = session(source, limits, &deliverer, &shutdown).await;
-        let Err(e) = result else { break };
-        if started.elapsed() > Duration::from_secs(30) {
-            failures = 0;
-        }
-        failures += 1;
-        let delay = crate::source::reconnect_delay(failures);
-        tracing::warn!(mapping = %status.name, error = %e, retry_in = ?delay, "RabbitMQ session ended");
-        match e {
-            SessionError::Connect(_) | SessionError::Channel(_) | SessionError::Queue { .. } => {
-                status.fail(&e)
-            }
-            _ => status.error(&e),
-        }
-        crate::source::pause(delay, &shutdown).await;
-    }
+    crate::source::reconnect_loop(
+        "RabbitMQ",
+        &deliverer.mapping,
+        &shutdown,
+        || session(source, limits, &deliverer, &shutdown),
+        |e| {
+            matches!(
+                e,
+                SessionError::Connect(_) | SessionError::Channel(_) | SessionError::Queue { .. }
+            )
+        },
+    )
+    .await
 }
 
 async fn session(
