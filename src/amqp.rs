@@ -1,10 +1,23 @@
 //! The AMQP 0-9-1 connection code shared by the RabbitMQ source, the RabbitMQ on-failure
-//! destination and redrive: how a connection is opened (TLS with a custom CA) and how
-//! its errors are told without the password.
+//! destination and redrive: how a connection is opened (TLS with a custom CA), how its
+//! errors are told without the password, and the process's [`Pool`] of shared
+//! connections.
+//!
+//! Mappings that reach the same broker with the same URL (so the same credentials and
+//! vhost) and the same CA file share one connection, each with a channel of its own, up
+//! to [`CHANNELS_PER_CONNECTION`] channels (or the broker's `channel_max`, if lower); more
+//! connections open beyond that. A channel that fails (a missing queue, a consumer
+//! timeout) is closed by the broker alone and its mapping opens another on the same
+//! connection; a connection that fails ends all its channels, and the first mapping to
+//! ask again opens its replacement, which the others then share. A connection closes
+//! when its last channel is given back.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
 
 use crate::env::SecretUrl;
 
@@ -20,6 +33,8 @@ pub enum AmqpError {
     Runtime(String),
     #[error("cannot connect to {url}: {message}")]
     Connect { url: String, message: String },
+    #[error("cannot open a channel on the connection to {url}: {message}")]
+    Channel { url: String, message: String },
 }
 
 /// Opens a connection named `name` (the broker shows it), with a custom CA when
@@ -50,4 +65,192 @@ pub async fn connect(
             url: url.to_string(),
             message: e.to_string().replace(url.expose(), &url.to_string()),
         })
+}
+
+/// At most this many channels share one connection (fewer if the broker's `channel_max`
+/// is lower): 1,000 mappings on one broker take 4 connections, which spreads their
+/// traffic over as many I/O threads and TCP streams while staying far inside the
+/// broker's file descriptors.
+pub const CHANNELS_PER_CONNECTION: usize = 256;
+
+/// The process's shared AMQP connections, by broker URL and CA file. Cheap to clone:
+/// clones share the connections.
+#[derive(Clone, Default)]
+pub struct Pool(Arc<Mutex<HashMap<Key, Arc<Broker>>>>);
+
+/// What makes two connections interchangeable: the whole URL (host, port, credentials,
+/// vhost, TLS parameters) and the CA file.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    url: String,
+    ca_file: Option<PathBuf>,
+}
+
+/// The connections to one broker. The async lock serialises opening connections, so
+/// that a thousand mappings reconnecting after an outage open one connection, not a
+/// thousand; it also orders giving a connection back against leasing it.
+#[derive(Default)]
+struct Broker {
+    connections: tokio::sync::Mutex<Vec<Arc<Shared>>>,
+    opened: AtomicU64,
+}
+
+/// One connection and the number of channels leased on it.
+struct Shared {
+    connection: Connection,
+    leases: Mutex<usize>,
+    capacity: usize,
+}
+
+impl Shared {
+    fn leases(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A channel leased from the pool. Dropping it gives the channel's slot back; the
+/// connection closes once no lease is left on it. Close the channel first
+/// ([`Lease::close`]) to hand its unacknowledged deliveries back at once.
+pub struct Lease {
+    pub channel: Channel,
+    shared: Arc<Shared>,
+    broker: Arc<Broker>,
+}
+
+impl Pool {
+    /// A new channel on a shared connection to `url`, opening a connection if none has
+    /// room. `purpose` names new connections (the broker shows it).
+    pub async fn channel(
+        &self,
+        url: &SecretUrl,
+        ca_file: Option<&Path>,
+        purpose: &str,
+    ) -> Result<Lease, AmqpError> {
+        let key = Key {
+            url: url.expose().to_owned(),
+            ca_file: ca_file.map(Path::to_owned),
+        };
+        let broker = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default()
+            .clone();
+        let mut connections = broker.connections.lock().await;
+        // Connections that failed stay out; their channels are failing with them.
+        connections.retain(|s| s.connection.status().connected());
+        let roomy = connections.iter().find(|s| *s.leases() < s.capacity);
+        let shared = match roomy {
+            Some(s) => s.clone(),
+            None => {
+                let n = broker.opened.fetch_add(1, Ordering::Relaxed) + 1;
+                // The broker shows the name: which gateway process, what for, which one.
+                let name = format!("esm-gateway[{}] {purpose} #{n}", std::process::id());
+                let connection = connect(url, ca_file, &name).await?;
+                let max = usize::from(connection.configuration().channel_max());
+                let capacity = if max == 0 {
+                    CHANNELS_PER_CONNECTION
+                } else {
+                    max.min(CHANNELS_PER_CONNECTION)
+                };
+                tracing::debug!(url = %url, connection = n, capacity, "AMQP connection opened");
+                let s = Arc::new(Shared {
+                    connection,
+                    leases: Mutex::new(0),
+                    capacity,
+                });
+                connections.push(s.clone());
+                s
+            }
+        };
+        // Counted before the channel opens, under the lock: a concurrent give-back
+        // cannot close the connection under this lease.
+        *shared.leases() += 1;
+        drop(connections);
+        let lease = |channel| Lease {
+            channel,
+            shared: shared.clone(),
+            broker: broker.clone(),
+        };
+        match shared.connection.create_channel().await {
+            Ok(channel) => Ok(lease(channel)),
+            Err(e) => {
+                // Gives the slot back (and closes an unused connection).
+                give_back(shared.clone(), broker.clone()).await;
+                Err(AmqpError::Channel {
+                    url: url.to_string(),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("amqp::Pool")
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("channel", &self.channel.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lease {
+    /// Closes the channel: the broker requeues its unacknowledged deliveries, in order.
+    pub async fn close(&self, reason: &str) {
+        if let Err(e) = self.channel.close(200, reason.into()).await {
+            tracing::debug!(error = %e, "closing the channel");
+        }
+    }
+}
+
+impl Drop for Lease {
+    /// A channel still open is closed first, so that no consumer outlives its session
+    /// on the shared connection (its deliveries go back to the queue).
+    fn drop(&mut self) {
+        let channel = self.channel.clone();
+        let (shared, broker) = (self.shared.clone(), self.broker.clone());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            *shared.leases() -= 1;
+            return;
+        };
+        runtime.spawn(async move {
+            if channel.status().connected()
+                && let Err(e) = channel.close(200, "esm-gateway session ended".into()).await
+            {
+                tracing::debug!(error = %e, "closing a channel given back");
+            }
+            give_back(shared, broker).await;
+        });
+    }
+}
+
+/// Counts a lease off its connection; the last one closes it, under the broker's lock so
+/// that no lease can take it meanwhile.
+async fn give_back(shared: Arc<Shared>, broker: Arc<Broker>) {
+    let mut connections = broker.connections.lock().await;
+    let left = {
+        let mut leases = shared.leases();
+        *leases -= 1;
+        *leases
+    };
+    if left > 0 {
+        return;
+    }
+    connections.retain(|s| !Arc::ptr_eq(s, &shared));
+    drop(connections);
+    if shared.connection.status().connected()
+        && let Err(e) = shared
+            .connection
+            .close(200, "esm-gateway: no mapping uses it".into())
+            .await
+    {
+        tracing::debug!(error = %e, "closing an unused AMQP connection");
+    }
 }

@@ -33,7 +33,7 @@
 //! - `env`: `${ENV}` expansion and secret-bearing values (`Secret`, `SecretUrl`).
 //! - `aws`: the `[aws]` table and the SDK configuration every AWS client shares.
 //! - `amqp`: the AMQP connection code shared by the RabbitMQ source, destination and
-//!   redrive.
+//!   redrive, and the process's pool of shared connections (one channel per user).
 //! - `source::activemq`: ActiveMQ over STOMP 1.2, with the gateway's own small client
 //!   (`source/activemq/stomp.rs`; TLS through tokio-rustls).
 //! - `config`: the TOML file, composed of each component's config; cross-cutting checks

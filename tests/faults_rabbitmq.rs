@@ -167,20 +167,13 @@ path = "{}"
     rabbit.delete(&queue).await;
 }
 
-/// The broker's id of the one connection whose client properties name `mapping` (its
-/// connection name is "esm-gateway <mapping>").
-fn gateway_connection(mapping: &str) -> Option<String> {
-    let text = run(
-        "rabbitmqctl",
-        &["list_connections", "-q", "pid", "client_properties"],
-    );
-    let mut pids = text
-        .lines()
-        .filter(|l| l.contains(&format!("esm-gateway {mapping}")))
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned));
-    let pid = pids.next()?;
-    assert!(pids.next().is_none(), "one connection per mapping:\n{text}");
-    Some(pid)
+/// The broker's id of the one connection of the gateway process `pid` (its connections
+/// are named "esm-gateway[<pid>] <purpose> #<n>").
+fn gateway_connection(pid: u32) -> Option<String> {
+    let mut ids = gateway_connections(pid).into_iter();
+    let id = ids.next()?;
+    assert!(ids.next().is_none(), "one connection for one mapping");
+    Some(id)
 }
 
 #[tokio::test]
@@ -232,7 +225,7 @@ backoff_max = "100ms"
     assert_eq!(sessions(&gw), 1);
 
     let pid = wait_for("the gateway's connection in rabbitmqctl", LONG, || {
-        gateway_connection(&name)
+        gateway_connection(gw.pid())
     })
     .await;
     run(

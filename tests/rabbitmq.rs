@@ -338,6 +338,11 @@ exchange = "{exchange}"
     ));
     // Batches of one run in order: msg-0002 is parked before msg-0003 is invoked.
     f.wait_delivered(4, LONG).await;
+    assert_eq!(
+        gateway_connections(gw.pid()).len(),
+        1,
+        "the source and its on-failure destination share one connection to the broker"
+    );
     assert_eq!(gw.terminate().await.code(), Some(0));
     let got = rabbit
         .channel

@@ -126,11 +126,12 @@ impl Destination {
         config: &DestinationConfig,
         mapping: &str,
         sdk: &aws_config::SdkConfig,
+        amqp: &crate::amqp::Pool,
     ) -> Destination {
         match config {
             DestinationConfig::File(c) => Destination::File(file::FileDestination::new(c)),
             DestinationConfig::Rabbitmq(c) => {
-                Destination::Rabbit(Box::new(rabbitmq::RabbitDestination::new(c, mapping)))
+                Destination::Rabbit(Box::new(rabbitmq::RabbitDestination::new(c, mapping, amqp)))
             }
             DestinationConfig::Sqs(c) => {
                 Destination::Sqs(sqs::SqsDestination::new(c, mapping, sdk))

@@ -4,12 +4,13 @@
 
 use std::path::PathBuf;
 
+use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Connection};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
 use super::DestinationError;
+use crate::amqp::{Lease, Pool};
 use crate::env::SecretUrl;
 
 /// `on_failure = { type = "rabbitmq", … }`
@@ -42,17 +43,20 @@ pub struct RabbitDestination {
     exchange: String,
     routing_key: String,
     ca_file: Option<std::path::PathBuf>,
-    channel: Mutex<Option<(Connection, Channel)>>,
+    /// A confirm channel on a connection shared with the broker's other users.
+    channel: Mutex<Option<Lease>>,
+    pool: Pool,
 }
 
 impl RabbitDestination {
-    pub fn new(c: &Config, mapping: &str) -> Self {
+    pub fn new(c: &Config, mapping: &str, pool: &Pool) -> Self {
         RabbitDestination {
             url: c.url.clone(),
             exchange: c.exchange.clone(),
             routing_key: c.routing_key.clone().unwrap_or_else(|| mapping.to_owned()),
             ca_file: c.ca_file.clone(),
             channel: Mutex::new(None),
+            pool: pool.clone(),
         }
     }
 
@@ -68,20 +72,23 @@ impl RabbitDestination {
         let mut guard = self.channel.lock().await;
         if guard
             .as_ref()
-            .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
+            .is_none_or(|lease| !lease.channel.status().connected())
         {
-            let conn =
-                crate::amqp::connect(&self.url, self.ca_file.as_deref(), "esm-gateway on-failure")
-                    .await
-                    .map_err(|e| self.error(e))?;
-            let channel = conn.create_channel().await.map_err(|e| self.error(e))?;
-            channel
+            // The old lease (if any) is given back before a new one is taken.
+            *guard = None;
+            let lease = self
+                .pool
+                .channel(&self.url, self.ca_file.as_deref(), "on-failure")
+                .await
+                .map_err(|e| self.error(e))?;
+            lease
+                .channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
                 .map_err(|e| self.error(e))?;
-            *guard = Some((conn, channel));
+            *guard = Some(lease);
         }
-        let (_, channel) = guard.as_ref().expect("connected above");
+        let channel = &guard.as_ref().expect("connected above").channel;
         let result = async {
             let confirm = channel
                 .basic_publish(

@@ -27,7 +27,7 @@ pub(super) struct Env {
 }
 
 impl Env {
-    pub(super) async fn new(config: &Config) -> Arc<Env> {
+    pub(super) async fn new(config: &Config, amqp: &crate::amqp::Pool) -> Arc<Env> {
         let sdk = crate::aws::sdk_config(&config.aws).await;
         let region = sdk
             .region()
@@ -52,8 +52,16 @@ impl Env {
                 account: config.account_id().to_owned(),
                 schedule_store: store,
                 schedule_timer: schedule::Timer::start(schedule::Clock::System),
+                amqp: amqp.clone(),
             }),
         })
+    }
+}
+
+impl Env {
+    /// The process's AMQP pool, handed on to the next `Env`.
+    pub(super) fn amqp(&self) -> &crate::amqp::Pool {
+        &self.source.amqp
     }
 }
 
@@ -92,7 +100,12 @@ pub(super) fn deliverer(
             exhausted: mapping.source.defaults().exhausted,
         },
         destination: mapping.on_failure.as_ref().map(|d| {
-            let d = Arc::new(Destination::new(d, &mapping.name, &env.source.sdk));
+            let d = Arc::new(Destination::new(
+                d,
+                &mapping.name,
+                &env.source.sdk,
+                &env.source.amqp,
+            ));
             // In the background: a slow answer must not hold up the mapping's start.
             let (check, name) = (d.clone(), mapping.name.clone());
             tokio::spawn(async move { check.check_retention(&name).await });

@@ -205,7 +205,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
     let mut controls = controls.0;
-    let mut env = Env::new(&config).await;
+    // One pool for the process: the connections outlive an `[aws]` change.
+    let amqp = crate::amqp::Pool::default();
+    let mut env = Env::new(&config, &amqp).await;
     let mut gateway = Gateway {
         slots: BTreeMap::new(),
         stopping: HashMap::new(),
@@ -379,7 +381,7 @@ impl Gateway {
         let aws_changed = new.aws != current.aws || new.schedules != current.schedules;
         if aws_changed {
             tracing::info!("[aws] changed; every mapping restarts with the new settings");
-            *env = Env::new(&new).await;
+            *env = Env::new(&new, env.amqp()).await;
         }
         if new.admin.listen != current.admin.listen || new.admin.enabled != current.admin.enabled {
             tracing::warn!(

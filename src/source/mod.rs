@@ -131,6 +131,8 @@ pub struct Env {
     pub schedule_store: Option<Arc<schedule::store::Store>>,
     /// The one timer every schedule mapping registers with.
     pub schedule_timer: Arc<schedule::Timer>,
+    /// The process's shared AMQP connections (RabbitMQ sources and destinations).
+    pub amqp: crate::amqp::Pool,
 }
 
 /// What a source runs with.

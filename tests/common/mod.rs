@@ -244,9 +244,15 @@ impl Rabbit {
     /// Declares a fresh durable queue and returns its name.
     pub async fn queue(&self, prefix: &str) -> String {
         let name = unique(prefix);
+        self.declare(&name).await;
+        name
+    }
+
+    /// Declares the durable queue `name`.
+    pub async fn declare(&self, name: &str) {
         self.channel
             .queue_declare(
-                name.as_str().into(),
+                name.into(),
                 QueueDeclareOptions {
                     durable: true,
                     ..Default::default()
@@ -255,7 +261,6 @@ impl Rabbit {
             )
             .await
             .unwrap();
-        name
     }
 
     /// Publishes persistent messages with message id `id-<body>` and waits for confirms.
@@ -320,6 +325,27 @@ pub fn rabbitmqctl(args: &[&str]) {
         "rabbitmqctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The broker's ids of the AMQP connections of the gateway process `pid`, which names
+/// them "esm-gateway[<pid>] <purpose> #<n>" (`rabbitmqctl list_connections`: the
+/// broker's count, not the gateway's).
+pub fn gateway_connections(pid: u32) -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl list_connections: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let marker = format!("esm-gateway[{pid}] ");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&marker))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
 }
 
 /// `msg-0000` … as bodies.

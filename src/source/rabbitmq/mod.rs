@@ -35,8 +35,6 @@ use config::RabbitSource;
 enum SessionError {
     #[error(transparent)]
     Connect(#[from] crate::amqp::AmqpError),
-    #[error("cannot open a channel: {0}")]
-    Channel(lapin::Error),
     #[error("queue {queue:?} in vhost {vhost:?}: {message}")]
     Queue {
         queue: String,
@@ -55,19 +53,15 @@ pub async fn run(source: &RabbitSource, context: Context) {
         limits,
         deliverer,
         shutdown,
+        env,
         ..
     } = context;
     crate::source::reconnect_loop(
         "RabbitMQ",
         &deliverer.mapping,
         &shutdown,
-        || session(source, limits, &deliverer, &shutdown),
-        |e| {
-            matches!(
-                e,
-                SessionError::Connect(_) | SessionError::Channel(_) | SessionError::Queue { .. }
-            )
-        },
+        || session(source, limits, &deliverer, &env.amqp, &shutdown),
+        |e| matches!(e, SessionError::Connect(_) | SessionError::Queue { .. }),
     )
     .await
 }
@@ -76,6 +70,7 @@ async fn session(
     source: &RabbitSource,
     limits: BatchLimits,
     deliverer: &Deliverer,
+    pool: &crate::amqp::Pool,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let status = &deliverer.mapping;
@@ -86,13 +81,12 @@ async fn session(
         vhost: vhost.clone(),
         message: e.to_string(),
     };
-    let conn = crate::amqp::connect(
-        &source.url,
-        source.ca_file.as_deref(),
-        &format!("esm-gateway {}", status.name),
-    )
-    .await?;
-    let channel = conn.create_channel().await.map_err(SessionError::Channel)?;
+    // A channel of its own on a connection shared with the broker's other mappings.
+    let lease = tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        lease = pool.channel(&source.url, source.ca_file.as_deref(), "consumers") => lease?,
+    };
+    let channel = lease.channel.clone();
     let prefetch = source
         .prefetch
         .unwrap_or_else(|| (limits.size * 2).clamp(100, 65_535) as u16);
@@ -215,13 +209,11 @@ async fn session(
             break;
         }
     }
-    // Closing (rather than dropping) the connection hands the prefetched, unacknowledged
+    // Closing (rather than dropping) the channel hands the prefetched, unacknowledged
     // deliveries back to the queue at once, in order: a disabled or restarting mapping
-    // must not sit on them.
+    // must not sit on them. The shared connection stays for the other mappings.
     drop(batcher);
-    if let Err(e) = conn.close(200, "esm-gateway mapping stopped".into()).await {
-        tracing::debug!(mapping = %status.name, error = %e, "closing the connection");
-    }
+    lease.close("esm-gateway mapping stopped").await;
     Ok(())
 }
 
