@@ -140,6 +140,87 @@ async fn a_partial_batch_response_retries_only_the_reported_messages() {
     rabbit.delete(&queue).await;
 }
 
+/// Partial batch responses: 30 messages in batches of 10, `msg-0003` reported failed
+/// once, with a long backoff.
+fn unordered_config(function: &str, queue: &str, backoff: &str) -> String {
+    rabbit_config(
+        function,
+        queue,
+        &format!(
+            r#"
+report_batch_item_failures = true
+
+[mapping.batch]
+size = 10
+window = "100ms"
+
+[mapping.retry]
+backoff_min = "{backoff}"
+backoff_max = "{backoff}"
+"#
+        ),
+    )
+}
+
+#[tokio::test]
+async fn with_partial_batch_responses_a_failed_record_does_not_hold_the_queue_back() {
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("unordered").await;
+    let f = Function::deploy("unordered", &[("FAIL_ONCE", "msg-0003")]).await;
+    rabbit.publish(&queue, numbered(30)).await;
+
+    // The retry waits 5–10 s; the next two batches do not wait for it.
+    let gw = Gateway::start(&unordered_config(&f.name, &queue, "10s"));
+    let inv = f.wait_invocations(4, LONG).await;
+    assert_eq!(inv[0].bodies, numbered_strings(0..10));
+    assert_eq!(inv[0].failed, ["id-msg-0003"]);
+    assert_eq!(inv[1].bodies, numbered_strings(10..20), "{inv:?}");
+    assert_eq!(inv[2].bodies, numbered_strings(20..30), "{inv:?}");
+    assert_eq!(inv[3].bodies, ["msg-0003"], "the retry came after them");
+    assert_eq!(inv[3].redelivered, [true]);
+    assert_eq!(
+        gw.log_count("RabbitMQ session ended"),
+        0,
+        "no ack was refused"
+    );
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let mut delivered = f.delivered();
+    delivered.sort();
+    assert_eq!(delivered, numbered_strings(0..30), "each once");
+    assert_eq!(rabbit.ready(&queue).await, 0, "all acknowledged");
+    rabbit.delete(&queue).await;
+}
+
+#[tokio::test]
+async fn a_shutdown_leaves_a_pending_retry_in_the_queue_and_acks_the_rest() {
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("pending").await;
+    let f = Function::deploy("pending", &[("FAIL_ONCE", "msg-0003")]).await;
+    rabbit.publish(&queue, numbered(30)).await;
+
+    let gw = Gateway::start(&unordered_config(&f.name, &queue, "10min"));
+    f.wait_invocations(3, LONG).await;
+    assert_eq!(
+        gw.terminate().await.code(),
+        Some(0),
+        "the pending retry did not hold the shutdown"
+    );
+    let inv = f.invocations();
+    assert_eq!(inv.len(), 3, "no retry was invoked: {inv:?}");
+    // 29 delivered + 1 back in the queue = 30.
+    let mut delivered = f.delivered();
+    delivered.sort();
+    let mut expected = numbered_strings(0..30);
+    expected.retain(|b| b != "msg-0003");
+    assert_eq!(delivered, expected);
+    assert_eq!(
+        rabbit.ready(&queue).await,
+        1,
+        "msg-0003 is back in the queue"
+    );
+    rabbit.delete(&queue).await;
+}
+
 /// On AWS a failed batch comes back from the broker with `redelivered: true`; the
 /// gateway's own retry of it says the same.
 #[tokio::test]

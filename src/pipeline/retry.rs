@@ -8,7 +8,8 @@
 //! spending retries. When retries or record age run out, or a lone record is too large,
 //! the piece is parked in the on-failure destination. Nothing else leaves the queue:
 //! `deliver` returns when every record is resolved, or on shutdown with the rest
-//! unresolved (the source then leaves them to the broker).
+//! unresolved (the source then leaves them to the broker). An unordered source may take
+//! the retry after a function failure off its path (`deliver_deferring`, then `resume`).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -113,10 +114,26 @@ pub(super) struct Piece {
     pub(super) invokes: u32,
 }
 
+/// A batch's work left over when its first retry after a function failure was deferred
+/// ([`Deliverer::deliver_deferring`]): finish it with [`Deliverer::resume`].
+pub struct Deferred {
+    work: VecDeque<Piece>,
+    delay: Duration,
+}
+
+impl Deferred {
+    /// The records still to deliver.
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.work.iter().flat_map(|p| &p.records)
+    }
+}
+
 enum Step {
     Done,
-    /// Retry the piece (or what is left of it) after this long.
-    Retry(Piece, Duration),
+    /// Retry the piece (or what is left of it) after this long. `deferrable`: a function
+    /// failure, which an unordered source may retry beside its next batches (throttles
+    /// and errors of the mapping itself hold the source back instead).
+    Retry(Piece, Duration, bool),
     /// Replace the piece by these, worked in order, at once.
     Split(Piece, Piece),
     Park(Piece, Condition, Option<Response>, String),
@@ -134,6 +151,39 @@ impl Deliverer {
     /// Delivers `batch` and returns how each record ended; on shutdown the records not
     /// yet resolved come back unresolved. Keeps the mapping's in-flight gauge.
     pub async fn deliver(&self, batch: Vec<Record>, shutdown: &CancellationToken) -> Outcome {
+        self.deliver_or_defer(batch, shutdown, false).await.0
+    }
+
+    /// Like [`deliver`](Self::deliver), but returns at the first retry after a function
+    /// failure, with the work left (the failed records and any after them), so that an
+    /// unordered source can go on with its next batches meanwhile.
+    pub async fn deliver_deferring(
+        &self,
+        batch: Vec<Record>,
+        shutdown: &CancellationToken,
+    ) -> (Outcome, Option<Deferred>) {
+        self.deliver_or_defer(batch, shutdown, true).await
+    }
+
+    /// Finishes deferred work after its backoff, retries and all, as `deliver` would have.
+    pub async fn resume(&self, deferred: Deferred, shutdown: &CancellationToken) -> Outcome {
+        let _in_flight = InFlight::new(&self.mapping);
+        let mut out = Outcome::default();
+        tokio::select! {
+            () = tokio::time::sleep(deferred.delay) => {
+                self.work_through(deferred.work, &mut out, shutdown, false).await;
+            }
+            () = shutdown.cancelled() => deferred.work.into_iter().for_each(|p| out.leave(p)),
+        }
+        out
+    }
+
+    async fn deliver_or_defer(
+        &self,
+        batch: Vec<Record>,
+        shutdown: &CancellationToken,
+        defer: bool,
+    ) -> (Outcome, Option<Deferred>) {
         let _in_flight = InFlight::new(&self.mapping);
         let mut out = Outcome::default();
         let batch = match &self.filter {
@@ -146,21 +196,34 @@ impl Deliverer {
                 out.resolved
                     .extend(drop.into_iter().map(|r| (r, Resolution::Filtered)));
                 if pass.is_empty() {
-                    return out;
+                    return (out, None);
                 }
                 pass
             }
         };
-        let mut work = VecDeque::from([Piece {
+        let work = VecDeque::from([Piece {
             records: batch,
             failures: 0,
             invokes: 0,
         }]);
+        let deferred = self.work_through(work, &mut out, shutdown, defer).await;
+        (out, deferred)
+    }
+
+    /// Works the pieces front to back until all are resolved, a shutdown, or (with
+    /// `defer`) the first deferrable retry, whose work it returns.
+    async fn work_through(
+        &self,
+        mut work: VecDeque<Piece>,
+        out: &mut Outcome,
+        shutdown: &CancellationToken,
+        defer: bool,
+    ) -> Option<Deferred> {
         // Consecutive failures that spend no retries (throttles, transient, fatal), for
         // their own backoff.
         let mut free_failures = 0u32;
         while let Some(piece) = work.pop_front() {
-            let piece = match self.park_expired(piece, &mut out, shutdown).await {
+            let piece = match self.park_expired(piece, out, shutdown).await {
                 Ok(Some(p)) => p,
                 Ok(None) => continue,
                 Err(p) => {
@@ -168,15 +231,19 @@ impl Deliverer {
                     break;
                 }
             };
-            let step = self.attempt(piece, &mut out, &mut free_failures).await;
+            let step = self.attempt(piece, out, &mut free_failures).await;
             match step {
                 Step::Done => {}
                 Step::Split(a, b) => {
                     work.push_front(b);
                     work.push_front(a);
                 }
-                Step::Retry(piece, delay) => {
+                Step::Retry(piece, delay, deferrable) => {
                     self.mapping.metrics.retries.increment(1);
+                    if defer && deferrable {
+                        work.push_front(piece);
+                        return Some(Deferred { work, delay });
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(delay) => work.push_front(piece),
                         () = shutdown.cancelled() => {
@@ -187,14 +254,7 @@ impl Deliverer {
                 }
                 Step::Park(piece, condition, response, error) => {
                     if let Err(p) = self
-                        .park(
-                            piece,
-                            condition,
-                            response.as_ref(),
-                            &error,
-                            &mut out,
-                            shutdown,
-                        )
+                        .park(piece, condition, response.as_ref(), &error, out, shutdown)
                         .await
                     {
                         out.leave(p);
@@ -207,7 +267,7 @@ impl Deliverer {
         for piece in work {
             out.leave(piece);
         }
-        out
+        None
     }
 
     /// Parks the records of `piece` that are older than max_record_age (a prefix: they
@@ -295,7 +355,7 @@ impl Deliverer {
                 *free_failures += 1;
                 tracing::warn!(mapping = %name, error = %e, "invoke failed; retrying without spending a retry");
                 self.mapping.error(&e);
-                return Step::Retry(piece, self.policy.backoff(*free_failures));
+                return Step::Retry(piece, self.policy.backoff(*free_failures), false);
             }
             Err(e @ InvokeError::Fatal { .. }) => {
                 *free_failures += 1;
@@ -306,6 +366,7 @@ impl Deliverer {
                     self.policy
                         .backoff(*free_failures)
                         .max(self.policy.backoff_max / 2),
+                    false,
                 );
             }
         };
@@ -382,7 +443,7 @@ impl Deliverer {
             _ => {
                 self.mapping.error(&error);
                 let delay = self.policy.backoff(piece.failures);
-                Step::Retry(piece, delay)
+                Step::Retry(piece, delay, true)
             }
         }
     }

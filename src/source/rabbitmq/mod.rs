@@ -8,8 +8,15 @@
 //! in flight when its channel closes (connection lost, consumer_timeout) is given up at
 //! once, retries and all: the broker owns its deliveries again. The only duplicates are
 //! therefore the batch that was in flight.
+//!
+//! With `report_batch_item_failures` the function has said that its records may succeed
+//! out of order, and a failure does not hold the queue back: the retries of a batch's
+//! failed records (after their backoff, with their retry budget, bisection and parking)
+//! run beside the following batches, and the records are acked one by one while any
+//! such retry is pending.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -24,7 +31,7 @@ pub mod event;
 
 use crate::pipeline::batcher::{BatchLimits, Batcher};
 use crate::pipeline::park::Condition;
-use crate::pipeline::retry::{Deliverer, Outcome};
+use crate::pipeline::retry::{Deferred, Deliverer, Outcome};
 use crate::record::{Ack, Hold, Record};
 use crate::source::Context;
 use crate::status::State;
@@ -178,6 +185,13 @@ async fn session(
     });
     let _reader_guard = AbortOnDrop(reader);
 
+    // With partial batch responses the queue is unordered: a failed record's retries
+    // run beside the next batches (their number is bounded by the prefetch, since the
+    // records stay unacknowledged). While any of them is unacknowledged, batches are
+    // acked one record at a time: a `multiple` ack would take the deferred ones too.
+    let unordered = deliverer.policy.report_item_failures;
+    let deferred_unacked = Arc::new(AtomicUsize::new(0));
+    let mut retries = tokio::task::JoinSet::new();
     let mut batcher = Batcher::new(rx, limits);
     loop {
         // Shutdown first: a batch not yet started is left to the broker.
@@ -191,24 +205,39 @@ async fn session(
         let Some(batch) = batch.filter(|_| channel.status().connected()) else {
             return Err(SessionError::ConsumerEnded(queue.to_owned()));
         };
-        let outcome = deliver_in_order(deliverer, batch, &undecodable, &batch_stop).await;
+        let (outcome, deferred) =
+            deliver_in_order(deliverer, batch, &undecodable, &batch_stop, unordered).await;
         if batch_stop.is_cancelled() && !shutdown.is_cancelled() {
             tracing::warn!(mapping = %status.name, queue, resolved = outcome.resolved.len(),
                 unresolved = outcome.unresolved.len(),
                 "channel closed during the batch; it is given up, the broker redelivers all of it");
             return Err(SessionError::ConsumerEnded(queue.to_owned()));
         }
-        acknowledge(outcome)
+        let multiple = deferred.is_empty() && deferred_unacked.load(Ordering::Acquire) == 0;
+        acknowledge(outcome, multiple)
             .await
             .map_err(|source| SessionError::Ack {
                 queue: queue.to_owned(),
                 source,
             })?;
+        for d in deferred {
+            deferred_unacked.fetch_add(d.records().count(), Ordering::AcqRel);
+            retries.spawn(retry_deferred(
+                deliverer.clone(),
+                d,
+                batch_stop.clone(),
+                deferred_unacked.clone(),
+            ));
+        }
+        while retries.try_join_next().is_some() {}
         // Only a shutdown leaves records unresolved; they stay unacknowledged.
         if shutdown.is_cancelled() {
             break;
         }
     }
+    // The deferred retries stop at the shutdown too; what they resolved is acked before
+    // the channel closes.
+    while retries.join_next().await.is_some() {}
     // Closing (rather than dropping) the channel hands the prefetched, unacknowledged
     // deliveries back to the queue at once, in order: a disabled or restarting mapping
     // must not sit on them. The shared connection stays for the other mappings.
@@ -247,17 +276,50 @@ fn undecodable_error(bad: &[event::Undecodable]) -> String {
     )
 }
 
+/// Finishes a batch's deferred retries beside the session's next batches and acks what
+/// they resolve, one by one; counts the acked ones off `unacked`. Records left (shutdown,
+/// channel lost) stay unacknowledged for the broker to redeliver.
+async fn retry_deferred(
+    deliverer: Deliverer,
+    deferred: Deferred,
+    stop: CancellationToken,
+    unacked: Arc<AtomicUsize>,
+) {
+    let outcome = deliverer.resume(deferred, &stop).await;
+    let resolved = outcome.resolved.len();
+    match acknowledge(outcome, false).await {
+        Ok(()) => {
+            unacked.fetch_sub(resolved, Ordering::AcqRel);
+        }
+        Err(e) => {
+            tracing::warn!(mapping = %deliverer.mapping.name, error = %e,
+                "acknowledging retried messages failed; the broker will redeliver them");
+        }
+    }
+}
+
 /// Delivers a batch in order, parking each message marked undecodable alone and
 /// uninvoked at its place: the messages before it are resolved first, those after it
-/// next. Once a step leaves records unresolved (shutdown), the rest are left too.
+/// next. Once a step leaves records unresolved (shutdown), the rest are left too. With
+/// `defer`, each step's retries after a function failure are returned instead of waited
+/// for (counted into `unacked` by the caller's retry tasks).
 async fn deliver_in_order(
     deliverer: &Deliverer,
     batch: Vec<Record>,
     undecodable: &Undecodable,
     shutdown: &CancellationToken,
-) -> Outcome {
+    defer: bool,
+) -> (Outcome, Vec<Deferred>) {
     let mut pending = VecDeque::from(batch);
     let mut out = Outcome::default();
+    let mut deferred = Vec::new();
+    let deliver = |records: Vec<Record>| async move {
+        if defer {
+            deliverer.deliver_deferring(records, shutdown).await
+        } else {
+            (deliverer.deliver(records, shutdown).await, None)
+        }
+    };
     while !pending.is_empty() {
         let next_bad = {
             let marked = undecodable.lock();
@@ -277,14 +339,14 @@ async fn deliver_in_order(
                     .await
             }
             Some(i) => {
-                deliverer
-                    .deliver(pending.drain(..i).collect(), shutdown)
-                    .await
+                let (step, d) = deliver(pending.drain(..i).collect()).await;
+                deferred.extend(d);
+                step
             }
             None => {
-                deliverer
-                    .deliver(pending.drain(..).collect(), shutdown)
-                    .await
+                let (step, d) = deliver(pending.drain(..).collect()).await;
+                deferred.extend(d);
+                step
             }
         };
         out.resolved.extend(step.resolved);
@@ -293,7 +355,7 @@ async fn deliver_in_order(
             out.unresolved.extend(pending.drain(..));
         }
     }
-    out
+    (out, deferred)
 }
 
 /// How often the queue's depth is asked for.
@@ -330,9 +392,10 @@ async fn poll_depth(
 }
 
 /// Acks every resolved record: with one `multiple` ack of the highest tag when the whole
-/// batch is resolved (every earlier delivery on the channel is resolved too, since batches
-/// run one at a time), one by one otherwise. Unresolved records are left unacked.
-async fn acknowledge(outcome: Outcome) -> Result<(), AckError> {
+/// batch is resolved and `multiple` says no earlier delivery is still unacknowledged
+/// (batches run one at a time; only deferred retries outlive theirs), one by one
+/// otherwise. Unresolved records are left unacked.
+async fn acknowledge(outcome: Outcome, multiple: bool) -> Result<(), AckError> {
     let ackers: Vec<(u64, lapin::Acker)> = outcome
         .resolved
         .into_iter()
@@ -346,7 +409,7 @@ async fn acknowledge(outcome: Outcome) -> Result<(), AckError> {
             Err(e) => Err(AckError::Failed(e)),
         }
     };
-    if outcome.unresolved.is_empty() {
+    if multiple && outcome.unresolved.is_empty() {
         if let Some((_, last)) = ackers.into_iter().max_by_key(|(tag, _)| *tag) {
             ack(last, true).await?;
         }
