@@ -14,6 +14,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
 use rand::Rng;
 
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,8 @@ use crate::invoke::lambda::{InvokeError, Invoker, Response};
 use crate::pipeline::filter::{self, Filter};
 use crate::record::{Record, Resolution};
 use crate::status::MappingStatus;
+use crate::telemetry::otlp::Span;
+use crate::trace;
 
 /// A mapping's retry settings, resolved from its configuration.
 #[derive(Debug, Clone)]
@@ -80,6 +83,9 @@ pub struct Outcome {
     /// The most invokes any unresolved record took part in: what a source that parks
     /// them itself (a schedule without a ledger) reports as the invoke count.
     pub unresolved_invokes: u32,
+    /// The batch's span (none without an OTLP exporter), for the source's `ack` span
+    /// ([`Span::into_ack`]); it ends when dropped.
+    pub span: Span,
 }
 
 impl Outcome {
@@ -135,7 +141,15 @@ impl Deliverer {
     /// yet resolved come back unresolved. Keeps the mapping's in-flight gauge.
     pub async fn deliver(&self, batch: Vec<Record>, shutdown: &CancellationToken) -> Outcome {
         let _in_flight = InFlight::new(&self.mapping);
-        let mut out = Outcome::default();
+        let mut out = Outcome {
+            span: Span::batch(
+                &self.mapping.name,
+                self.mapping.kind,
+                batch.len(),
+                batch.iter().map(|r| &r.trace),
+            ),
+            ..Outcome::default()
+        };
         let batch = match &self.filter {
             None => batch,
             Some(filter) => {
@@ -251,6 +265,19 @@ impl Deliverer {
         let event = self.shape.render(&piece.records, piece.invokes + 1);
         let name = &self.mapping.name;
         let n = piece.records.len();
+        let trace = trace::of_batch(piece.records.iter().map(|r| &r.trace));
+        let span = out.span.child(
+            "invoke",
+            || {
+                vec![
+                    KeyValue::new("esm_gateway.mapping", name.clone()),
+                    KeyValue::new("esm_gateway.function", self.invoker.function().to_owned()),
+                    KeyValue::new("esm_gateway.batch.records", n as i64),
+                    KeyValue::new("esm_gateway.attempt", i64::from(piece.invokes) + 1),
+                ]
+            },
+            trace.as_ref(),
+        );
         let result = if event.len() > self.policy.max_payload {
             Err(InvokeError::TooLarge {
                 function: self.invoker.function().to_owned(),
@@ -261,7 +288,7 @@ impl Deliverer {
             let m = &self.mapping.metrics;
             m.batch_records.record(n as f64);
             let started = tokio::time::Instant::now();
-            let r = self.invoker.invoke(event).await;
+            let r = self.invoker.invoke(event, trace).await;
             m.invoke_seconds.record(started.elapsed().as_secs_f64());
             r
         };
@@ -273,6 +300,13 @@ impl Deliverer {
             Err(InvokeError::TooLarge { .. }) => "too_large",
             Err(InvokeError::Fatal { .. }) => "fatal_error",
         };
+        span.set(KeyValue::new("esm_gateway.outcome", outcome));
+        match &result {
+            Err(e) => span.fail(e.to_string()),
+            Ok(r) if r.function_error.is_some() => span.fail("function error"),
+            Ok(_) => {}
+        }
+        drop(span);
         self.mapping.metrics.invocation(outcome).increment(1);
         if outcome == "throttled" {
             self.mapping.metrics.throttles.increment(1);

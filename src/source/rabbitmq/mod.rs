@@ -174,6 +174,7 @@ async fn session(
                 position: d.delivery_tag,
                 received: tokio::time::Instant::now(),
                 received_at: SystemTime::now(),
+                trace: event::rabbit_trace(&d.properties),
                 ack: Ack::new(d.acker),
                 hold: Hold::default(),
             };
@@ -197,13 +198,15 @@ async fn session(
         let Some(batch) = batch.filter(|_| channel.status().connected()) else {
             return Err(SessionError::ConsumerEnded(queue.to_owned()));
         };
-        let outcome = deliver_in_order(deliverer, batch, &undecodable, &batch_stop).await;
+        let mut outcome = deliver_in_order(deliverer, batch, &undecodable, &batch_stop).await;
         if batch_stop.is_cancelled() && !shutdown.is_cancelled() {
             tracing::warn!(mapping = %status.name, queue, resolved = outcome.resolved.len(),
                 unresolved = outcome.unresolved.len(),
                 "channel closed during the batch; it is given up, the broker redelivers all of it");
             return Err(SessionError::ConsumerEnded(queue.to_owned()));
         }
+        let _acking =
+            std::mem::take(&mut outcome.span).into_ack(&status.name, outcome.resolved.len());
         acknowledge(outcome)
             .await
             .map_err(|source| SessionError::Ack {
@@ -296,6 +299,10 @@ async fn deliver_in_order(
             }
         };
         out.resolved.extend(step.resolved);
+        // The ack span goes in the first delivered batch's span.
+        if !out.span.is_on() {
+            out.span = step.span;
+        }
         if !step.unresolved.is_empty() {
             out.unresolved.extend(step.unresolved);
             out.unresolved.extend(pending.drain(..));
