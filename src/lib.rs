@@ -7,7 +7,7 @@
 //! ```text
 //! source (rabbitmq | activemq | kafka | sqs | schedule)
 //!                                              source/<kind>/ (schedule: one record per fire)
-//!    -> Record { event element, id, key, position, ack handle }   record.rs
+//!    -> Record { event element, id, key, position, trace, ack }   record.rs, trace.rs
 //!    -> batcher (size / bytes / window)         pipeline/batcher.rs, pipeline/budget.rs
 //!    -> one batch in flight per ordering unit   source/<kind>/ (queue, partition or lane, receive)
 //!    -> deliver: filter, invoke, retry, bisect  pipeline/filter.rs, pipeline/retry.rs
@@ -26,7 +26,7 @@
 //! destination owns its config in `destination/<kind>.rs`.
 //!
 //! The module graph has no cycle (`tests/layout.rs` checks it), bottom to top:
-//! `env`, `record`, `status`, `telemetry`, `notify`, `aws` -> `invoke` -> `amqp` ->
+//! `env`, `trace`, `record`, `status`, `telemetry`, `notify`, `aws` -> `invoke` -> `amqp` ->
 //! `destination` -> `pipeline` -> `source` -> `config` -> `runtime`, `redrive`,
 //! `admin`, `main`.
 //!
@@ -43,8 +43,11 @@
 //! - `admin`: the admin API (health, readiness, metrics, mapping status and control).
 //! - `notify`: systemd readiness, reload and watchdog notifications.
 //! - `redrive`: replays parked failure records (`esm-gateway redrive`).
+//! - `trace`: a message's trace context (W3C `traceparent`, X-Ray `X-Amzn-Trace-Id`) and
+//!   the `X-Amzn-Trace-Id` the invoke carries.
 //! - `status`: each mapping's observable state (running, failed and why).
-//! - `telemetry`: logging setup and the catalogue of metrics.
+//! - `telemetry`: logging setup, the catalogue of metrics, and the OTLP span exporter
+//!   (`telemetry/otlp.rs`).
 
 pub mod admin;
 pub mod amqp;
@@ -63,3 +66,4 @@ pub mod runtime;
 pub mod source;
 pub mod status;
 pub mod telemetry;
+pub mod trace;

@@ -229,7 +229,14 @@ fn main() -> ExitCode {
             };
             let metrics = telemetry::install_metrics();
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            rt.block_on(async {
+            let exporter = match telemetry::otlp::install(&config.telemetry, rt.handle().clone()) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            };
+            let code = rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 let (handle, controls) = runtime::handle(&config);
                 // Signals are handled before anything else starts: SIGHUP's default
@@ -256,7 +263,12 @@ fn main() -> ExitCode {
                         ExitCode::from(EXIT_RUNTIME)
                     }
                 }
-            })
+            });
+            // The spans not yet exported, on the runtime that is still up.
+            if let Some(exporter) = exporter {
+                exporter.shutdown();
+            }
+            code
         }
     }
 }

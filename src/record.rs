@@ -12,6 +12,8 @@ use tokio::time::Instant;
 
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::trace::TraceContext;
+
 /// One message from a source.
 #[derive(Debug)]
 pub struct Record {
@@ -29,6 +31,9 @@ pub struct Record {
     pub received: Instant,
     /// The same moment on the wall clock, for failure records.
     pub received_at: SystemTime,
+    /// The producer's trace, read from its headers or attributes when it arrived
+    /// (`trace`); the invoke continues the batch's first.
+    pub trace: Option<TraceContext>,
     /// How the source acknowledges it.
     pub ack: Ack,
     /// The bytes of its lane's budget it holds until it is dropped (see
@@ -48,6 +53,7 @@ impl Record {
             position,
             received: Instant::now(),
             received_at: SystemTime::now(),
+            trace: None,
             ack: Ack::NONE,
             hold: Hold::default(),
         }

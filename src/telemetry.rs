@@ -39,6 +39,8 @@
 //! Process-wide: `esm_gateway_config_reloads_total{outcome}`, `esm_gateway_build_info`,
 //! and the standard `process_*` series (rendered from /proc at scrape time).
 
+pub mod otlp;
+
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::time::{SystemTime, UNIX_EPOCH};

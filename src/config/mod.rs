@@ -20,6 +20,7 @@ pub use crate::aws::AwsConfig;
 pub use crate::destination::DestinationConfig;
 pub use crate::env::{Expanded, Secret, SecretUrl};
 pub use crate::source::SourceConfig;
+pub use crate::telemetry::otlp::TelemetryConfig;
 pub use mapping::{Batching, Checked, InvocationType, MAX_FUNCTION_TIMEOUT, Mapping, RetryPolicy};
 pub use types::{BatchSize, BatchWindow, BufferBytes, ByteSize, MaxRecordAge, RetryAttempts};
 
@@ -56,6 +57,9 @@ pub struct Config {
     /// Settings shared by every schedule mapping.
     #[serde(default)]
     pub schedules: SchedulesConfig,
+    /// `[telemetry]`: export of the gateway's own spans.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// The event source mappings, each `[[mapping]]` one.
     #[serde(default, rename = "mapping")]
     pub mappings: Vec<Mapping>,
@@ -237,6 +241,7 @@ impl Config {
                 e.to_string().replace(store.expose(), &store.to_string())
             ));
         }
+        problems.extend(config.telemetry.problem());
         for (m, c) in config.mappings.iter_mut().zip(checked) {
             m.checked = c;
         }

@@ -11,6 +11,12 @@ use aws_sdk_lambda::config::http::HttpResponse;
 use aws_sdk_lambda::error::SdkError;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
+use futures_util::future::Either;
+
+use crate::trace::TraceContext;
+
+/// The header that carries a trace into the function (its `_X_AMZN_TRACE_ID`).
+pub const TRACE_HEADER: &str = "X-Amzn-Trace-Id";
 
 /// Why a `function` is not a function reference.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -160,9 +166,16 @@ impl Invoker {
         &self.function
     }
 
-    pub async fn invoke(&self, event: Vec<u8>) -> Result<Response, InvokeError> {
+    /// Invokes the function with `event`; with a `trace`, the request carries it as
+    /// `X-Amzn-Trace-Id` (Invoke models no such field), so that the function's X-Ray
+    /// segment continues it.
+    pub async fn invoke(
+        &self,
+        event: Vec<u8>,
+        trace: Option<TraceContext>,
+    ) -> Result<Response, InvokeError> {
         let bytes = event.len();
-        let call = self
+        let op = self
             .client
             .invoke()
             .function_name(&self.function)
@@ -171,8 +184,20 @@ impl Invoker {
             } else {
                 InvocationType::RequestResponse
             })
-            .payload(Blob::new(event))
-            .send();
+            .payload(Blob::new(event));
+        let call = match trace {
+            None => Either::Left(op.send()),
+            Some(trace) => {
+                let value = trace.to_string();
+                Either::Right(
+                    op.customize()
+                        .mutate_request(move |req| {
+                            req.headers_mut().insert(TRACE_HEADER, value.clone());
+                        })
+                        .send(),
+                )
+            }
+        };
         // Dropping the call on timeout closes its connection: a flow that a NAT or
         // firewall forgot would otherwise never answer, and the batch would wait forever.
         let Ok(result) = tokio::time::timeout(self.timeout, call).await else {

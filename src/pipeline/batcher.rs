@@ -100,6 +100,7 @@ mod tests {
             position: i,
             received: Instant::now(),
             received_at: std::time::SystemTime::now(),
+            trace: None,
             ack: Ack::NONE,
             hold: Hold::default(),
         }

@@ -11,5 +11,6 @@ pub mod budget;
 pub mod filter;
 pub mod offsets;
 pub mod park;
+pub mod policy;
 pub mod response;
 pub mod retry;

@@ -4,6 +4,7 @@
 
 use std::time::SystemTime;
 
+use opentelemetry::KeyValue;
 use serde_json::json;
 
 use tokio_util::sync::CancellationToken;
@@ -188,6 +189,18 @@ impl Deliverer {
         shutdown: &CancellationToken,
     ) -> Result<(), Piece> {
         let name = &self.mapping.name;
+        let span = out.span.child(
+            "park",
+            || {
+                vec![
+                    KeyValue::new("esm_gateway.mapping", name.clone()),
+                    KeyValue::new("esm_gateway.condition", condition.as_str()),
+                    KeyValue::new("esm_gateway.batch.records", piece.records.len() as i64),
+                ]
+            },
+            None,
+        );
+        span.fail(error);
         let Some(destination) = &self.destination else {
             if self.policy.exhausted == Exhausted::Release {
                 tracing::warn!(mapping = %name, condition = condition.as_str(), records = piece.records.len(),

@@ -15,7 +15,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
+use opentelemetry::KeyValue;
 
 use tokio_util::sync::CancellationToken;
 
@@ -27,51 +27,10 @@ use crate::invoke::lambda::{InvokeError, Invoker, Response};
 use crate::pipeline::filter::{self, Filter};
 use crate::record::{Record, Resolution};
 use crate::status::MappingStatus;
+use crate::telemetry::otlp::Span;
+use crate::trace;
 
-/// A mapping's retry settings, resolved from its configuration.
-#[derive(Debug, Clone)]
-pub struct Policy {
-    /// Retries after the first attempt; None is forever.
-    pub retries: Option<u32>,
-    pub max_age: Option<Duration>,
-    pub backoff_min: Duration,
-    pub backoff_max: Duration,
-    pub bisect: bool,
-    pub report_item_failures: bool,
-    /// Largest event the function accepts.
-    pub max_payload: usize,
-    /// What becomes of exhausted records without an on-failure destination.
-    pub exhausted: Exhausted,
-}
-
-/// What becomes of records that ran out of retries when there is no on-failure
-/// destination: a property of the source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exhausted {
-    /// Wait for one: only a record too large for any invoke gets here (configuration
-    /// requires a destination where retries are limited), and it blocks its mapping
-    /// rather than being lost. RabbitMQ, Kafka.
-    Park,
-    /// Give them back to the source for redelivery (SQS: after their visibility
-    /// timeout, subject to the queue's redrive policy).
-    Release,
-    /// Drop them, logged (a schedule's fire, as Scheduler does without a dead-letter
-    /// queue: the schedule fires again at its next time).
-    Drop,
-}
-
-impl Policy {
-    /// `min * 2^(n-1)` capped at max, with equal jitter (half fixed, half random) so
-    /// that replicas retrying the same failure do not stay in step.
-    pub fn backoff(&self, n: u32) -> Duration {
-        let exp = self
-            .backoff_min
-            .saturating_mul(1u32 << n.saturating_sub(1).min(20));
-        let d = exp.min(self.backoff_max);
-        let half = d / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
-    }
-}
+pub use super::policy::{Exhausted, Policy};
 
 /// How a batch ended: resolved records, and those left unresolved by a shutdown.
 #[derive(Debug, Default)]
@@ -81,6 +40,9 @@ pub struct Outcome {
     /// The most invokes any unresolved record took part in: what a source that parks
     /// them itself (a schedule without a ledger) reports as the invoke count.
     pub unresolved_invokes: u32,
+    /// The batch's span (none without an OTLP exporter), for the source's `ack` span
+    /// ([`Span::into_ack`]); it ends when dropped.
+    pub span: Span,
 }
 
 impl Outcome {
@@ -168,7 +130,15 @@ impl Deliverer {
     /// Finishes deferred work after its backoff, retries and all, as `deliver` would have.
     pub async fn resume(&self, deferred: Deferred, shutdown: &CancellationToken) -> Outcome {
         let _in_flight = InFlight::new(&self.mapping);
-        let mut out = Outcome::default();
+        let mut out = Outcome {
+            span: Span::batch(
+                &self.mapping.name,
+                self.mapping.kind,
+                deferred.records().count(),
+                deferred.records().map(|r| &r.trace),
+            ),
+            ..Outcome::default()
+        };
         tokio::select! {
             () = tokio::time::sleep(deferred.delay) => {
                 self.work_through(deferred.work, &mut out, shutdown, false).await;
@@ -185,7 +155,15 @@ impl Deliverer {
         defer: bool,
     ) -> (Outcome, Option<Deferred>) {
         let _in_flight = InFlight::new(&self.mapping);
-        let mut out = Outcome::default();
+        let mut out = Outcome {
+            span: Span::batch(
+                &self.mapping.name,
+                self.mapping.kind,
+                batch.len(),
+                batch.iter().map(|r| &r.trace),
+            ),
+            ..Outcome::default()
+        };
         let batch = match &self.filter {
             None => batch,
             Some(filter) => {
@@ -311,6 +289,19 @@ impl Deliverer {
         let event = self.shape.render(&piece.records, piece.invokes + 1);
         let name = &self.mapping.name;
         let n = piece.records.len();
+        let trace = trace::of_batch(piece.records.iter().map(|r| &r.trace));
+        let span = out.span.child(
+            "invoke",
+            || {
+                vec![
+                    KeyValue::new("esm_gateway.mapping", name.clone()),
+                    KeyValue::new("esm_gateway.function", self.invoker.function().to_owned()),
+                    KeyValue::new("esm_gateway.batch.records", n as i64),
+                    KeyValue::new("esm_gateway.attempt", i64::from(piece.invokes) + 1),
+                ]
+            },
+            trace.as_ref(),
+        );
         let result = if event.len() > self.policy.max_payload {
             Err(InvokeError::TooLarge {
                 function: self.invoker.function().to_owned(),
@@ -321,7 +312,7 @@ impl Deliverer {
             let m = &self.mapping.metrics;
             m.batch_records.record(n as f64);
             let started = tokio::time::Instant::now();
-            let r = self.invoker.invoke(event).await;
+            let r = self.invoker.invoke(event, trace).await;
             m.invoke_seconds.record(started.elapsed().as_secs_f64());
             r
         };
@@ -333,6 +324,13 @@ impl Deliverer {
             Err(InvokeError::TooLarge { .. }) => "too_large",
             Err(InvokeError::Fatal { .. }) => "fatal_error",
         };
+        span.set(KeyValue::new("esm_gateway.outcome", outcome));
+        match &result {
+            Err(e) => span.fail(e.to_string()),
+            Ok(r) if r.function_error.is_some() => span.fail("function error"),
+            Ok(_) => {}
+        }
+        drop(span);
         self.mapping.metrics.invocation(outcome).increment(1);
         if outcome == "throttled" {
             self.mapping.metrics.throttles.increment(1);
@@ -473,38 +471,4 @@ fn split(mut piece: Piece) -> Step {
         invokes: piece.invokes,
     };
     Step::Split(piece, second)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_within_bounds() {
-        let p = Policy {
-            retries: None,
-            max_age: None,
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(1),
-            bisect: false,
-            report_item_failures: false,
-            max_payload: 1,
-            exhausted: Exhausted::Park,
-        };
-        for (n, full) in [
-            (1, 100),
-            (2, 200),
-            (3, 400),
-            (4, 800),
-            (5, 1000),
-            (40, 1000),
-        ] {
-            let d = p.backoff(n).as_millis() as u64;
-            assert!(
-                d >= full / 2 && d <= full,
-                "attempt {n}: {d}ms not in [{}, {full}]",
-                full / 2
-            );
-        }
-    }
 }

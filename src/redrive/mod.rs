@@ -293,7 +293,7 @@ impl Replay<'_> {
         }
         match self
             .invoker
-            .invoke(serde_json::to_vec(&payload).expect("JSON"))
+            .invoke(serde_json::to_vec(&payload).expect("JSON"), None)
             .await
         {
             Ok(r) if succeeded(&r, self.mapping.report_batch_item_failures) => Outcome::Removed,

@@ -383,6 +383,9 @@ impl Gateway {
             tracing::info!("[aws] changed; every mapping restarts with the new settings");
             *env = Env::new(&new, env.amqp()).await;
         }
+        if new.telemetry != current.telemetry {
+            tracing::warn!("[telemetry] takes effect at the next start, not on reload");
+        }
         if new.admin.listen != current.admin.listen || new.admin.enabled != current.admin.enabled {
             tracing::warn!(
                 "[admin] listen and enabled take effect at the next start, not on reload"

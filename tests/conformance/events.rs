@@ -95,7 +95,7 @@ pub fn kafka_example_message(offset: i64) -> OwnedMessage {
 }
 
 pub fn kafka_record(offset: i64) -> esm_gateway::record::Record {
-    let fragment = KafkaFragments::new("mytopic", 0)
+    let (fragment, _trace) = KafkaFragments::new("mytopic", 0)
         .render(&kafka_example_message(offset), &mut |n| {
             panic!("{n:?} replaced")
         });

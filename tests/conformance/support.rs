@@ -99,6 +99,7 @@ pub fn record(fragment: String, id: Option<&str>, key: Option<&[u8]>, position: 
         position,
         received: tokio::time::Instant::now(),
         received_at: SystemTime::UNIX_EPOCH + Duration::from_millis(RECEIVED_AT_MS),
+        trace: None,
         ack: Ack::NONE,
         hold: Hold::default(),
     }

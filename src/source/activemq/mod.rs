@@ -31,6 +31,7 @@ use crate::pipeline::retry::{Deliverer, Outcome};
 use crate::record::{Ack, Hold, Record, Resolution};
 use crate::source::Context;
 use crate::status::State;
+use crate::trace::TraceContext;
 use config::ActiveMqSource;
 use stomp::{Frame, Read, StompError};
 
@@ -314,13 +315,15 @@ async fn session(
         let Some(batch) = batch.filter(|_| !batch_stop.is_cancelled()) else {
             return Err(lost());
         };
-        let outcome = deliverer.deliver(batch, &batch_stop).await;
+        let mut outcome = deliverer.deliver(batch, &batch_stop).await;
         if batch_stop.is_cancelled() && !shutdown.is_cancelled() {
             tracing::warn!(mapping = %status.name, queue, resolved = outcome.resolved.len(),
                 unresolved = outcome.unresolved.len(),
                 "connection lost during the batch; it is given up, the broker redelivers all of it");
             return Err(lost());
         }
+        let _acking =
+            std::mem::take(&mut outcome.span).into_ack(&status.name, outcome.resolved.len());
         conn.send_unconfirmed(acknowledgements(outcome))
             .await
             .map_err(|message| SessionError::Ack {
@@ -356,6 +359,14 @@ fn record(frame: &Frame, queue: &str, session: &str, position: u64) -> Record {
         position,
         received: tokio::time::Instant::now(),
         received_at: now,
+        // The first of a repeated header counts, as STOMP says.
+        trace: TraceContext::find(|name| {
+            frame
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_bytes())
+        }),
         ack: frame
             .header("ack")
             .map_or(Ack::NONE, |a| Ack::new(AckId(a.to_owned()))),
@@ -429,6 +440,7 @@ mod tests {
             ],
             unresolved: vec![rec(5)],
             unresolved_invokes: 0,
+            span: Default::default(),
         };
         assert_eq!(
             wire(&acknowledgements(outcome)),

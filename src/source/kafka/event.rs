@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use crate::invoke::event::{Decoded, Shape, join, push_base64, push_json_str, rfc3339};
 use crate::record::Record;
+use crate::trace::TraceContext;
 
 /// `{"eventSource":"SelfManagedKafka","bootstrapServers":…,"records":{"topic-0":[…]}}`,
 /// one per partition: a batch never mixes partitions.
@@ -162,8 +163,13 @@ impl KafkaFragments {
     /// `m`'s element; `m` must come from this renderer's partition. A header name that
     /// is not UTF-8 (Kafka allows any bytes; a JSON key cannot carry them) is decoded as
     /// AWS's Java-based trigger decodes it, each invalid sequence replaced by U+FFFD,
-    /// and handed to `replaced` raw so that the source can report it.
-    pub fn render<M>(&self, m: &M, replaced: &mut dyn FnMut(&[u8])) -> String
+    /// and handed to `replaced` raw so that the source can report it. With it, the
+    /// trace context of its `X-Amzn-Trace-Id` or `traceparent` header, if valid.
+    pub fn render<M>(
+        &self,
+        m: &M,
+        replaced: &mut dyn FnMut(&[u8]),
+    ) -> (String, Option<TraceContext>)
     where
         M: rdkafka::Message,
         M::Headers: NativeHeaders,
@@ -176,6 +182,12 @@ impl KafkaFragments {
         };
         // librdkafka parses headers out of the record on every call: once only.
         let headers: Vec<(&[u8], Option<&[u8]>)> = m.headers().map(raw_headers).unwrap_or_default();
+        let trace = TraceContext::find(|name| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
+                .and_then(|(_, v)| *v)
+        });
         let b64_len = |b: Option<&[u8]>| b.map_or(0, |b| b.len().div_ceil(3) * 4);
         let headers_len: usize = headers
             .iter()
@@ -224,7 +236,7 @@ impl KafkaFragments {
             out.push_str("]}");
         }
         out.push_str("]}");
-        out
+        (out, trace)
     }
 }
 
@@ -281,6 +293,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_kafka_trace_header_is_read_case_insensitively() {
+        use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let message = |headers: OwnedHeaders| {
+            OwnedMessage::new(
+                None,
+                None,
+                "t".into(),
+                Timestamp::NotAvailable,
+                0,
+                1,
+                Some(headers),
+            )
+        };
+        let fragments = KafkaFragments::new("t", 0);
+        let m = message(OwnedHeaders::new().insert(Header {
+            key: "TraceParent",
+            value: Some(tp),
+        }));
+        let (_, trace) = fragments.render(&m, &mut |n| panic!("{n:?} replaced"));
+        assert_eq!(trace, TraceContext::from_traceparent(tp));
+        let m = message(OwnedHeaders::new().insert(Header {
+            key: "traceparent",
+            value: Some("00-nope"),
+        }));
+        assert_eq!(fragments.render(&m, &mut |_| ()).1, None);
+    }
+
+    #[test]
     fn kafka_records_match_aws_shape() {
         use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
         let headers = OwnedHeaders::new()
@@ -303,7 +344,8 @@ mod tests {
         );
         let fragments = KafkaFragments::new("AWSKafkaTopic", 0);
         let v: Value =
-            serde_json::from_str(&fragments.render(&m, &mut |n| panic!("{n:?} replaced"))).unwrap();
+            serde_json::from_str(&fragments.render(&m, &mut |n| panic!("{n:?} replaced")).0)
+                .unwrap();
         assert_eq!(
             v,
             json!({"topic":"AWSKafkaTopic","partition":0,"offset":15,"timestamp":1_595_035_749_700_i64,
@@ -311,7 +353,7 @@ mod tests {
                    "headers":[{"headerKey":[104,101,97,100,101,114,86,97,108,117,101]},{"accent":[-61,-85]}]})
         );
         let r = Record {
-            fragment: fragments.render(&m, &mut |n| panic!("{n:?} replaced")),
+            fragment: fragments.render(&m, &mut |n| panic!("{n:?} replaced")).0,
             ..Record::for_test(None, None, 15)
         };
         let env = KafkaShape::new("b1:9092,b2:9092", "AWSKafkaTopic", 0);

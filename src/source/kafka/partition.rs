@@ -253,20 +253,22 @@ fn to_record(m: &BorrowedMessage<'_>, fragments: &KafkaFragments, mapping: &str)
         })
         .unwrap_or_default();
     let received = tokio::time::Instant::now();
-    Record {
-        fragment: fragments.render(m, &mut |name| {
+    let (fragment, trace) = fragments.render(m, &mut |name| {
             metrics::counter!("esm_gateway_kafka_header_names_replaced_total", "mapping" => mapping.to_owned())
                 .increment(1);
             let raw: String = name.iter().map(|b| format!("{b:02x}")).collect();
             tracing::warn!(mapping, topic = m.topic(), partition = m.partition(), offset = m.offset(),
                 header_name_hex = %raw,
                 "Kafka header name is not UTF-8; delivered with each invalid byte sequence replaced by U+FFFD");
-        }),
+        });
+    Record {
+        fragment,
         id: None,
         key: m.key().map(Into::into),
         position: m.offset() as u64,
         received: received.checked_sub(age).unwrap_or(received),
         received_at: now.checked_sub(age).unwrap_or(now),
+        trace,
         ack: Ack::NONE,
         hold: Hold::default(),
     }
@@ -303,7 +305,10 @@ async fn lane(
             },
             None => None,
         };
-        let outcome = deliverer.deliver(batch, &stop).await;
+        let mut outcome = deliverer.deliver(batch, &stop).await;
+        // Kafka's ack: the position handed to the committer (which commits it async).
+        let acking = std::mem::take(&mut outcome.span)
+            .into_ack(&deliverer.mapping.name, outcome.resolved.len());
         let position = {
             let mut t = tracker.lock().expect("tracker lock");
             for (r, _) in &outcome.resolved {
@@ -317,6 +322,7 @@ async fn lane(
             tracing::info!(mapping = %deliverer.mapping.name, topic, partition, position,
                 "commit dropped: this process no longer owns the partition (revoked while the batch ran)");
         }
+        drop(acking);
         if !outcome.unresolved.is_empty() {
             return;
         }

@@ -10,6 +10,7 @@ use crate::invoke::event::{
     Decoded, Shape, join, push_base64, push_opt_num, push_opt_str, records_named, rfc3339,
 };
 use crate::record::Record;
+use crate::trace::TraceContext;
 
 /// `{"eventSource":"aws:rmq","eventSourceArn":…,"rmqMessagesByQueue":{"queue::vhost":[…]}}`
 #[derive(Debug, Clone)]
@@ -190,6 +191,24 @@ pub struct Undecodable {
     pub field: String,
     /// Its bytes as received.
     pub raw: Vec<u8>,
+}
+
+/// The trace context of a message's `X-Amzn-Trace-Id` or `traceparent` header (names
+/// compared case-insensitively; string values only), if valid.
+pub fn rabbit_trace(properties: &lapin::BasicProperties) -> Option<TraceContext> {
+    let headers = properties.headers().as_ref()?;
+    TraceContext::find(|name| {
+        headers
+            .inner()
+            .iter()
+            .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name.as_bytes()))
+            .and_then(|(_, v)| match v {
+                AMQPValue::LongString(s) => Some(s.as_bytes()),
+                AMQPValue::ShortString(s) => Some(s.as_bytes()),
+                AMQPValue::ByteArray(b) => Some(b.as_slice()),
+                _ => None,
+            })
+    })
 }
 
 /// The short strings of a message that its event cannot carry as they are. Header

@@ -175,6 +175,7 @@ async fn session(
                 position: d.delivery_tag,
                 received: tokio::time::Instant::now(),
                 received_at: SystemTime::now(),
+                trace: event::rabbit_trace(&d.properties),
                 ack: Ack::new(d.acker),
                 hold: Hold::default(),
             };
@@ -205,7 +206,7 @@ async fn session(
         let Some(batch) = batch.filter(|_| channel.status().connected()) else {
             return Err(SessionError::ConsumerEnded(queue.to_owned()));
         };
-        let (outcome, deferred) =
+        let (mut outcome, deferred) =
             deliver_in_order(deliverer, batch, &undecodable, &batch_stop, unordered).await;
         if batch_stop.is_cancelled() && !shutdown.is_cancelled() {
             tracing::warn!(mapping = %status.name, queue, resolved = outcome.resolved.len(),
@@ -214,6 +215,8 @@ async fn session(
             return Err(SessionError::ConsumerEnded(queue.to_owned()));
         }
         let multiple = deferred.is_empty() && deferred_unacked.load(Ordering::Acquire) == 0;
+        let _acking =
+            std::mem::take(&mut outcome.span).into_ack(&status.name, outcome.resolved.len());
         acknowledge(outcome, multiple)
             .await
             .map_err(|source| SessionError::Ack {
@@ -350,6 +353,10 @@ async fn deliver_in_order(
             }
         };
         out.resolved.extend(step.resolved);
+        // The ack span goes in the first delivered batch's span.
+        if !out.span.is_on() {
+            out.span = step.span;
+        }
         if !step.unresolved.is_empty() {
             out.unresolved.extend(step.unresolved);
             out.unresolved.extend(pending.drain(..));

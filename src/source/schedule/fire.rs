@@ -90,6 +90,7 @@ async fn run_fire(
         position: scheduled.timestamp().max(0) as u64,
         received: now.checked_sub(age).unwrap_or(now),
         received_at: SystemTime::now(),
+        trace: None,
         ack: Ack::NONE,
         hold: Hold::default(),
     };

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use crate::invoke::event::{Decoded, Shape, join, records_named, rfc3339};
 use crate::record::Record;
+use crate::trace::TraceContext;
 
 /// `{"Records":[…]}`; each record carries its own queue ARN and region.
 #[derive(Debug, Clone)]
@@ -105,6 +106,28 @@ fn received_again(fragment: &str, more: u32) -> Option<String> {
     Some(element.to_string())
 }
 
+/// A message's trace context: its `AWSTraceHeader` system attribute (what AWS's SDKs
+/// and X-Ray set, and Lambda's SQS trigger reads), else a string message attribute
+/// named `X-Amzn-Trace-Id` or `traceparent` (case-insensitively); the first valid one.
+pub fn sqs_trace(m: &aws_sdk_sqs::types::Message) -> Option<TraceContext> {
+    use aws_sdk_sqs::types::MessageSystemAttributeName::AwsTraceHeader;
+    m.attributes()
+        .and_then(|a| a.get(&AwsTraceHeader))
+        .and_then(|v| TraceContext::from_xray(v))
+        .or_else(|| {
+            let attributes = m.message_attributes()?;
+            TraceContext::find(|name| {
+                attributes
+                    .iter()
+                    .find(|(k, a)| {
+                        k.eq_ignore_ascii_case(name) && a.data_type().starts_with("String")
+                    })
+                    .and_then(|(_, a)| a.string_value())
+                    .map(str::as_bytes)
+            })
+        })
+}
+
 /// One SQS message as an element of `Records`, exactly as Lambda's SQS trigger sends
 /// it: system attributes by name, message attributes with camelCase keys, binary values
 /// base64.
@@ -182,6 +205,40 @@ mod tests {
                     .unwrap(),
             )
             .build()
+    }
+
+    #[test]
+    fn an_sqs_trace_comes_from_aws_trace_header_first() {
+        use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName};
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let x = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1";
+        let attr = |t: &str, v: &str| {
+            MessageAttributeValue::builder()
+                .data_type(t)
+                .string_value(v)
+                .build()
+                .unwrap()
+        };
+        let with_attr = Message::builder()
+            .message_attributes("TRACEPARENT", attr("String", tp))
+            .build();
+        assert_eq!(sqs_trace(&with_attr), TraceContext::from_traceparent(tp));
+        let both = Message::builder()
+            .message_attributes("traceparent", attr("String", tp))
+            .attributes(MessageSystemAttributeName::AwsTraceHeader, x)
+            .build();
+        assert_eq!(sqs_trace(&both), TraceContext::from_xray(x));
+        // A malformed AWSTraceHeader falls back to the attribute; a number is no string.
+        let bad = Message::builder()
+            .message_attributes("traceparent", attr("String", tp))
+            .attributes(MessageSystemAttributeName::AwsTraceHeader, "Root=bad")
+            .build();
+        assert_eq!(sqs_trace(&bad), TraceContext::from_traceparent(tp));
+        let number = Message::builder()
+            .message_attributes("traceparent", attr("Number", tp))
+            .build();
+        assert_eq!(sqs_trace(&number), None);
+        assert_eq!(sqs_trace(&Message::builder().build()), None);
     }
 
     fn record(m: &Message) -> Record {

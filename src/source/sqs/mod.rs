@@ -40,7 +40,7 @@ use crate::record::{Ack, Hold, Record, Resolution};
 use crate::source::Context;
 use crate::status::State;
 use config::SqsSource;
-use event::sqs_fragment;
+use event::{sqs_fragment, sqs_trace};
 use visibility::{Keeper, Receipt, receipt_handle};
 
 /// Why the source cannot run.
@@ -223,7 +223,9 @@ pub async fn run(source: &SqsSource, context: Context) {
                 .iter()
                 .filter_map(|r| receipt_handle(r).map(str::to_owned))
                 .collect();
-            let outcome = deliverer.deliver(batch, &token).await;
+            let mut outcome = deliverer.deliver(batch, &token).await;
+            let _acking = std::mem::take(&mut outcome.span)
+                .into_ack(&deliverer.mapping.name, outcome.resolved.len());
             delete(&client, &url, outcome, &deliverer.mapping.name).await;
             keeper.forget(handles);
             drop(permit);
@@ -338,6 +340,7 @@ impl Receiver {
                         position,
                         received: now,
                         received_at: SystemTime::now(),
+                        trace: sqs_trace(m),
                         ack: Ack::new(Receipt(m.receipt_handle().unwrap_or_default().to_owned())),
                         hold: Hold::default(),
                     }
