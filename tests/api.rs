@@ -45,7 +45,12 @@ secret_access_key = "${{ESM_API_SECRET}}"
 
 [[broker]]
 name = "local"
-url = "amqp://guest:guest@127.0.0.1:5672"
+url = "amqp://127.0.0.1:5672"
+
+[[secret]]
+name = "rabbit"
+username = "guest"
+password = "${{RABBIT_PASSWORD}}"
 "#,
         state.display()
     )
@@ -54,7 +59,10 @@ url = "amqp://guest:guest@127.0.0.1:5672"
 impl Api {
     /// Starts a gateway on `config` (from [`api_table`] on) and waits for its API.
     async fn start(config: &str, port: u16) -> Api {
-        let gw = Gateway::start_with_env(config, &[("ESM_API_SECRET", SECRET)]);
+        let gw = Gateway::start_with_env(
+            config,
+            &[("ESM_API_SECRET", SECRET), ("RABBIT_PASSWORD", "guest")],
+        );
         gw.wait_log("event source mapping API listening", LONG)
             .await;
         Api {
@@ -257,6 +265,9 @@ async fn kafka_and_rabbitmq_mappings_take_aws_fields_and_deliver() {
         &queue,
         "--source-access-configurations",
         "Type=VIRTUAL_HOST,URI=/",
+        // The broker's credentials: a [[secret]] of the file, named as AWS names a
+        // Secrets Manager secret.
+        "Type=BASIC_AUTH,URI=arn:aws:secretsmanager:us-east-1:000000000000:secret:rabbit-AbCdEf",
         "--batch-size",
         "10",
     ]);

@@ -87,7 +87,7 @@ pub fn mapping(uuid: &str, spec: &Spec, cx: &Context) -> Result<Mapping, String>
     }
     let kind = kind(spec);
     match kind {
-        Kind::Kafka => kafka(uuid, spec, &mut source)?,
+        Kind::Kafka => kafka(uuid, spec, cx, &mut source)?,
         Kind::Sqs => {
             let arn = spec.event_source_arn.as_deref().unwrap_or_default();
             source.insert("type".into(), text("sqs"));
@@ -154,7 +154,7 @@ pub fn mapping(uuid: &str, spec: &Spec, cx: &Context) -> Result<Mapping, String>
     Ok(mapping)
 }
 
-fn kafka(uuid: &str, spec: &Spec, source: &mut Table) -> Result<(), String> {
+fn kafka(uuid: &str, spec: &Spec, cx: &Context, source: &mut Table) -> Result<(), String> {
     let servers = spec
         .self_managed_event_source
         .as_ref()
@@ -198,11 +198,23 @@ fn kafka(uuid: &str, spec: &Spec, source: &mut Table) -> Result<(), String> {
     if let Some(p) = spec.parallelization_factor {
         source.insert("parallelization_factor".into(), Value::Integer(p.into()));
     }
-    if let Some(a) = spec.source_access_configurations.iter().flatten().next() {
-        return Err(format!(
-            "SourceAccessConfigurations {:?} is not supported for Kafka sources yet",
-            a.kind
-        ));
+    for a in spec.source_access_configurations.iter().flatten() {
+        let mechanism = match a.kind.as_str() {
+            "SASL_SCRAM_256_AUTH" => "scram-sha-256",
+            "SASL_SCRAM_512_AUTH" => "scram-sha-512",
+            "BASIC_AUTH" => "plain",
+            other => {
+                return Err(format!(
+                    "SourceAccessConfigurations {other:?} is not supported for Kafka sources"
+                ));
+            }
+        };
+        let (user, password) = secret(cx, &a.uri)?;
+        let mut sasl = Table::new();
+        sasl.insert("mechanism".into(), text(mechanism));
+        sasl.insert("username".into(), text(&user));
+        sasl.insert("password".into(), text(&password));
+        source.insert("sasl".into(), Value::Table(sasl));
     }
     Ok(())
 }
@@ -228,22 +240,31 @@ fn rabbitmq(spec: &Spec, cx: &Context, source: &mut Table) -> Result<(), String>
         return Err("Queues must name exactly one queue".into());
     };
     let vhost = access(spec, "VIRTUAL_HOST").map_or("/", |a| a.uri.as_str());
-    if let Some(a) = spec
-        .source_access_configurations
-        .iter()
-        .flatten()
-        .find(|a| a.kind != "VIRTUAL_HOST")
-    {
-        return Err(format!(
-            "SourceAccessConfigurations {:?} is not supported for brokers yet: the [[broker]] URL carries the credentials",
-            a.kind
-        ));
+    let mut base = broker.url.expose().trim_end_matches('/').to_owned();
+    for a in spec.source_access_configurations.iter().flatten() {
+        match a.kind.as_str() {
+            "VIRTUAL_HOST" => {}
+            "BASIC_AUTH" => {
+                let (user, password) = secret(cx, &a.uri)?;
+                let Some((scheme, rest)) = base.split_once("://") else {
+                    return Err(format!("[[broker]] {name:?} has no URL scheme"));
+                };
+                // The broker's own credentials, if any, give way to the secret's.
+                let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+                base = format!(
+                    "{scheme}://{}:{}@{host}",
+                    super::sigv4::encode(&user, true),
+                    super::sigv4::encode(&password, true)
+                );
+            }
+            other => {
+                return Err(format!(
+                    "SourceAccessConfigurations {other:?} is not supported for RabbitMQ brokers"
+                ));
+            }
+        }
     }
-    let url = format!(
-        "{}/{}",
-        broker.url.expose().trim_end_matches('/'),
-        super::sigv4::encode(vhost, true)
-    );
+    let url = format!("{base}/{}", super::sigv4::encode(vhost, true));
     source.insert("type".into(), text("rabbitmq"));
     source.insert("url".into(), text(&url));
     source.insert("queue".into(), text(queue));
@@ -252,6 +273,18 @@ fn rabbitmq(spec: &Spec, cx: &Context, source: &mut Table) -> Result<(), String>
         source.insert("ca_file".into(), text(&ca.display().to_string()));
     }
     Ok(())
+}
+
+/// The user name and password of the `[[secret]]` a SourceAccessConfigurations URI names.
+fn secret(cx: &Context, uri: &str) -> Result<(String, String), String> {
+    let s = cx
+        .config
+        .secrets
+        .iter()
+        .find(|s| s.is_named_by(uri))
+        .ok_or_else(|| format!("no [[secret]] named by {uri:?} in the gateway's configuration"))?;
+    let password = s.password()?;
+    Ok((s.username.0.clone(), password.expose().to_owned()))
 }
 
 /// `DestinationConfig.OnFailure.Destination`: an SQS queue or Lambda function ARN, or
@@ -350,4 +383,58 @@ pub fn describe(m: &Mapping, cx: &Context) -> Spec {
         SourceConfig::Schedule(_) => {}
     }
     spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::wire::{SelfManagedEventSource, SourceAccess};
+    use crate::source::kafka::config::SaslMechanism;
+
+    fn config() -> Config {
+        Config::parse(
+            std::path::Path::new("test.toml"),
+            "[[secret]]\nname = \"kafka-app\"\nusername = \"app\"\npassword = \"pa$$word\"\n",
+        )
+        .unwrap()
+    }
+
+    fn kafka_spec(uri: &str) -> Spec {
+        Spec {
+            function_name: "f".into(),
+            topics: Some(vec!["t".into()]),
+            starting_position: Some("LATEST".into()),
+            self_managed_event_source: Some(SelfManagedEventSource {
+                endpoints: [("KAFKA_BOOTSTRAP_SERVERS".into(), vec!["k:9092".into()])].into(),
+            }),
+            source_access_configurations: Some(vec![SourceAccess {
+                kind: "SASL_SCRAM_512_AUTH".into(),
+                uri: uri.into(),
+            }]),
+            ..Spec::default()
+        }
+    }
+
+    #[test]
+    fn a_named_secret_becomes_the_kafka_sources_sasl_and_an_unknown_one_is_refused() {
+        let config = config();
+        let cx = Context {
+            config: &config,
+            region: "us-east-1",
+            account: "000000000000",
+        };
+        let uri = "arn:aws:secretsmanager:us-east-1:000000000000:secret:kafka-app-AbCdEf";
+        let m = mapping("u-1", &kafka_spec(uri), &cx).unwrap();
+        let SourceConfig::Kafka(k) = &m.source else {
+            panic!("{m:?}")
+        };
+        let sasl = k.sasl.as_ref().unwrap();
+        assert_eq!(sasl.mechanism, SaslMechanism::ScramSha512);
+        assert_eq!(sasl.username.0, "app");
+        assert_eq!(sasl.password.expose(), "pa$$word");
+        assert_eq!(k.group_id.as_deref(), Some("u-1"));
+        let err = mapping("u-2", &kafka_spec("other"), &cx).unwrap_err();
+        assert!(err.contains("no [[secret]]"), "{err}");
+        assert!(!err.contains("pa$$word"));
+    }
 }

@@ -74,3 +74,44 @@ pub struct BrokerConfig {
     /// platform's trust store.
     pub ca_file: Option<PathBuf>,
 }
+
+/// `[[secret]]`: credentials that API requests name in `SourceAccessConfigurations`
+/// (BASIC_AUTH, SASL_SCRAM_256_AUTH, SASL_SCRAM_512_AUTH), by name or by a Secrets
+/// Manager ARN ending in `:secret:<name>` (optionally with AWS's `-XXXXXX` suffix).
+/// Their values stay in the gateway: never sent by, returned by or stored by the API.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretConfig {
+    /// The name requests use.
+    pub name: String,
+    /// The user name; `${ENV}` is expanded.
+    pub username: super::Expanded,
+    /// The password; `${ENV}` is expanded. Default: none (then `password_file`).
+    pub password: Option<Secret>,
+    /// A file holding the password (a trailing newline is dropped), read at load.
+    #[serde(default, deserialize_with = "crate::env::expand_path_opt")]
+    #[schemars(with = "Option<PathBuf>")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl SecretConfig {
+    /// The password, from `password` or `password_file`.
+    pub fn password(&self) -> Result<Secret, String> {
+        match (&self.password, &self.password_file) {
+            (Some(p), None) => Ok(p.clone()),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|s| Secret::new(s.trim_end_matches(['\n', '\r'])))
+                .map_err(|e| format!("cannot read {}: {e}", path.display())),
+            _ => Err("give exactly one of password and password_file".into()),
+        }
+    }
+
+    /// Whether a SourceAccessConfigurations URI names this secret.
+    pub fn is_named_by(&self, uri: &str) -> bool {
+        let name = uri.rsplit_once(":secret:").map_or(uri, |(_, n)| n);
+        name == self.name
+            || name
+                .strip_prefix(self.name.as_str())
+                .is_some_and(|rest| rest.len() == 7 && rest.starts_with('-'))
+    }
+}

@@ -21,7 +21,7 @@ pub use crate::aws::AwsConfig;
 pub use crate::destination::DestinationConfig;
 pub use crate::env::{Expanded, Secret, SecretUrl};
 pub use crate::source::SourceConfig;
-pub use api::{ApiConfig, ApiKey, BrokerConfig};
+pub use api::{ApiConfig, ApiKey, BrokerConfig, SecretConfig};
 pub use mapping::{Batching, Checked, InvocationType, MAX_FUNCTION_TIMEOUT, Mapping, RetryPolicy};
 pub use types::{BatchSize, BatchWindow, BufferBytes, ByteSize, MaxRecordAge, RetryAttempts};
 
@@ -61,6 +61,9 @@ pub struct Config {
     /// `[[broker]]`: RabbitMQ brokers that API requests name by Amazon MQ ARN.
     #[serde(default, rename = "broker")]
     pub brokers: Vec<BrokerConfig>,
+    /// `[[secret]]`: credentials that API requests name in SourceAccessConfigurations.
+    #[serde(default, rename = "secret")]
+    pub secrets: Vec<SecretConfig>,
     /// Settings shared by every schedule mapping.
     #[serde(default)]
     pub schedules: SchedulesConfig,
@@ -300,6 +303,15 @@ fn api_problems(config: &Config, problems: &mut Vec<String>) {
         }
         if let Err(e) = b.url.amqp() {
             problems.push(format!("broker {:?}: url is not an AMQP URL: {e}", b.name));
+        }
+    }
+    let mut secrets = HashSet::new();
+    for s in &config.secrets {
+        if !secrets.insert(s.name.as_str()) {
+            problems.push(format!("secret {:?} is defined twice", s.name));
+        }
+        if let Err(e) = s.password() {
+            problems.push(format!("secret {:?}: {e}", s.name));
         }
     }
 }
