@@ -132,6 +132,61 @@ fn function_arn(name: &str) -> String {
     format!("arn:aws:lambda:us-east-1:000000000000:function:{name}")
 }
 
+fn bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A new one-partition topic.
+async fn kafka_topic() -> String {
+    let topic = unique("api-kafka");
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .create()
+            .unwrap();
+    let made = admin
+        .create_topics(
+            &[rdkafka::admin::NewTopic::new(
+                &topic,
+                1,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .expect("create the topic (is `scripts/stack up` running?)");
+    assert!(made[0].is_ok(), "{made:?}");
+    topic
+}
+
+/// Produces one record and waits for its delivery report.
+async fn produce(topic: &str, body: &str) {
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::<(), _>::to(topic).payload(body),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("produce");
+}
+
+/// The `--self-managed-event-source` of the local Kafka.
+fn kafka_source() -> String {
+    format!(
+        r#"{{"Endpoints":{{"KAFKA_BOOTSTRAP_SERVERS":["{}"]}}}}"#,
+        bootstrap()
+    )
+}
+
+/// Bodies the function received, in order.
+fn bodies(f: &Function) -> Vec<String> {
+    f.invocations().into_iter().flat_map(|i| i.bodies).collect()
+}
+
 #[tokio::test]
 async fn an_sqs_mapping_is_created_listed_updated_and_deleted_with_the_aws_cli() {
     let sqs = sqs_client().await;
@@ -230,25 +285,7 @@ async fn an_sqs_mapping_is_created_listed_updated_and_deleted_with_the_aws_cli()
 async fn kafka_and_rabbitmq_mappings_take_aws_fields_and_deliver() {
     let rabbit = Rabbit::connect().await;
     let queue = rabbit.queue("api-rmq").await;
-    let bootstrap = std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let topic = unique("api-kafka");
-    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .create()
-            .unwrap();
-    let made = admin
-        .create_topics(
-            &[rdkafka::admin::NewTopic::new(
-                &topic,
-                1,
-                rdkafka::admin::TopicReplication::Fixed(1),
-            )],
-            &rdkafka::admin::AdminOptions::new(),
-        )
-        .await
-        .expect("create the topic (is `scripts/stack up` running?)");
-    assert!(made[0].is_ok(), "{made:?}");
+    let topic = kafka_topic().await;
     let f = Function::deploy("api-brokers", &[]).await;
     let state = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -273,7 +310,7 @@ async fn kafka_and_rabbitmq_mappings_take_aws_fields_and_deliver() {
     ]);
     assert_eq!(mq["Queues"], serde_json::json!([queue]));
     assert!(mq.get("StartingPosition").is_none(), "{mq}");
-    let endpoints = format!(r#"{{"Endpoints":{{"KAFKA_BOOTSTRAP_SERVERS":["{bootstrap}"]}}}}"#);
+    let endpoints = kafka_source();
     let kafka = api.ok(&[
         "create-event-source-mapping",
         "--function-name",
@@ -298,17 +335,7 @@ async fn kafka_and_rabbitmq_mappings_take_aws_fields_and_deliver() {
     api.wait_state(kafka_uuid, "Enabled").await;
 
     rabbit.publish(&queue, [b"from-rabbit".to_vec()]).await;
-    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .unwrap();
-    producer
-        .send(
-            rdkafka::producer::FutureRecord::<(), _>::to(&topic).payload("from-kafka"),
-            Duration::from_secs(30),
-        )
-        .await
-        .expect("produce");
+    produce(&topic, "from-kafka").await;
     let got = wait_for("both records", LONG, || {
         let bodies: Vec<String> = f.invocations().into_iter().flat_map(|i| i.bodies).collect();
         (bodies.iter().any(|b| b == "from-rabbit") && bodies.iter().any(|b| b == "from-kafka"))
@@ -363,6 +390,26 @@ async fn api_mappings_survive_a_restart_and_file_mappings_are_read_only() {
         &sqs_arn(&url),
     ]);
     let uuid = created["UUID"].as_str().unwrap().to_owned();
+    let topic = kafka_topic().await;
+    let kafka = api.ok(&[
+        "create-event-source-mapping",
+        "--function-name",
+        &f.name,
+        "--self-managed-event-source",
+        &kafka_source(),
+        "--topics",
+        &topic,
+        "--starting-position",
+        "TRIM_HORIZON",
+    ]);
+    let kafka_uuid = kafka["UUID"].as_str().unwrap().to_owned();
+    produce(&topic, "kafka-before").await;
+    wait_for("the record before the restart", LONG, || {
+        bodies(&f)
+            .contains(&"kafka-before".to_owned())
+            .then_some(())
+    })
+    .await;
     let listed = api.ok(&["list-event-source-mappings"]);
     let file_uuid = listed["EventSourceMappings"]
         .as_array()
@@ -417,9 +464,23 @@ async fn api_mappings_survive_a_restart_and_file_mappings_are_read_only() {
         uuids.contains(&uuid.as_str()) && uuids.contains(&file_uuid.as_str()),
         "{uuids:?}"
     );
+    assert!(uuids.contains(&kafka_uuid.as_str()), "{uuids:?}");
     send(&sqs, &url, &[(None, "after-restart".into())]).await;
-    let got = f.wait_delivered(1, LONG).await;
-    assert_eq!(got, ["after-restart"]);
+    produce(&topic, "kafka-after").await;
+    // The Kafka mapping resumes from its committed offset: by the time the record
+    // after the restart arrives, the one before it has not come again (the partition
+    // is delivered in order, so a restart from the beginning would have).
+    let got = wait_for("both records after the restart", LONG, || {
+        let b = bodies(&f);
+        (b.contains(&"after-restart".to_owned()) && b.contains(&"kafka-after".to_owned()))
+            .then_some(b)
+    })
+    .await;
+    assert_eq!(
+        got.iter().filter(|b| *b == "kafka-before").count(),
+        1,
+        "{got:?}"
+    );
     api.wait_state(&uuid, "Enabled").await;
     assert_eq!(api.gw.terminate().await.code(), Some(0));
 }
