@@ -248,13 +248,6 @@ fn main() -> ExitCode {
                 }
                 let mut extra = Vec::new();
                 if config.api.enabled {
-                    let store = match esm_gateway::api::store::Store::open(&config.api.state_dir) {
-                        Ok(s) => std::sync::Arc::new(s),
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot open the API's state");
-                            return ExitCode::from(EXIT_RUNTIME);
-                        }
-                    };
                     let listener = match tokio::net::TcpListener::bind(config.api.listen).await {
                         Ok(l) => l,
                         Err(e) => {
@@ -262,7 +255,13 @@ fn main() -> ExitCode {
                             return ExitCode::from(EXIT_RUNTIME);
                         }
                     };
-                    let api = esm_gateway::api::Api::new(handle.clone(), store, path.clone());
+                    let api = match esm_gateway::api::Api::open(handle.clone(), &config.api.state_dir, path.clone()) {
+                        Ok(api) => api,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot open the API's state");
+                            return ExitCode::from(EXIT_RUNTIME);
+                        }
+                    };
                     extra = api.mappings();
                     tracing::info!(listen = %config.api.listen, mappings = extra.len(), "event source mapping API listening");
                     tokio::spawn(esm_gateway::api::serve(listener, api));

@@ -74,8 +74,13 @@ impl Api {
     /// `aws lambda <args>` against the API: exit code, parsed stdout (Null when empty),
     /// stderr.
     fn cli(&self, args: &[&str]) -> (i32, Value, String) {
+        self.cli_of("lambda", args)
+    }
+
+    /// `aws <service> <args>` against the API, as [`Api::cli`].
+    fn cli_of(&self, service: &str, args: &[&str]) -> (i32, Value, String) {
         let out = Command::new(aws_bin())
-            .arg("lambda")
+            .arg(service)
             .args(args)
             .args([
                 "--endpoint-url",
@@ -672,5 +677,59 @@ async fn terraforms_sequence_replayed_with_boto3_succeeds_without_drift() {
         "every mapping listed once across pages"
     );
     assert_eq!(r["pages"], 2);
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn aws_scheduler_create_schedule_fires_the_function() {
+    let f = Function::deploy("api-sched", &[]).await;
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let api = Api::start(&(gateway_header() + &api_table(port, state.path())), port).await;
+    let name = unique("api-schedule");
+    let target = serde_json::json!({
+        "Arn": function_arn(&f.name),
+        "RoleArn": "arn:aws:iam::000000000000:role/scheduler",
+        "Input": r#"{"from":"scheduler"}"#,
+    })
+    .to_string();
+    let (code, created, err) = api.cli_of(
+        "scheduler",
+        &[
+            "create-schedule",
+            "--name",
+            &name,
+            // The gateway's own seconds rate (AWS's smallest is a minute).
+            "--schedule-expression",
+            "rate(2 seconds)",
+            "--flexible-time-window",
+            "Mode=OFF",
+            "--target",
+            &target,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        created["ScheduleArn"],
+        format!("arn:aws:scheduler:us-east-1:000000000000:schedule/default/{name}")
+    );
+    let fired = f.wait_invocations(1, LONG).await;
+    assert_eq!(
+        fired[0].event.as_ref().map(|e| e["from"].clone()),
+        Some("scheduler".into()),
+        "{:?}",
+        fired[0].event
+    );
+    let (code, got, err) = api.cli_of("scheduler", &["get-schedule", "--name", &name]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(got["State"], "ENABLED");
+    assert_eq!(got["ScheduleExpression"], "rate(2 seconds)");
+    let (code, _, err) = api.cli_of("scheduler", &["delete-schedule", "--name", &name]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = api.cli_of("scheduler", &["get-schedule", "--name", &name]);
+    assert!(
+        code != 0 && err.contains("ResourceNotFoundException"),
+        "{err}"
+    );
     assert_eq!(api.gw.terminate().await.code(), Some(0));
 }

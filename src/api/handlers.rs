@@ -178,7 +178,7 @@ fn control_error(e: ControlError) -> AwsError {
 
 /// The request body as a JSON object, refusing `${` anywhere: the gateway expands it
 /// from its environment in configuration values, and a request must not read that.
-fn object(body: &[u8]) -> Result<serde_json::Map<String, Value>, AwsError> {
+pub(super) fn object(body: &[u8]) -> Result<serde_json::Map<String, Value>, AwsError> {
     let value: Value = if body.is_empty() {
         json!({})
     } else {

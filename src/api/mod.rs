@@ -9,10 +9,12 @@
 //! a `[[mapping]]` table would (`convert.rs`), named by the mapping's UUID and run by the
 //! runtime beside the file's; they are kept in the state file (`store.rs`) and come back
 //! at the next start. The file's mappings are listed too, under UUIDs derived from their
-//! names, and are read-only here except for `Enabled`.
+//! names, and are read-only here except for `Enabled`. EventBridge Scheduler's schedule
+//! operations are served beside them (`scheduler.rs`), for schedule mappings.
 
 mod convert;
 mod handlers;
+pub mod scheduler;
 pub mod sigv4;
 pub mod store;
 pub mod wire;
@@ -38,6 +40,8 @@ const MAX_BODY: usize = 1 << 20;
 pub struct Api {
     pub runtime: Handle,
     pub store: Arc<Store>,
+    /// The Scheduler API's schedules, by name.
+    pub schedules: Arc<Store<scheduler::ScheduleRecord>>,
     /// Serialises changes, so that the store and the runtime see them in one order.
     pub changes: Arc<tokio::sync::Mutex<()>>,
     /// When the process started: the `LastModified` of the file's mappings.
@@ -47,14 +51,20 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(runtime: Handle, store: Arc<Store>, config_path: std::path::PathBuf) -> Api {
-        Api {
+    /// The API of `runtime`, keeping its mappings and schedules in `state_dir`.
+    pub fn open(
+        runtime: Handle,
+        state_dir: &std::path::Path,
+        config_path: std::path::PathBuf,
+    ) -> Result<Api, store::StoreError> {
+        Ok(Api {
             runtime,
-            store,
+            store: Arc::new(Store::open(state_dir)?),
+            schedules: Arc::new(Store::open_file(state_dir, scheduler::FILE)?),
             changes: Arc::default(),
             started: now(),
             config_path,
-        }
+        })
     }
 
     /// The stored mappings as the runtime runs them; a record that no longer converts
@@ -73,6 +83,11 @@ impl Api {
                     None
                 }
             })
+            .chain(self.schedules.all().iter().filter_map(|r| {
+                scheduler::mapping(self, &r.name, &r.request)
+                    .inspect_err(|e| tracing::error!(schedule = %r.name, error = %e.message, "a schedule no longer fits the configuration; it does not run"))
+                    .ok()
+            }))
             .collect()
     }
 }
@@ -119,7 +134,12 @@ async fn dispatch(State(api): State<Api>, request: Request) -> Response {
         body: &body,
     };
     let keys = api.runtime.config().api.keys.clone();
-    if let Err(refusal) = sigv4::verify(&signed, &keys, "lambda", chrono::Utc::now()) {
+    let service = if path.starts_with("/schedules") {
+        "scheduler"
+    } else {
+        "lambda"
+    };
+    if let Err(refusal) = sigv4::verify(&signed, &keys, service, chrono::Utc::now()) {
         tracing::warn!(method = %parts.method, path, code = refusal.code(), "API request refused");
         return AwsError::new(StatusCode::FORBIDDEN, refusal.code(), refusal.to_string())
             .into_response();
@@ -146,6 +166,9 @@ async fn dispatch(State(api): State<Api>, request: Request) -> Response {
         ("GET", ["2017-03-31", "tags", arn]) => handlers::list_tags(&api, arn),
         ("POST", ["2017-03-31", "tags", arn]) => handlers::tag(&api, arn, &body).await,
         ("DELETE", ["2017-03-31", "tags", arn]) => handlers::untag(&api, arn, &query).await,
+        ("POST", ["schedules", name]) => scheduler::create(&api, name, &body).await,
+        ("GET", ["schedules", name]) => scheduler::get(&api, name),
+        ("DELETE", ["schedules", name]) => scheduler::delete(&api, name).await,
         _ => Err(AwsError::new(
             StatusCode::NOT_FOUND,
             "UnknownOperationException",

@@ -9,12 +9,24 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::wire::Record;
 
 /// The file's name in the state directory.
 pub const FILE: &str = "api-mappings.json";
+
+/// What a store holds: records with a key.
+pub trait Keyed: Clone + Serialize + DeserializeOwned {
+    fn key(&self) -> &str;
+}
+
+impl Keyed for Record {
+    fn key(&self) -> &str {
+        &self.uuid
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,34 +46,40 @@ pub enum StoreError {
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct File {
+struct File<R> {
     version: u32,
-    mappings: Vec<Record>,
+    mappings: Vec<R>,
 }
 
 /// The API's mappings by UUID, mirrored in the state file.
-pub struct Store {
+pub struct Store<R = Record> {
     path: PathBuf,
-    records: Mutex<BTreeMap<String, Record>>,
+    records: Mutex<BTreeMap<String, R>>,
 }
 
-impl Store {
+impl<R: Keyed> Store<R> {
     /// Opens the store of `dir` (created if missing), reading the mappings it holds.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let path = dir.join(FILE);
+    pub fn open(dir: &Path) -> Result<Store<R>, StoreError> {
+        Self::open_file(dir, FILE)
+    }
+
+    /// Opens the store kept in `dir`/`file`.
+    pub fn open_file(dir: &Path, file: &str) -> Result<Store<R>, StoreError> {
+        let path = dir.join(file);
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Write {
             path: dir.to_owned(),
             source,
         })?;
         let records = match std::fs::read(&path) {
             Ok(bytes) => {
-                let file: File = serde_json::from_slice(&bytes).map_err(|e| StoreError::Parse {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
+                let file: File<R> =
+                    serde_json::from_slice(&bytes).map_err(|e| StoreError::Parse {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
                 file.mappings
                     .into_iter()
-                    .map(|r| (r.uuid.clone(), r))
+                    .map(|r| (r.key().to_owned(), r))
                     .collect()
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
@@ -73,26 +91,26 @@ impl Store {
         })
     }
 
-    pub fn all(&self) -> Vec<Record> {
+    pub fn all(&self) -> Vec<R> {
         self.lock().values().cloned().collect()
     }
 
-    pub fn get(&self, uuid: &str) -> Option<Record> {
+    pub fn get(&self, uuid: &str) -> Option<R> {
         self.lock().get(uuid).cloned()
     }
 
     /// Adds or replaces a record; returns once the file holds it.
-    pub fn put(&self, record: Record) -> Result<(), StoreError> {
+    pub fn put(&self, record: R) -> Result<(), StoreError> {
         let mut records = self.lock();
         let mut next = records.clone();
-        next.insert(record.uuid.clone(), record);
+        next.insert(record.key().to_owned(), record);
         self.write(&next)?;
         *records = next;
         Ok(())
     }
 
     /// Removes a record; returns it once the file no longer holds it.
-    pub fn remove(&self, uuid: &str) -> Result<Option<Record>, StoreError> {
+    pub fn remove(&self, uuid: &str) -> Result<Option<R>, StoreError> {
         let mut records = self.lock();
         let mut next = records.clone();
         let removed = next.remove(uuid);
@@ -103,12 +121,12 @@ impl Store {
         Ok(removed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, R>> {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replaces the file: temporary file, fsync, rename, directory fsync.
-    fn write(&self, records: &BTreeMap<String, Record>) -> Result<(), StoreError> {
+    fn write(&self, records: &BTreeMap<String, R>) -> Result<(), StoreError> {
         let failed = |source| StoreError::Write {
             path: self.path.clone(),
             source,
@@ -140,7 +158,7 @@ mod tests {
     #[test]
     fn records_survive_a_reopen_and_removals_too() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store: Store = Store::open(dir.path()).unwrap();
         let record = |uuid: &str| Record {
             uuid: uuid.into(),
             spec: Spec {
@@ -155,7 +173,7 @@ mod tests {
         store.put(record("b")).unwrap();
         assert_eq!(store.remove("a").unwrap(), Some(record("a")));
         assert_eq!(store.remove("a").unwrap(), None);
-        let again = Store::open(dir.path()).unwrap();
+        let again: Store = Store::open(dir.path()).unwrap();
         assert_eq!(again.all(), vec![record("b")]);
         assert!(!dir.path().join("api-mappings.json.tmp").exists());
     }
