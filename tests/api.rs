@@ -408,6 +408,27 @@ async fn api_mappings_survive_a_restart_and_file_mappings_are_read_only() {
         "TRIM_HORIZON",
     ]);
     let kafka_uuid = kafka["UUID"].as_str().unwrap().to_owned();
+    let schedule = unique("api-keep");
+    let target = serde_json::json!({
+        "Arn": function_arn(&f.name),
+        "RoleArn": "arn:aws:iam::000000000000:role/scheduler",
+    })
+    .to_string();
+    let (code, _, err) = api.cli_of(
+        "scheduler",
+        &[
+            "create-schedule",
+            "--name",
+            &schedule,
+            "--schedule-expression",
+            "cron(0 3 * * ? *)",
+            "--flexible-time-window",
+            "Mode=OFF",
+            "--target",
+            &target,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
     produce(&topic, "kafka-before").await;
     wait_for("the record before the restart", LONG, || {
         bodies(&f)
@@ -470,6 +491,18 @@ async fn api_mappings_survive_a_restart_and_file_mappings_are_read_only() {
         "{uuids:?}"
     );
     assert!(uuids.contains(&kafka_uuid.as_str()), "{uuids:?}");
+    // The schedule is back, and runs.
+    let (code, got, err) = api.cli_of("scheduler", &["get-schedule", "--name", &schedule]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(got["ScheduleExpression"], "cron(0 3 * * ? *)");
+    assert_eq!(
+        api.gw
+            .mappings()
+            .iter()
+            .filter(|m| m["source"] == "schedule")
+            .count(),
+        1
+    );
     send(&sqs, &url, &[(None, "after-restart".into())]).await;
     produce(&topic, "kafka-after").await;
     // The Kafka mapping resumes from its committed offset: by the time the record
