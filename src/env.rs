@@ -75,6 +75,10 @@ pub fn expand_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error>
     expand(d).map(PathBuf::from)
 }
 
+pub fn expand_path_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    expand_path(d).map(Some)
+}
+
 /// A string with `${NAME}` expanded.
 #[derive(Debug, Clone, PartialEq, Eq, schemars::JsonSchema)]
 pub struct Expanded(pub String);

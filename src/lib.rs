@@ -28,7 +28,7 @@
 //! The module graph has no cycle (`tests/layout.rs` checks it), bottom to top:
 //! `env`, `trace`, `record`, `status`, `telemetry`, `notify`, `aws` -> `invoke` -> `amqp` ->
 //! `destination` -> `pipeline` -> `source` -> `config` -> `runtime`, `redrive`,
-//! `admin`, `main`.
+//! `admin`, `api`, `main`.
 //!
 //! - `env`: `${ENV}` expansion and secret-bearing values (`Secret`, `SecretUrl`).
 //! - `aws`: the `[aws]` table and the SDK configuration every AWS client shares.
@@ -41,6 +41,9 @@
 //! - `runtime`: one supervised task per mapping (`supervise.rs`), built from its config
 //!   (`build.rs`); enable/disable, reload, shutdown.
 //! - `admin`: the admin API (health, readiness, metrics, mapping status and control).
+//! - `api`: the Lambda-compatible event source mapping API (SigV4-signed; the AWS CLI,
+//!   SDKs and Terraform manage mappings through it), and the state file of the mappings
+//!   it creates.
 //! - `notify`: systemd readiness, reload and watchdog notifications.
 //! - `redrive`: replays parked failure records (`esm-gateway redrive`).
 //! - `trace`: a message's trace context (W3C `traceparent`, X-Ray `X-Amzn-Trace-Id`) and
@@ -51,6 +54,7 @@
 
 pub mod admin;
 pub mod amqp;
+pub mod api;
 pub mod aws;
 pub mod config;
 pub mod destination;

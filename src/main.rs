@@ -253,7 +253,27 @@ fn main() -> ExitCode {
                     tracing::info!(listen = %config.admin.listen, "admin API listening");
                     tokio::spawn(admin::serve(listener, handle.clone(), metrics));
                 }
-                match runtime::run(config, path, handle, controls, shutdown).await {
+                let mut extra = Vec::new();
+                if config.api.enabled {
+                    let listener = match tokio::net::TcpListener::bind(config.api.listen).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(listen = %config.api.listen, error = %e, "cannot start the API listener");
+                            return ExitCode::from(EXIT_RUNTIME);
+                        }
+                    };
+                    let api = match esm_gateway::api::Api::open(handle.clone(), &config.api.state_dir, path.clone()) {
+                        Ok(api) => api,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot open the API's state");
+                            return ExitCode::from(EXIT_RUNTIME);
+                        }
+                    };
+                    extra = api.mappings();
+                    tracing::info!(listen = %config.api.listen, mappings = extra.len(), "event source mapping API listening");
+                    tokio::spawn(esm_gateway::api::serve(listener, api));
+                }
+                match runtime::run(config, extra, path, handle, controls, shutdown).await {
                     Ok(()) => {
                         tracing::info!("stopped");
                         ExitCode::SUCCESS

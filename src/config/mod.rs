@@ -6,6 +6,7 @@
 //! column of the offending value; checks across fields run after parsing and name the
 //! mapping and the field. Defaults are AWS's (see the README's configuration reference).
 
+mod api;
 mod mapping;
 mod types;
 
@@ -21,6 +22,7 @@ pub use crate::destination::DestinationConfig;
 pub use crate::env::{Expanded, Secret, SecretUrl};
 pub use crate::source::SourceConfig;
 pub use crate::telemetry::otlp::TelemetryConfig;
+pub use api::{ApiConfig, ApiKey, BrokerConfig, SecretConfig};
 pub use mapping::{Batching, Checked, InvocationType, MAX_FUNCTION_TIMEOUT, Mapping, RetryPolicy};
 pub use types::{BatchSize, BatchWindow, BufferBytes, ByteSize, MaxRecordAge, RetryAttempts};
 
@@ -54,6 +56,15 @@ pub struct Config {
     /// `[admin]`: the HTTP listener for health, metrics and mapping control.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// `[api]`: the Lambda-compatible event source mapping API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// `[[broker]]`: RabbitMQ brokers that API requests name by Amazon MQ ARN.
+    #[serde(default, rename = "broker")]
+    pub brokers: Vec<BrokerConfig>,
+    /// `[[secret]]`: credentials that API requests name in SourceAccessConfigurations.
+    #[serde(default, rename = "secret")]
+    pub secrets: Vec<SecretConfig>,
     /// Settings shared by every schedule mapping.
     #[serde(default)]
     pub schedules: SchedulesConfig,
@@ -196,6 +207,7 @@ impl Config {
                 ));
             }
         }
+        api_problems(&config, &mut problems);
         let mut names = HashSet::new();
         // Two writers rotating one file would each rotate the other's records, and a
         // redrive would replay them into the wrong function.
@@ -257,6 +269,55 @@ impl Config {
 
     pub fn account_id(&self) -> &str {
         self.aws.account_id()
+    }
+
+    /// Checks one mapping made outside the file (by the API) as [`Config::parse`] checks
+    /// the file's, and records what the checks parsed; Err lists the problems.
+    pub fn check_mapping(&self, m: &mut Mapping) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        m.checked = m.problems(self.schedules.store.is_some(), &mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// The checks of `[api]` and `[[broker]]`.
+fn api_problems(config: &Config, problems: &mut Vec<String>) {
+    let mut ids = HashSet::new();
+    for k in &config.api.keys {
+        if k.access_key_id.is_empty() || !ids.insert(k.access_key_id.as_str()) {
+            problems.push(format!(
+                "[[api.key]] access_key_id {:?} is empty or listed twice",
+                k.access_key_id
+            ));
+        }
+        if k.secret_access_key.expose().len() < 16 {
+            problems.push(format!(
+                "[[api.key]] {}: secret_access_key is shorter than 16 characters; use a long random string",
+                k.access_key_id
+            ));
+        }
+    }
+    let mut brokers = HashSet::new();
+    for b in &config.brokers {
+        if !brokers.insert(b.name.as_str()) {
+            problems.push(format!("broker {:?} is defined twice", b.name));
+        }
+        if let Err(e) = b.url.amqp() {
+            problems.push(format!("broker {:?}: url is not an AMQP URL: {e}", b.name));
+        }
+    }
+    let mut secrets = HashSet::new();
+    for s in &config.secrets {
+        if !secrets.insert(s.name.as_str()) {
+            problems.push(format!("secret {:?} is defined twice", s.name));
+        }
+        if let Err(e) = s.password() {
+            problems.push(format!("secret {:?}: {e}", s.name));
+        }
     }
 }
 

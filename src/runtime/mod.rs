@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 mod build;
+mod extra;
 mod supervise;
 
 use crate::config::{AdminConfig, Config, Mapping, Secret};
@@ -94,6 +95,16 @@ enum Control {
     Reload {
         reply: oneshot::Sender<Result<(), ControlError>>,
     },
+    /// Adds or changes a mapping made outside the file (the API's).
+    Put {
+        mapping: Box<Mapping>,
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    /// Removes a mapping that [`Control::Put`] made.
+    Remove {
+        name: String,
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
 }
 
 /// A running gateway as seen from outside: its mappings' status and a way to control
@@ -103,6 +114,8 @@ pub struct Handle {
     mappings: Arc<RwLock<BTreeMap<String, Arc<MappingStatus>>>>,
     admin_token: Arc<RwLock<Option<Secret>>>,
     read_token: Arc<RwLock<Option<Secret>>>,
+    /// The configuration file as last loaded (it follows reloads).
+    config: Arc<RwLock<Arc<Config>>>,
     control: mpsc::Sender<Control>,
 }
 
@@ -130,6 +143,7 @@ pub fn handle(config: &Config) -> (Handle, Controls) {
         mappings: Arc::new(RwLock::new(mappings)),
         admin_token: Arc::new(RwLock::new(config.admin.token.clone())),
         read_token: Arc::new(RwLock::new(config.admin.read_token.clone())),
+        config: Arc::new(RwLock::new(Arc::new(config.clone()))),
         control: tx,
     };
     (handle, Controls(rx))
@@ -164,6 +178,11 @@ impl Handle {
         rx.await.map_err(|_| ControlError::ShuttingDown)?
     }
 
+    /// The configuration file as last loaded: its mappings are the file's only.
+    pub fn config(&self) -> Arc<Config> {
+        read(&self.config).clone()
+    }
+
     /// Re-reads the configuration file (what SIGHUP does).
     pub async fn reload(&self) -> Result<(), ControlError> {
         let (reply, rx) = oneshot::channel();
@@ -195,10 +214,12 @@ struct Slot {
     task: JoinHandle<Result<(), Panicked>>,
 }
 
-/// Runs every mapping of `config` until `shutdown` is cancelled, taking enable, disable
-/// and reload requests from `controls` (`path` is re-read on reload).
+/// Runs every mapping of `config`, and `extra` ones made outside the file (the API's),
+/// until `shutdown` is cancelled, taking enable, disable, reload and put requests from
+/// `controls` (`path` is re-read on reload).
 pub async fn run(
     config: Config,
+    extra: Vec<Mapping>,
     path: PathBuf,
     handle: Handle,
     controls: Controls,
@@ -213,13 +234,19 @@ pub async fn run(
         stopping: HashMap::new(),
         handle: handle.clone(),
         shutdown: shutdown.clone(),
+        extra: BTreeMap::new(),
     };
     for m in config.mappings.clone() {
         gateway.start(m, &env);
     }
+    for m in extra {
+        if let Err(e) = gateway.put(m, &env) {
+            tracing::error!(error = %e, "an API mapping did not start");
+        }
+    }
     let mut current = config;
     tracing::info!(mappings = gateway.slots.len(), "gateway running");
-    tokio::spawn(notify_ready(handle.clone(), shutdown.clone()));
+    tokio::spawn(supervise::notify_ready(handle.clone(), shutdown.clone()));
 
     let mut watchdog = crate::notify::watchdog_interval().map(tokio::time::interval);
     loop {
@@ -251,6 +278,12 @@ pub async fn run(
                         .increment(1);
                     notify("READY=1");
                     let _ = reply.send(r);
+                }
+                Control::Put { mapping, reply } => {
+                    let _ = reply.send(gateway.put(*mapping, &env));
+                }
+                Control::Remove { name, reply } => {
+                    let _ = reply.send(gateway.remove(name));
                 }
             },
             // Sent from this loop, so a wedged control loop stops the pings and systemd
@@ -287,35 +320,6 @@ pub async fn run(
     }
 }
 
-/// Sends READY=1 once every enabled mapping has made its first connection attempt
-/// (it is running or failed), or after 10 s: a broker that is down at boot must not keep
-/// the unit in "activating" (readiness is `/readyz`'s job).
-async fn notify_ready(handle: Handle, shutdown: CancellationToken) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting = handle
-            .mappings()
-            .iter()
-            .filter(|m| {
-                let s = m.snapshot();
-                s.enabled && matches!(s.state, State::Starting | State::Draining)
-            })
-            .count();
-        if waiting == 0 || tokio::time::Instant::now() >= deadline {
-            let n = handle.mappings().len();
-            notify(&format!(
-                "READY=1\nSTATUS=running {n} mapping(s), {waiting} still connecting"
-            ));
-            tracing::info!(mappings = n, connecting = waiting, "started");
-            return;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(50)) => {}
-            () = shutdown.cancelled() => return,
-        }
-    }
-}
-
 /// The control loop's state: the mappings by name.
 struct Gateway {
     slots: BTreeMap<String, Slot>,
@@ -324,6 +328,8 @@ struct Gateway {
     stopping: HashMap<String, JoinHandle<Result<(), Panicked>>>,
     handle: Handle,
     shutdown: CancellationToken,
+    /// The mappings made outside the file (the API's), by name: kept across reloads.
+    extra: BTreeMap<String, Mapping>,
 }
 
 impl Gateway {
@@ -369,13 +375,21 @@ impl Gateway {
         current: &mut Config,
         env: &mut Arc<Env>,
     ) -> Result<(), ControlError> {
-        let new = match Config::load(path) {
+        let mut new = match Config::load(path) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "configuration reload refused; the running configuration stays");
                 return Err(ControlError::InvalidConfig(e.to_string()));
             }
         };
+        *write(&self.handle.config) = Arc::new(new.clone());
+        // The API's mappings are not the file's to remove (a file mapping of the same
+        // name wins).
+        for m in self.extra.values() {
+            if !new.mappings.iter().any(|n| n.name == m.name) {
+                new.mappings.push(m.clone());
+            }
+        }
         // Drop the handles of removed mappings that have finished draining.
         self.stopping.retain(|_, t| !t.is_finished());
         let aws_changed = new.aws != current.aws || new.schedules != current.schedules;

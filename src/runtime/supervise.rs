@@ -3,6 +3,7 @@
 //! so that a mapping never has two consumers.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -141,6 +142,35 @@ pub(super) async fn supervise(
         }
         if let Some(reply) = reply {
             let _ = reply.send(Ok(()));
+        }
+    }
+}
+
+/// Sends READY=1 once every enabled mapping has made its first connection attempt
+/// (it is running or failed), or after 10 s: a broker that is down at boot must not keep
+/// the unit in "activating" (readiness is `/readyz`'s job).
+pub(super) async fn notify_ready(handle: super::Handle, shutdown: CancellationToken) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting = handle
+            .mappings()
+            .iter()
+            .filter(|m| {
+                let s = m.snapshot();
+                s.enabled && matches!(s.state, State::Starting | State::Draining)
+            })
+            .count();
+        if waiting == 0 || tokio::time::Instant::now() >= deadline {
+            let n = handle.mappings().len();
+            crate::notify::notify(&format!(
+                "READY=1\nSTATUS=running {n} mapping(s), {waiting} still connecting"
+            ));
+            tracing::info!(mappings = n, connecting = waiting, "started");
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            () = shutdown.cancelled() => return,
         }
     }
 }

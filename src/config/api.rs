@@ -1,0 +1,117 @@
+//! `[api]`, `[[broker]]`: the Lambda-compatible event source mapping API's listener,
+//! its SigV4 key pairs and where it keeps the mappings it creates, and the registry of
+//! brokers its requests name by Amazon MQ ARN.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{Secret, SecretUrl};
+
+/// `[api]`
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Serve the event source mapping API at all. Default: false.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Address and port to listen on. Default: "127.0.0.1:9901" (loopback only).
+    #[serde(default = "default_api_listen")]
+    pub listen: SocketAddr,
+    /// Where the mappings created through the API are kept (`api-mappings.json`,
+    /// written atomically). Default: "/var/lib/esm-gateway" (systemd's StateDirectory).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// `[[api.key]]`: the key pairs requests may be SigV4-signed with. Default: none,
+    /// and every request is refused.
+    #[serde(default, rename = "key")]
+    pub keys: Vec<ApiKey>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: default_api_listen(),
+            state_dir: default_state_dir(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+/// `[[api.key]]`: one access key pair, as the AWS CLI's and SDKs' credentials hold it.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// The access key id (AWS_ACCESS_KEY_ID of the clients).
+    pub access_key_id: String,
+    /// The secret access key; `${ENV}` is expanded; never logged or returned.
+    pub secret_access_key: Secret,
+}
+
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/esm-gateway")
+}
+
+/// `[[broker]]`: a RabbitMQ broker that API requests name by its Amazon MQ ARN,
+/// `arn:aws:mq:<region>:<account>:broker:<name>:<id>`.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// The broker's name: the ARN's `<name>`.
+    pub name: String,
+    /// The ARN's `<id>`, e.g. "b-1234a5b6-78cd-901e-2fgh-3i45j6k178l9". Default: any id.
+    pub id: Option<String>,
+    /// `amqp://user:pass@host:5672` or `amqps://…` (no vhost: the mapping's VIRTUAL_HOST
+    /// picks it, default "/"); `${ENV}` is expanded.
+    pub url: SecretUrl,
+    /// PEM file with the CA(s) that sign the broker's certificate (amqps). Default: the
+    /// platform's trust store.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `[[secret]]`: credentials that API requests name in `SourceAccessConfigurations`
+/// (BASIC_AUTH, SASL_SCRAM_256_AUTH, SASL_SCRAM_512_AUTH), by name or by a Secrets
+/// Manager ARN ending in `:secret:<name>` (optionally with AWS's `-XXXXXX` suffix).
+/// Their values stay in the gateway: never sent by, returned by or stored by the API.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretConfig {
+    /// The name requests use.
+    pub name: String,
+    /// The user name; `${ENV}` is expanded.
+    pub username: super::Expanded,
+    /// The password; `${ENV}` is expanded. Default: none (then `password_file`).
+    pub password: Option<Secret>,
+    /// A file holding the password (a trailing newline is dropped), read at load.
+    #[serde(default, deserialize_with = "crate::env::expand_path_opt")]
+    #[schemars(with = "Option<PathBuf>")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl SecretConfig {
+    /// The password, from `password` or `password_file`.
+    pub fn password(&self) -> Result<Secret, String> {
+        match (&self.password, &self.password_file) {
+            (Some(p), None) => Ok(p.clone()),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|s| Secret::new(s.trim_end_matches(['\n', '\r'])))
+                .map_err(|e| format!("cannot read {}: {e}", path.display())),
+            _ => Err("give exactly one of password and password_file".into()),
+        }
+    }
+
+    /// Whether a SourceAccessConfigurations URI names this secret.
+    pub fn is_named_by(&self, uri: &str) -> bool {
+        let name = uri.rsplit_once(":secret:").map_or(uri, |(_, n)| n);
+        name == self.name
+            || name
+                .strip_prefix(self.name.as_str())
+                .is_some_and(|rest| rest.len() == 7 && rest.starts_with('-'))
+    }
+}

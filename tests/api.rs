@@ -1,0 +1,768 @@
+//! The event source mapping API driven by the real AWS CLI (`aws lambda ...`, from the
+//! stack's tools virtualenv) and boto3 (MiniStack's virtualenv) against the gateway
+//! binary and the local stack: mappings created through the API deliver to a MiniStack
+//! function, updates and deletes take effect, API mappings survive a restart, and
+//! requests that are not properly signed are refused and change nothing.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(120);
+const KEY_ID: &str = "AKIDESMGATEWAYTEST";
+const SECRET: &str = "api-secret-5f1c9e0b7a2d4e6f8a";
+
+/// The AWS CLI of the tools virtualenv.
+fn aws_bin() -> std::path::PathBuf {
+    let python =
+        std::env::var("TOOLS_PYTHON").expect("TOOLS_PYTHON (eval \"$(scripts/stack env)\")");
+    Path::new(&python).with_file_name("aws")
+}
+
+/// A gateway with the API enabled on a free port, keeping its mappings in `state`.
+struct Api {
+    gw: Gateway,
+    url: String,
+}
+
+/// `[api]` with the test key pair (its secret from the environment) and `state_dir`.
+fn api_table(port: u16, state: &Path) -> String {
+    format!(
+        r#"
+[api]
+enabled = true
+listen = "127.0.0.1:{port}"
+state_dir = "{}"
+
+[[api.key]]
+access_key_id = "{KEY_ID}"
+secret_access_key = "${{ESM_API_SECRET}}"
+
+[[broker]]
+name = "local"
+url = "amqp://127.0.0.1:5672"
+
+[[secret]]
+name = "rabbit"
+username = "guest"
+password = "${{RABBIT_PASSWORD}}"
+"#,
+        state.display()
+    )
+}
+
+impl Api {
+    /// Starts a gateway on `config` (from [`api_table`] on) and waits for its API.
+    async fn start(config: &str, port: u16) -> Api {
+        let gw = Gateway::start_with_env(
+            config,
+            &[("ESM_API_SECRET", SECRET), ("RABBIT_PASSWORD", "guest")],
+        );
+        gw.wait_log("event source mapping API listening", LONG)
+            .await;
+        Api {
+            gw,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// `aws lambda <args>` against the API: exit code, parsed stdout (Null when empty),
+    /// stderr.
+    fn cli(&self, args: &[&str]) -> (i32, Value, String) {
+        self.cli_of("lambda", args)
+    }
+
+    /// `aws <service> <args>` against the API, as [`Api::cli`].
+    fn cli_of(&self, service: &str, args: &[&str]) -> (i32, Value, String) {
+        let out = Command::new(aws_bin())
+            .arg(service)
+            .args(args)
+            .args([
+                "--endpoint-url",
+                &self.url,
+                "--region",
+                "us-east-1",
+                "--output",
+                "json",
+            ])
+            .env("AWS_ACCESS_KEY_ID", KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .env_remove("AWS_ENDPOINT_URL")
+            .env_remove("AWS_PROFILE")
+            .env("AWS_PAGER", "")
+            .env("AWS_MAX_ATTEMPTS", "1")
+            .output()
+            .expect("run the AWS CLI (installed by scripts/stack into the tools virtualenv)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let value = if stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+        };
+        (
+            out.status.code().unwrap_or(-1),
+            value,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `aws lambda <args>` that must succeed; its output.
+    fn ok(&self, args: &[&str]) -> Value {
+        let (code, value, err) = self.cli(args);
+        assert_eq!(code, 0, "aws lambda {args:?}: {err}");
+        value
+    }
+
+    /// Polls `get-event-source-mapping` until the mapping is in `state`.
+    async fn wait_state(&self, uuid: &str, state: &str) -> Value {
+        wait_for(&format!("mapping {uuid} to be {state}"), LONG, || {
+            let v = self.ok(&["get-event-source-mapping", "--uuid", uuid]);
+            (v["State"] == state).then_some(v)
+        })
+        .await
+    }
+}
+
+fn sqs_arn(url: &str) -> String {
+    let name = url.rsplit('/').next().unwrap();
+    format!("arn:aws:sqs:us-east-1:000000000000:{name}")
+}
+
+fn function_arn(name: &str) -> String {
+    format!("arn:aws:lambda:us-east-1:000000000000:function:{name}")
+}
+
+fn bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A new one-partition topic.
+async fn kafka_topic() -> String {
+    let topic = unique("api-kafka");
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .create()
+            .unwrap();
+    let made = admin
+        .create_topics(
+            &[rdkafka::admin::NewTopic::new(
+                &topic,
+                1,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .expect("create the topic (is `scripts/stack up` running?)");
+    assert!(made[0].is_ok(), "{made:?}");
+    topic
+}
+
+/// Produces one record and waits for its delivery report.
+async fn produce(topic: &str, body: &str) {
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::<(), _>::to(topic).payload(body),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("produce");
+}
+
+/// The `--self-managed-event-source` of the local Kafka.
+fn kafka_source() -> String {
+    format!(
+        r#"{{"Endpoints":{{"KAFKA_BOOTSTRAP_SERVERS":["{}"]}}}}"#,
+        bootstrap()
+    )
+}
+
+/// Bodies the function received, in order.
+fn bodies(f: &Function) -> Vec<String> {
+    f.invocations().into_iter().flat_map(|i| i.bodies).collect()
+}
+
+#[tokio::test]
+async fn an_sqs_mapping_is_created_listed_updated_and_deleted_with_the_aws_cli() {
+    let sqs = sqs_client().await;
+    let url = create_queue(&sqs, "api-sqs", false, 30).await;
+    let f = Function::deploy("api-sqs", &[]).await;
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let api = Api::start(&(gateway_header() + &api_table(port, state.path())), port).await;
+
+    let created = api.ok(&[
+        "create-event-source-mapping",
+        "--function-name",
+        &f.name,
+        "--event-source-arn",
+        &sqs_arn(&url),
+        "--batch-size",
+        "5",
+    ]);
+    let uuid = created["UUID"].as_str().unwrap().to_owned();
+    assert_eq!(created["State"], "Creating");
+    assert_eq!(created["BatchSize"], 5);
+    assert_eq!(created["FunctionArn"], function_arn(&f.name));
+    assert_eq!(created["EventSourceArn"], sqs_arn(&url));
+    assert_eq!(
+        created["EventSourceMappingArn"],
+        format!("arn:aws:lambda:us-east-1:000000000000:event-source-mapping:{uuid}")
+    );
+    // Fields AWS does not return for SQS are not returned (Terraform would replace the
+    // mapping on every apply otherwise).
+    for absent in [
+        "StartingPosition",
+        "MaximumRetryAttempts",
+        "Topics",
+        "Queues",
+    ] {
+        assert!(created.get(absent).is_none(), "{absent} in {created}");
+    }
+
+    send(
+        &sqs,
+        &url,
+        &[(None, "a".into()), (None, "b".into()), (None, "c".into())],
+    )
+    .await;
+    let mut got = f.wait_delivered(3, LONG).await;
+    got.sort();
+    assert_eq!(got, ["a", "b", "c"]);
+    let enabled = api.wait_state(&uuid, "Enabled").await;
+    assert!(enabled["LastModified"].is_number(), "{enabled}");
+
+    let listed = api.ok(&["list-event-source-mappings", "--function-name", &f.name]);
+    let uuids: Vec<&str> = listed["EventSourceMappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["UUID"].as_str().unwrap())
+        .collect();
+    assert_eq!(uuids, [uuid.as_str()]);
+
+    // Disable and shrink the batch: the runtime follows.
+    let updated = api.ok(&[
+        "update-event-source-mapping",
+        "--uuid",
+        &uuid,
+        "--batch-size",
+        "2",
+        "--no-enabled",
+    ]);
+    assert_eq!(updated["BatchSize"], 2);
+    api.wait_state(&uuid, "Disabled").await;
+    assert_eq!(api.gw.mapping(&uuid)["state"], "disabled");
+    let before = f.invocations().len();
+    let bodies: Vec<_> = (0..6).map(|i| (None, format!("late-{i}"))).collect();
+    send(&sqs, &url, &bodies).await;
+    api.ok(&["update-event-source-mapping", "--uuid", &uuid, "--enabled"]);
+    f.wait_delivered(9, LONG).await;
+    let after = &f.invocations()[before..];
+    assert!(
+        after.iter().all(|i| i.bodies.len() <= 2),
+        "batch size 2 applies"
+    );
+
+    let deleted = api.ok(&["delete-event-source-mapping", "--uuid", &uuid]);
+    assert_eq!(deleted["State"], "Deleting");
+    let (code, _, err) = api.cli(&["get-event-source-mapping", "--uuid", &uuid]);
+    assert_ne!(code, 0);
+    assert!(err.contains("ResourceNotFoundException"), "{err}");
+    wait_for("the mapping to stop", LONG, || {
+        (!api.gw.mappings().iter().any(|m| m["name"] == uuid.as_str())).then_some(())
+    })
+    .await;
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn kafka_and_rabbitmq_mappings_take_aws_fields_and_deliver() {
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("api-rmq").await;
+    let topic = kafka_topic().await;
+    let f = Function::deploy("api-brokers", &[]).await;
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let api = Api::start(&(gateway_header() + &api_table(port, state.path())), port).await;
+
+    let broker = "arn:aws:mq:us-east-1:000000000000:broker:local:b-0001";
+    let mq = api.ok(&[
+        "create-event-source-mapping",
+        "--function-name",
+        &f.name,
+        "--event-source-arn",
+        broker,
+        "--queues",
+        &queue,
+        "--source-access-configurations",
+        "Type=VIRTUAL_HOST,URI=/",
+        // The broker's credentials: a [[secret]] of the file, named as AWS names a
+        // Secrets Manager secret.
+        "Type=BASIC_AUTH,URI=arn:aws:secretsmanager:us-east-1:000000000000:secret:rabbit-AbCdEf",
+        "--batch-size",
+        "10",
+    ]);
+    assert_eq!(mq["Queues"], serde_json::json!([queue]));
+    assert!(mq.get("StartingPosition").is_none(), "{mq}");
+    let endpoints = kafka_source();
+    let kafka = api.ok(&[
+        "create-event-source-mapping",
+        "--function-name",
+        &f.name,
+        "--self-managed-event-source",
+        &endpoints,
+        "--topics",
+        &topic,
+        "--starting-position",
+        "TRIM_HORIZON",
+    ]);
+    let kafka_uuid = kafka["UUID"].as_str().unwrap();
+    assert_eq!(kafka["StartingPosition"], "TRIM_HORIZON");
+    assert_eq!(kafka["Topics"], serde_json::json!([topic]));
+    // AWS's default consumer group is the mapping's UUID.
+    assert_eq!(
+        kafka["SelfManagedKafkaEventSourceConfig"]["ConsumerGroupId"],
+        kafka_uuid
+    );
+    api.wait_state(mq["UUID"].as_str().unwrap(), "Enabled")
+        .await;
+    api.wait_state(kafka_uuid, "Enabled").await;
+
+    rabbit.publish(&queue, [b"from-rabbit".to_vec()]).await;
+    produce(&topic, "from-kafka").await;
+    let got = wait_for("both records", LONG, || {
+        let bodies: Vec<String> = f.invocations().into_iter().flat_map(|i| i.bodies).collect();
+        (bodies.iter().any(|b| b == "from-rabbit") && bodies.iter().any(|b| b == "from-kafka"))
+            .then_some(bodies)
+    })
+    .await;
+    assert!(got.len() >= 2, "{got:?}");
+
+    // A broker the file does not define is refused, naming the registry.
+    let (code, _, err) = api.cli(&[
+        "create-event-source-mapping",
+        "--function-name",
+        &f.name,
+        "--event-source-arn",
+        "arn:aws:mq:us-east-1:000000000000:broker:elsewhere:b-2",
+        "--queues",
+        &queue,
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("InvalidParameterValueException") && err.contains("[[broker]]"),
+        "{err}"
+    );
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+    rabbit.delete(&queue).await;
+}
+
+#[tokio::test]
+async fn api_mappings_survive_a_restart_and_file_mappings_are_read_only() {
+    let sqs = sqs_client().await;
+    let url = create_queue(&sqs, "api-restart", false, 30).await;
+    let file_url = create_queue(&sqs, "api-file", false, 30).await;
+    let f = Function::deploy("api-restart", &[]).await;
+    let state = tempfile::tempdir().unwrap();
+    let config = |port| {
+        gateway_header()
+            + &api_table(port, state.path())
+            + &mapping(
+                "from-file",
+                &f.name,
+                "",
+                &format!("type = \"sqs\"\nqueue_url = \"{file_url}\"\n"),
+            )
+    };
+    let port = free_port();
+    let api = Api::start(&config(port), port).await;
+    let created = api.ok(&[
+        "create-event-source-mapping",
+        "--function-name",
+        &f.name,
+        "--event-source-arn",
+        &sqs_arn(&url),
+    ]);
+    let uuid = created["UUID"].as_str().unwrap().to_owned();
+    let topic = kafka_topic().await;
+    let kafka = api.ok(&[
+        "create-event-source-mapping",
+        "--function-name",
+        &f.name,
+        "--self-managed-event-source",
+        &kafka_source(),
+        "--topics",
+        &topic,
+        "--starting-position",
+        "TRIM_HORIZON",
+    ]);
+    let kafka_uuid = kafka["UUID"].as_str().unwrap().to_owned();
+    let schedule = unique("api-keep");
+    let target = serde_json::json!({
+        "Arn": function_arn(&f.name),
+        "RoleArn": "arn:aws:iam::000000000000:role/scheduler",
+    })
+    .to_string();
+    let (code, _, err) = api.cli_of(
+        "scheduler",
+        &[
+            "create-schedule",
+            "--name",
+            &schedule,
+            "--schedule-expression",
+            "cron(0 3 * * ? *)",
+            "--flexible-time-window",
+            "Mode=OFF",
+            "--target",
+            &target,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    produce(&topic, "kafka-before").await;
+    wait_for("the record before the restart", LONG, || {
+        bodies(&f)
+            .contains(&"kafka-before".to_owned())
+            .then_some(())
+    })
+    .await;
+    let listed = api.ok(&["list-event-source-mappings"]);
+    let file_uuid = listed["EventSourceMappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["EventSourceArn"] == sqs_arn(&file_url))
+        .expect("the file's mapping is listed")["UUID"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The file's mapping: read-only but for Enabled.
+    let (code, _, err) = api.cli(&[
+        "update-event-source-mapping",
+        "--uuid",
+        &file_uuid,
+        "--batch-size",
+        "3",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("ResourceConflictException") && err.contains("configuration file"),
+        "{err}"
+    );
+    let (code, _, err) = api.cli(&["delete-event-source-mapping", "--uuid", &file_uuid]);
+    assert!(
+        code != 0 && err.contains("ResourceConflictException"),
+        "{err}"
+    );
+    api.ok(&[
+        "update-event-source-mapping",
+        "--uuid",
+        &file_uuid,
+        "--no-enabled",
+    ]);
+    api.wait_state(&file_uuid, "Disabled").await;
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+
+    // The state file names no credential.
+    let stored = std::fs::read_to_string(state.path().join("api-mappings.json")).unwrap();
+    assert!(stored.contains(&uuid) && !stored.contains("guest:guest") && !stored.contains(SECRET));
+
+    let port = free_port();
+    let api = Api::start(&config(port), port).await;
+    let listed = api.ok(&["list-event-source-mappings"]);
+    let uuids: Vec<&str> = listed["EventSourceMappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["UUID"].as_str().unwrap())
+        .collect();
+    assert!(
+        uuids.contains(&uuid.as_str()) && uuids.contains(&file_uuid.as_str()),
+        "{uuids:?}"
+    );
+    assert!(uuids.contains(&kafka_uuid.as_str()), "{uuids:?}");
+    // The schedule is back, and runs.
+    let (code, got, err) = api.cli_of("scheduler", &["get-schedule", "--name", &schedule]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(got["ScheduleExpression"], "cron(0 3 * * ? *)");
+    assert_eq!(
+        api.gw
+            .mappings()
+            .iter()
+            .filter(|m| m["source"] == "schedule")
+            .count(),
+        1
+    );
+    send(&sqs, &url, &[(None, "after-restart".into())]).await;
+    produce(&topic, "kafka-after").await;
+    // The Kafka mapping resumes from its committed offset: by the time the record
+    // after the restart arrives, the one before it has not come again (the partition
+    // is delivered in order, so a restart from the beginning would have).
+    let got = wait_for("both records after the restart", LONG, || {
+        let b = bodies(&f);
+        (b.contains(&"after-restart".to_owned()) && b.contains(&"kafka-after".to_owned()))
+            .then_some(b)
+    })
+    .await;
+    assert_eq!(
+        got.iter().filter(|b| *b == "kafka-before").count(),
+        1,
+        "{got:?}"
+    );
+    api.wait_state(&uuid, "Enabled").await;
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+}
+
+/// boto3: a wrong secret, an unknown key, a clock 10 minutes off and no signature are
+/// each refused with AWS's error, and nothing is created; a signed request passes.
+const REFUSALS: &str = r#"
+import datetime, json, sys
+import boto3, botocore, botocore.auth
+from botocore import UNSIGNED
+from botocore.config import Config
+endpoint, key, secret, arn, function = sys.argv[1:6]
+def client(k, s, **extra):
+    return boto3.client("lambda", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id=k, aws_secret_access_key=s,
+        config=Config(retries={"max_attempts": 1}, **extra))
+out = {}
+def attempt(name, c):
+    try:
+        c.create_event_source_mapping(FunctionName=function, EventSourceArn=arn)
+        out[name] = "accepted"
+    except botocore.exceptions.ClientError as e:
+        out[name] = [e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"]]
+attempt("wrong_secret", client(key, "x" * 40))
+attempt("unknown_key", client("AKIDUNKNOWN0000000", secret))
+real = botocore.auth.get_current_datetime
+botocore.auth.get_current_datetime = lambda: real() - datetime.timedelta(minutes=10)
+attempt("skewed", client(key, secret))
+botocore.auth.get_current_datetime = real
+attempt("unsigned", client(key, secret, signature_version=UNSIGNED))
+out["after_refusals"] = client(key, secret).list_event_source_mappings()["EventSourceMappings"]
+created = client(key, secret).create_event_source_mapping(FunctionName=function, EventSourceArn=arn, BatchSize=3)
+del created["ResponseMetadata"]
+out["created"] = created
+print(json.dumps(out, default=str))
+"#;
+
+#[tokio::test]
+async fn unsigned_wrongly_signed_and_skewed_requests_are_refused_and_change_nothing() {
+    let sqs = sqs_client().await;
+    let url = create_queue(&sqs, "api-auth", false, 30).await;
+    let f = Function::deploy("api-auth", &[]).await;
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let api = Api::start(&(gateway_header() + &api_table(port, state.path())), port).await;
+    let python =
+        std::env::var("STACK_PYTHON").expect("STACK_PYTHON (eval \"$(scripts/stack env)\")");
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(REFUSALS)
+        .args([&api.url, KEY_ID, SECRET, &sqs_arn(&url), &f.name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        r["wrong_secret"],
+        serde_json::json!(["InvalidSignatureException", 403])
+    );
+    assert_eq!(
+        r["unknown_key"],
+        serde_json::json!(["UnrecognizedClientException", 403])
+    );
+    assert_eq!(
+        r["skewed"],
+        serde_json::json!(["InvalidSignatureException", 403])
+    );
+    assert_eq!(
+        r["unsigned"],
+        serde_json::json!(["MissingAuthenticationTokenException", 403])
+    );
+    assert_eq!(
+        r["after_refusals"],
+        serde_json::json!([]),
+        "nothing was created"
+    );
+    assert_eq!(r["created"]["BatchSize"], 3);
+    // The secret is in no response and no log line.
+    assert!(!stdout.contains(SECRET));
+    let uuid = r["created"]["UUID"].as_str().unwrap().to_owned();
+    api.wait_state(&uuid, "Enabled").await;
+    assert!(!api.gw.log_contains(SECRET));
+    assert!(api.gw.log_count("API request refused") >= 4);
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+}
+
+/// Terraform's `aws_lambda_event_source_mapping` sequence, replayed with boto3 (the
+/// provider's calls, in its order): create with tags, poll Get until Enabled, read back
+/// (Get, ListTags on the mapping ARN), update, poll, read back, delete, poll until 404.
+/// Every read-back field equals what was configured (no drift); pagination pages.
+const TERRAFORM: &str = r#"
+import json, sys, time
+import boto3, botocore
+from botocore.config import Config
+endpoint, key, secret, function = sys.argv[1:5]
+arns = sys.argv[5:]
+c = boto3.client("lambda", endpoint_url=endpoint, region_name="us-east-1",
+    aws_access_key_id=key, aws_secret_access_key=secret, config=Config(retries={"max_attempts": 1}))
+def wait(uuid, states):
+    for _ in range(600):
+        try:
+            m = c.get_event_source_mapping(UUID=uuid)
+        except c.exceptions.ResourceNotFoundException:
+            if states is None:
+                return None
+            raise
+        if states is not None and m["State"] in states:
+            return m
+        time.sleep(0.1)
+    raise SystemExit("timed out waiting for %s to be %s" % (uuid, states))
+drift = []
+def expect(m, field, want):
+    if m.get(field) != want:
+        drift.append([field, m.get(field), want])
+created = c.create_event_source_mapping(FunctionName=function, EventSourceArn=arns[0],
+    BatchSize=4, MaximumBatchingWindowInSeconds=2, Enabled=True, Tags={"team": "orders"})
+uuid = created["UUID"]
+m = wait(uuid, ["Enabled", "Disabled"])
+tags = c.list_tags(Resource=m["EventSourceMappingArn"])["Tags"]
+for field, want in [("BatchSize", 4), ("MaximumBatchingWindowInSeconds", 2),
+        ("EventSourceArn", arns[0]), ("State", "Enabled"),
+        ("FunctionArn", "arn:aws:lambda:us-east-1:000000000000:function:" + function),
+        ("EventSourceMappingArn", created["EventSourceMappingArn"])]:
+    expect(m, field, want)
+if tags != {"team": "orders"}:
+    drift.append(["Tags", tags])
+for absent in ["StartingPosition", "StartingPositionTimestamp", "MaximumRetryAttempts",
+        "MaximumRecordAgeInSeconds", "BisectBatchOnFunctionError", "ParallelizationFactor"]:
+    if absent in m:
+        drift.append([absent, m[absent], None])
+c.tag_resource(Resource=m["EventSourceMappingArn"], Tags={"env": "test"})
+c.untag_resource(Resource=m["EventSourceMappingArn"], TagKeys=["team"])
+if c.list_tags(Resource=m["EventSourceMappingArn"])["Tags"] != {"env": "test"}:
+    drift.append(["Tags after tag/untag"])
+c.update_event_source_mapping(UUID=uuid, BatchSize=8, Enabled=False)
+m = wait(uuid, ["Disabled"])
+expect(m, "BatchSize", 8)
+expect(m, "MaximumBatchingWindowInSeconds", 2)
+# Pagination over the others.
+others = [c.create_event_source_mapping(FunctionName=function, EventSourceArn=a)["UUID"] for a in arns[1:]]
+page = c.list_event_source_mappings(FunctionName=function, MaxItems=2)
+seen = [x["UUID"] for x in page["EventSourceMappings"]]
+pages = 1
+while "NextMarker" in page:
+    page = c.list_event_source_mappings(FunctionName=function, MaxItems=2, Marker=page["NextMarker"])
+    seen += [x["UUID"] for x in page["EventSourceMappings"]]
+    pages += 1
+c.delete_event_source_mapping(UUID=uuid)
+wait(uuid, None)
+for o in others:
+    c.delete_event_source_mapping(UUID=o)
+print(json.dumps({"drift": drift, "seen": sorted(seen), "all": sorted([uuid] + others), "pages": pages}))
+"#;
+
+#[tokio::test]
+async fn terraforms_sequence_replayed_with_boto3_succeeds_without_drift() {
+    let sqs = sqs_client().await;
+    let mut arns = Vec::new();
+    for _ in 0..3 {
+        arns.push(sqs_arn(&create_queue(&sqs, "api-tf", false, 30).await));
+    }
+    let f = Function::deploy("api-tf", &[]).await;
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let api = Api::start(&(gateway_header() + &api_table(port, state.path())), port).await;
+    let python =
+        std::env::var("STACK_PYTHON").expect("STACK_PYTHON (eval \"$(scripts/stack env)\")");
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(TERRAFORM)
+        .args([api.url.as_str(), KEY_ID, SECRET, &f.name])
+        .args(&arns)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["drift"], serde_json::json!([]), "{r}");
+    assert_eq!(
+        r["seen"], r["all"],
+        "every mapping listed once across pages"
+    );
+    assert_eq!(r["pages"], 2);
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn aws_scheduler_create_schedule_fires_the_function() {
+    let f = Function::deploy("api-sched", &[]).await;
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let api = Api::start(&(gateway_header() + &api_table(port, state.path())), port).await;
+    let name = unique("api-schedule");
+    let target = serde_json::json!({
+        "Arn": function_arn(&f.name),
+        "RoleArn": "arn:aws:iam::000000000000:role/scheduler",
+        "Input": r#"{"from":"scheduler"}"#,
+    })
+    .to_string();
+    let (code, created, err) = api.cli_of(
+        "scheduler",
+        &[
+            "create-schedule",
+            "--name",
+            &name,
+            // The gateway's own seconds rate (AWS's smallest is a minute).
+            "--schedule-expression",
+            "rate(2 seconds)",
+            "--flexible-time-window",
+            "Mode=OFF",
+            "--target",
+            &target,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        created["ScheduleArn"],
+        format!("arn:aws:scheduler:us-east-1:000000000000:schedule/default/{name}")
+    );
+    let fired = f.wait_invocations(1, LONG).await;
+    assert_eq!(
+        fired[0].event.as_ref().map(|e| e["from"].clone()),
+        Some("scheduler".into()),
+        "{:?}",
+        fired[0].event
+    );
+    let (code, got, err) = api.cli_of("scheduler", &["get-schedule", "--name", &name]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(got["State"], "ENABLED");
+    assert_eq!(got["ScheduleExpression"], "rate(2 seconds)");
+    let (code, _, err) = api.cli_of("scheduler", &["delete-schedule", "--name", &name]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = api.cli_of("scheduler", &["get-schedule", "--name", &name]);
+    assert!(
+        code != 0 && err.contains("ResourceNotFoundException"),
+        "{err}"
+    );
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+}
