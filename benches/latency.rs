@@ -301,7 +301,7 @@ async fn main() -> Result<()> {
         );
         // For scripts/bench: row | measured | raw | ratio | target.
         println!(
-            "BENCH-ROW|{} latency p99 at {}/s, window 0, batch {} (p50 {:.1} ms)|{g:.1} ms|{r:.1} ms|+{added:.1} ms|added p99 ≤ {TARGET_ADDED_P99_MS} ms",
+            "BENCH-ROW|{} latency p99 at {}/s, window 0, batch {} (p50 {:.1} ms)|{g:.1} ms|{r:.1} ms|{added:+.1} ms|added p99 ≤ {TARGET_ADDED_P99_MS} ms",
             m.source,
             params.rate,
             params.batch,
