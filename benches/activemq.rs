@@ -204,6 +204,15 @@ async fn main() -> Result<()> {
         "{}{notes}",
         report(&params, &raw, raw_cpu, raw_broker_cpu, &rows)
     );
+    // For scripts/bench: row | measured | raw | ratio | target.
+    println!(
+        "\nBENCH-ROW|ActiveMQ drain, {} × {} B: records/s|{:.0}|{:.0}|{:.2}|≥ 0.9",
+        params.messages,
+        params.size,
+        gw.rate(),
+        raw.rate(),
+        gw.rate() / raw.rate()
+    );
     std::io::stdout().flush()?;
     Ok(())
 }

@@ -397,5 +397,24 @@ fn report(
         per_record(raw_broker_cpu, raw.records),
         per_record(gw.broker_cpu, gw.drain.records)
     );
+    // For scripts/bench: row | measured | raw | ratio | target.
+    let gw_rate = gw.steady.as_ref().unwrap_or(&gw.drain).rate();
+    let _ = writeln!(
+        out,
+        "\nBENCH-ROW|RabbitMQ drain, {} × {} B: records/s|{gw_rate:.0}|{:.0}|{:.2}|≥ 0.9",
+        params.messages,
+        params.size,
+        raw.rate(),
+        gw_rate / raw.rate()
+    );
+    let (gw_cpu, raw_cpu) = (
+        per_record(gw.cpu, gw.drain.records),
+        per_record(raw_cpu, raw.records),
+    );
+    let _ = writeln!(
+        out,
+        "BENCH-ROW|RabbitMQ drain: CPU µs/record|{gw_cpu:.1}|{raw_cpu:.1}|{:.2}|–",
+        gw_cpu / raw_cpu
+    );
     out
 }

@@ -190,5 +190,16 @@ async fn main() -> Result<()> {
         "| peak RSS while firing | {:.1} MiB |",
         fire_peak as f64 / 1024.0
     );
+    // For scripts/bench: row | measured | raw | ratio | target.
+    println!(
+        "\nBENCH-ROW|schedules: fire error p99 ({} fires)|{:.1} ms|–|–|≤ 1000 ms",
+        e.len(),
+        percentile(&e, 0.99)
+    );
+    println!(
+        "BENCH-ROW|schedules: {idle_n} idle, RSS / CPU over {idle_secs} s|{:.1} MiB / {:.3} s|–|–|–",
+        idle_rss as f64 / 1024.0,
+        idle_cpu.as_secs_f64()
+    );
     Ok(())
 }

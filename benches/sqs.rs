@@ -330,5 +330,17 @@ async fn main() -> Result<()> {
             gw.rss_kib as f64 / 1024.0
         );
     }
+    // For scripts/bench: row | measured | raw | ratio | target (issue 15).
+    let (_, _, _, gw10) = &rows[0];
+    println!(
+        "\nBENCH-ROW|SQS drain, batch 10, {n} × 256 B: messages/s vs raw receive+delete|{:.0}|{:.0}|{:.2}|≥ 0.95",
+        rate(gw10.drained),
+        rate(raw),
+        rate(gw10.drained) / rate(raw)
+    );
+    println!(
+        "BENCH-ROW|SQS drain, batch 10: gateway CPU µs/message|{:.1}|–|–|≤ 30 µs",
+        gw10.cpu.as_secs_f64() * 1e6 / n as f64
+    );
     Ok(())
 }

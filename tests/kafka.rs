@@ -833,10 +833,11 @@ async fn a_blocked_partition_of_large_records_holds_memory_within_its_byte_budge
     const VALUE: usize = 100 * 1024;
     // The documented bound for one partition of one lane (README, Guarantees): the
     // lane's buffer budget (12 MiB, batch in flight included), librdkafka's prefetch
-    // (16 MiB, and its fetch in progress), the batch's rendered event and its HTTP
-    // request (6 MB each), and the process itself (about 50 MiB in a debug build); with
-    // a margin for the allocator. 2,000 records of 100 KB are 270 MB once rendered
-    // (base64): a buffer bounded by count (here 20,000 records) holds all of them.
+    // (a batch's bytes, 6 MB, and its fetch in progress), the batch's rendered event
+    // and its HTTP request (6 MB each), and the process itself (about 50 MiB in a
+    // debug build); with a margin for the allocator. 2,000 records of 100 KB are 270 MB
+    // once rendered (base64): a buffer bounded by count (here 20,000 records) holds all
+    // of them.
     const BOUND: u64 = 160 << 20;
     let b = bootstrap();
     let topic = create_topic(&b, "memory", 1).await;

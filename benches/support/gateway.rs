@@ -57,6 +57,11 @@ impl Gateway {
         })
     }
 
+    /// The exit status, if the gateway has exited.
+    pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     pub fn pid(&self) -> String {
         self.child.id().to_string()
     }

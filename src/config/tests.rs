@@ -254,12 +254,42 @@ fn kafka_sources_parse_and_hide_their_password() {
     assert_eq!(k.starting_position, StartingPosition::TrimHorizon);
     assert_eq!(k.sasl.as_ref().unwrap().password.expose(), "kafka-secret");
     assert!(!format!("{c:?}").contains("kafka-secret"));
-    let conf = crate::source::kafka::client_config(k, "events");
+    let limits = crate::pipeline::batcher::BatchLimits {
+        size: 100,
+        window: Duration::from_millis(500),
+        max_bytes: 6_000_000,
+        buffer_bytes: 12 << 20,
+    };
+    let conf = crate::source::kafka::client_config(k, "events", &limits);
     assert_eq!(conf.get("group.id"), Some("esm-gateway-events"));
     assert_eq!(conf.get("security.protocol"), Some("sasl_ssl"));
     assert_eq!(conf.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
     assert_eq!(conf.get("enable.auto.commit"), Some("false"));
     assert_eq!(conf.get("session.timeout.ms"), Some("6000"));
+    // Prefetch per partition: two batches per lane (4 lanes, at least 10,000 records),
+    // a batch's bytes per lane.
+    assert_eq!(conf.get("queued.min.messages"), Some("10000"));
+    assert_eq!(conf.get("queued.max.messages.kbytes"), Some("23437"));
+    assert_eq!(conf.get("fetch.wait.max.ms"), Some("500"));
+
+    // A window of 0 fetches for latency; large batches prefetch more, within bounds.
+    let fast = crate::pipeline::batcher::BatchLimits {
+        size: 10_000,
+        window: Duration::ZERO,
+        ..limits
+    };
+    let conf = crate::source::kafka::client_config(k, "events", &fast);
+    assert_eq!(conf.get("fetch.wait.max.ms"), Some("10"));
+    assert_eq!(conf.get("fetch.min.bytes"), Some("1"));
+    assert_eq!(conf.get("queued.min.messages"), Some("80000"));
+    // `properties` still win.
+    let mut k = k.clone();
+    k.properties.insert(
+        "fetch.wait.max.ms".into(),
+        crate::env::Expanded("100".into()),
+    );
+    let conf = crate::source::kafka::client_config(&k, "events", &fast);
+    assert_eq!(conf.get("fetch.wait.max.ms"), Some("100"));
 }
 
 #[test]

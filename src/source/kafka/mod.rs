@@ -218,7 +218,7 @@ async fn session(
     shutdown: CancellationToken,
 ) -> Result<(), KafkaError> {
     let name = deliverer.mapping.name.clone();
-    let config = client_config(source, &name);
+    let config = client_config(source, &name, &limits);
     let session_timeout = config
         .get("session.timeout.ms")
         .and_then(|v| v.parse().ok())
