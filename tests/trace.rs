@@ -32,9 +32,16 @@ const UNSAMPLED: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00
 const FROM_UNSAMPLED: &str =
     "Root=1-0af76519-16cd43dd8448eb211c80319c;Parent=b7ad6b7169203331;Sampled=0";
 
-/// The messages each test publishes, in order: body, trace header (name, value), and
-/// the `X-Amzn-Trace-Id` it stands for (None: no valid trace).
-const MESSAGES: [(&str, Option<(&str, &str)>, Option<&str>); 6] = [
+/// One test message: body, trace header (name, value), and the `X-Amzn-Trace-Id` it
+/// stands for (None: no valid trace).
+type Message = (
+    &'static str,
+    Option<(&'static str, &'static str)>,
+    Option<&'static str>,
+);
+
+/// The messages each test publishes, in order.
+const MESSAGES: [Message; 6] = [
     ("m0-none", None, None),
     ("m1-malformed", Some(("traceparent", "00-nope-01")), None),
     (
