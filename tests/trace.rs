@@ -365,51 +365,32 @@ async fn sqs_attributes_and_aws_trace_header_become_the_invoke_trace() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn activemq_headers_become_the_invoke_trace() {
-    use esm_gateway::source::activemq::config::broker;
-    use esm_gateway::source::activemq::stomp::{self, Frame, Read};
-    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
-    let url = var("ESM_ACTIVEMQ_URL", "stomp://127.0.0.1:61613");
+    use common::amq::{Amq, amq_url, var};
+    use esm_gateway::source::activemq::stomp::Frame;
+    let url = amq_url();
     let (user, password) = (
         var("ESM_ACTIVEMQ_USER", "esm"),
         var("ESM_ACTIVEMQ_PASSWORD", "esm-stack"),
     );
     let lambda = FakeLambda::start().await;
     let queue = unique("trace");
-    let b = broker(&url).unwrap();
-    let (mut reader, mut writer, _) = stomp::connect(&stomp::Endpoint {
-        host: &b.host,
-        port: b.port,
-        tls: false,
-        ca_file: None,
-        login: Some(&user),
-        passcode: Some(&password),
-        heart_beat: Duration::ZERO,
-    })
-    .await
-    .expect("connect to ActiveMQ (is `scripts/stack up` running?)");
+    let mut amq = Amq::connect().await;
     let destination = format!("/queue/{queue}");
-    for (i, (body, header, _)) in MESSAGES.iter().enumerate() {
-        let mut f = Frame::new(
-            "SEND",
-            &[("destination", &destination), ("persistent", "true")],
-        );
-        if let Some((name, value)) = header {
-            f.headers.push(((*name).into(), (*value).into()));
-        }
-        if i == MESSAGES.len() - 1 {
-            f.headers.push(("receipt".into(), "sent".into()));
-        }
-        f.body = body.as_bytes().to_vec();
-        writer.send(&f).await.unwrap();
-    }
-    writer.flush().await.unwrap();
-    loop {
-        match tokio::time::timeout(LONG, reader.read()).await {
-            Ok(Ok(Read::Frame(f))) if f.command == "RECEIPT" => break,
-            Ok(Ok(Read::HeartBeat)) => {}
-            other => panic!("no receipt from ActiveMQ: {other:?}"),
-        }
-    }
+    let frames = MESSAGES
+        .iter()
+        .map(|(body, header, _)| {
+            let mut f = Frame::new(
+                "SEND",
+                &[("destination", &destination), ("persistent", "true")],
+            );
+            if let Some((name, value)) = header {
+                f.headers.push(((*name).into(), (*value).into()));
+            }
+            f.body = body.as_bytes().to_vec();
+            f
+        })
+        .collect();
+    amq.confirmed(frames).await;
 
     let config = gateway_header()
         + &mapping(
