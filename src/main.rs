@@ -255,6 +255,16 @@ fn main() -> ExitCode {
                 }
                 let mut extra = Vec::new();
                 if config.api.enabled {
+                    let tls = match (&config.api.cert_file, &config.api.key_file) {
+                        (Some(cert), Some(key)) => match esm_gateway::api::tls::server_config(cert, key) {
+                            Ok(c) => Some(c),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot serve the API over TLS");
+                                return ExitCode::from(EXIT_CONFIG);
+                            }
+                        },
+                        _ => None,
+                    };
                     let listener = match tokio::net::TcpListener::bind(config.api.listen).await {
                         Ok(l) => l,
                         Err(e) => {
@@ -270,8 +280,8 @@ fn main() -> ExitCode {
                         }
                     };
                     extra = api.mappings();
-                    tracing::info!(listen = %config.api.listen, mappings = extra.len(), "event source mapping API listening");
-                    tokio::spawn(esm_gateway::api::serve(listener, api));
+                    tracing::info!(listen = %config.api.listen, tls = tls.is_some(), mappings = extra.len(), "event source mapping API listening");
+                    tokio::spawn(esm_gateway::api::serve(listener, api, tls));
                 }
                 match runtime::run(config, extra, path, handle, controls, shutdown).await {
                     Ok(()) => {

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::amq::{Amq, amq_url, var};
 use common::*;
 use serde_json::Value;
 
@@ -28,6 +29,8 @@ fn aws_bin() -> std::path::PathBuf {
 struct Api {
     gw: Gateway,
     url: String,
+    /// The CA the CLI trusts (`--ca-bundle`), for an HTTPS listener.
+    ca_bundle: Option<std::path::PathBuf>,
 }
 
 /// `[api]` with the test key pair (its secret from the environment) and `state_dir`.
@@ -68,6 +71,7 @@ impl Api {
         Api {
             gw,
             url: format!("http://127.0.0.1:{port}"),
+            ca_bundle: None,
         }
     }
 
@@ -90,6 +94,11 @@ impl Api {
                 "--output",
                 "json",
             ])
+            .args(
+                self.ca_bundle
+                    .iter()
+                    .flat_map(|ca| [std::ffi::OsStr::new("--ca-bundle"), ca.as_os_str()]),
+            )
             .env("AWS_ACCESS_KEY_ID", KEY_ID)
             .env("AWS_SECRET_ACCESS_KEY", SECRET)
             .env_remove("AWS_ENDPOINT_URL")
@@ -185,6 +194,22 @@ fn kafka_source() -> String {
         r#"{{"Endpoints":{{"KAFKA_BOOTSTRAP_SERVERS":["{}"]}}}}"#,
         bootstrap()
     )
+}
+
+/// The arguments of `create-event-source-mapping` for `function` reading `topic` of the
+/// cluster at `endpoints` from its start.
+fn kafka_mapping<'a>(function: &'a str, endpoints: &'a str, topic: &'a str) -> Vec<&'a str> {
+    vec![
+        "create-event-source-mapping",
+        "--function-name",
+        function,
+        "--self-managed-event-source",
+        endpoints,
+        "--topics",
+        topic,
+        "--starting-position",
+        "TRIM_HORIZON",
+    ]
 }
 
 /// Bodies the function received, in order.
@@ -316,17 +341,7 @@ async fn kafka_and_rabbitmq_mappings_take_aws_fields_and_deliver() {
     assert_eq!(mq["Queues"], serde_json::json!([queue]));
     assert!(mq.get("StartingPosition").is_none(), "{mq}");
     let endpoints = kafka_source();
-    let kafka = api.ok(&[
-        "create-event-source-mapping",
-        "--function-name",
-        &f.name,
-        "--self-managed-event-source",
-        &endpoints,
-        "--topics",
-        &topic,
-        "--starting-position",
-        "TRIM_HORIZON",
-    ]);
+    let kafka = api.ok(&kafka_mapping(&f.name, &endpoints, &topic));
     let kafka_uuid = kafka["UUID"].as_str().unwrap();
     assert_eq!(kafka["StartingPosition"], "TRIM_HORIZON");
     assert_eq!(kafka["Topics"], serde_json::json!([topic]));
@@ -764,5 +779,477 @@ async fn aws_scheduler_create_schedule_fires_the_function() {
         code != 0 && err.contains("ResourceNotFoundException"),
         "{err}"
     );
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+}
+
+/// `aws scheduler <args>` that must succeed; its output.
+fn scheduler_ok(api: &Api, args: &[&str]) -> Value {
+    let (code, value, err) = api.cli_of("scheduler", args);
+    assert_eq!(code, 0, "aws scheduler {args:?}: {err}");
+    value
+}
+
+/// The names a `list-schedules` page holds.
+fn schedule_names(page: &Value) -> Vec<&str> {
+    page["Schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["Name"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn aws_scheduler_updates_lists_and_dead_letters_schedules() {
+    let sqs = sqs_client().await;
+    let dlq = sqs_queue(&sqs, "api-sched-dlq").await;
+    let f = Function::deploy("api-sched-dlq", &[("FAIL_SCHEDULE", "1")]).await;
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let api = Api::start(&(gateway_header() + &api_table(port, state.path())), port).await;
+    let prefix = unique("api-sched");
+    let (a, b) = (format!("{prefix}-a"), format!("{prefix}-b"));
+    let target = |input: &str, dead_letter: bool| {
+        let mut t = serde_json::json!({
+            "Arn": function_arn(&f.name),
+            "RoleArn": "arn:aws:iam::000000000000:role/scheduler",
+            "Input": input,
+            "RetryPolicy": {"MaximumRetryAttempts": 0, "MaximumEventAgeInSeconds": 60},
+        });
+        if dead_letter {
+            t["DeadLetterConfig"] = serde_json::json!({"Arn": sqs_arn(&dlq)});
+        }
+        t.to_string()
+    };
+    let schedule = |op: &str, name: &str, expression: &str, target: &str, state: &str| {
+        scheduler_ok(
+            &api,
+            &[
+                op,
+                "--name",
+                name,
+                "--schedule-expression",
+                expression,
+                "--flexible-time-window",
+                "Mode=OFF",
+                "--target",
+                target,
+                "--state",
+                state,
+            ],
+        )
+    };
+    schedule(
+        "create-schedule",
+        &a,
+        "rate(2 seconds)",
+        &target(r#"{"v":1}"#, true),
+        "ENABLED",
+    );
+    schedule(
+        "create-schedule",
+        &b,
+        "rate(1 hour)",
+        &target("{}", false),
+        "DISABLED",
+    );
+
+    // No retries: the failed fire goes straight to the dead-letter queue.
+    let record: Value = wait_for_message(&sqs, &dlq).await;
+    assert_eq!(
+        record["requestContext"]["condition"], "RetryAttemptsExhausted",
+        "{record}"
+    );
+    assert_eq!(record["requestContext"]["approximateInvokeCount"], 1);
+    assert_eq!(record["payload"]["v"], 1, "{record}");
+
+    // ListSchedules filters by prefix and state, and pages with NextToken.
+    let all = scheduler_ok(&api, &["list-schedules", "--name-prefix", &prefix]);
+    assert_eq!(schedule_names(&all), [a.as_str(), b.as_str()]);
+    assert_eq!(all["Schedules"][0]["Target"]["Arn"], function_arn(&f.name));
+    assert_eq!(all["Schedules"][1]["State"], "DISABLED");
+    let disabled = scheduler_ok(
+        &api,
+        &[
+            "list-schedules",
+            "--name-prefix",
+            &prefix,
+            "--state",
+            "DISABLED",
+        ],
+    );
+    assert_eq!(schedule_names(&disabled), [b.as_str()]);
+    let first = scheduler_ok(
+        &api,
+        &[
+            "list-schedules",
+            "--name-prefix",
+            &prefix,
+            "--max-results",
+            "1",
+            "--no-paginate",
+        ],
+    );
+    assert_eq!(schedule_names(&first), [a.as_str()]);
+    assert_eq!(first["NextToken"], a.as_str(), "{first}");
+    // The CLI follows NextToken through pages of one.
+    let paged = scheduler_ok(
+        &api,
+        &[
+            "list-schedules",
+            "--name-prefix",
+            &prefix,
+            "--page-size",
+            "1",
+        ],
+    );
+    assert_eq!(schedule_names(&paged), [a.as_str(), b.as_str()]);
+
+    // UpdateSchedule replaces the schedule, and the runtime fires the new one.
+    let before = f.invocations().len();
+    let updated = schedule(
+        "update-schedule",
+        &a,
+        "rate(3 seconds)",
+        &target(r#"{"v":2}"#, false),
+        "ENABLED",
+    );
+    assert_eq!(
+        updated["ScheduleArn"],
+        format!("arn:aws:scheduler:us-east-1:000000000000:schedule/default/{a}")
+    );
+    wait_for("an invoke of the updated schedule", LONG, || {
+        f.invocations()[before..]
+            .iter()
+            .any(|i| i.event.as_ref().is_some_and(|e| e["v"] == 2))
+            .then_some(())
+    })
+    .await;
+    let got = scheduler_ok(&api, &["get-schedule", "--name", &a]);
+    assert_eq!(got["ScheduleExpression"], "rate(3 seconds)");
+    assert!(got["Target"].get("DeadLetterConfig").is_none(), "{got}");
+    // The update (seconds after the creation) moved LastModificationDate only.
+    assert!(
+        got["LastModificationDate"].as_f64() > got["CreationDate"].as_f64(),
+        "{got}"
+    );
+
+    // Out of Scheduler's limits, or naming no schedule: refused.
+    let mut bad: Value = serde_json::from_str(&target("{}", false)).unwrap();
+    bad["RetryPolicy"]["MaximumRetryAttempts"] = 186.into();
+    let (code, _, err) = api.cli_of(
+        "scheduler",
+        &[
+            "update-schedule",
+            "--name",
+            &a,
+            "--schedule-expression",
+            "rate(1 hour)",
+            "--flexible-time-window",
+            "Mode=OFF",
+            "--target",
+            &bad.to_string(),
+        ],
+    );
+    assert!(
+        code != 0 && err.contains("ValidationException") && err.contains("MaximumRetryAttempts"),
+        "{err}"
+    );
+    let (code, _, err) = api.cli_of(
+        "scheduler",
+        &[
+            "update-schedule",
+            "--name",
+            &format!("{prefix}-none"),
+            "--schedule-expression",
+            "rate(1 hour)",
+            "--flexible-time-window",
+            "Mode=OFF",
+            "--target",
+            &target("{}", false),
+        ],
+    );
+    assert!(
+        code != 0 && err.contains("ResourceNotFoundException"),
+        "{err}"
+    );
+    for name in [&a, &b] {
+        scheduler_ok(&api, &["delete-schedule", "--name", name]);
+    }
+    let none = scheduler_ok(&api, &["list-schedules", "--name-prefix", &prefix]);
+    assert_eq!(schedule_names(&none), Vec::<&str>::new());
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+}
+
+/// The first message of an SQS queue, parsed as JSON (polled with long waits).
+async fn wait_for_message(sqs: &aws_sdk_sqs::Client, url: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let got = sqs
+            .receive_message()
+            .queue_url(url)
+            .wait_time_seconds(5)
+            .send()
+            .await
+            .unwrap();
+        if let Some(m) = got.messages().first() {
+            return serde_json::from_str(m.body().unwrap()).unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no message in {url}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_api_mapping_parks_into_a_destination_the_file_names() {
+    let topic = kafka_topic().await;
+    let f = Function::deploy("api-named-dest", &[("FAIL_ALL", "1")]).await;
+    let state = tempfile::tempdir().unwrap();
+    let parked = state.path().join("parked.jsonl");
+    let port = free_port();
+    let config = format!(
+        "{}{}\n[[destination]]\nname = \"parked\"\ntype = \"file\"\npath = \"{}\"\n",
+        gateway_header(),
+        api_table(port, state.path()),
+        parked.display()
+    );
+    let api = Api::start(&config, port).await;
+    let endpoints = kafka_source();
+    let create = |destination: &str| {
+        let on_failure = format!("OnFailure={{Destination={destination}}}");
+        let mut args = kafka_mapping(&f.name, &endpoints, &topic);
+        args.extend([
+            "--maximum-retry-attempts",
+            "0",
+            "--destination-config",
+            &on_failure,
+        ]);
+        api.cli(&args)
+    };
+    let (code, created, err) = create("esm-gateway:destination:parked");
+    assert_eq!(code, 0, "{err}");
+    let uuid = created["UUID"].as_str().unwrap().to_owned();
+    // The name is kept as sent (no path leaks into the API).
+    assert_eq!(
+        created["DestinationConfig"]["OnFailure"]["Destination"],
+        "esm-gateway:destination:parked"
+    );
+    api.wait_state(&uuid, "Enabled").await;
+    produce(&topic, "doomed").await;
+    let records = wait_for("the parked record", LONG, || {
+        let r = failure_records(&parked);
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    let r = &records[0];
+    assert_eq!(r["requestContext"]["condition"], "RetryAttemptsExhausted");
+    assert_eq!(r["requestContext"]["approximateInvokeCount"], 1);
+    assert_eq!(r["KafkaBatchInfo"]["bootstrapServers"], bootstrap(), "{r}");
+
+    // One file takes one mapping's records; an unknown name is refused.
+    let (code, _, err) = create("esm-gateway:destination:parked");
+    assert!(
+        code != 0 && err.contains("ResourceConflictException") && err.contains(&uuid),
+        "{err}"
+    );
+    let (code, _, err) = create("esm-gateway:destination:nowhere");
+    assert!(
+        code != 0
+            && err.contains("InvalidParameterValueException")
+            && err.contains("[[destination]]"),
+        "{err}"
+    );
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn an_activemq_mapping_is_made_by_amazon_mq_arn_with_basic_auth() {
+    let mut amq = Amq::connect().await;
+    let queue = unique("api-amq");
+    let f = Function::deploy("api-amq", &[("LOG_EVENT", "1")]).await;
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let password = var("ESM_ACTIVEMQ_PASSWORD", "esm-stack");
+    let config = format!(
+        "{}{}\n[[broker]]\nname = \"amq\"\nurl = \"{}\"\n\n[[secret]]\nname = \"amq-login\"\nusername = \"{}\"\npassword = \"{password}\"\n",
+        gateway_header(),
+        api_table(port, state.path()),
+        amq_url(),
+        var("ESM_ACTIVEMQ_USER", "esm"),
+    );
+    let api = Api::start(&config, port).await;
+    let arn = "arn:aws:mq:us-east-1:000000000000:broker:amq:b-0002";
+    let create = |access: &str| {
+        api.cli(&[
+            "create-event-source-mapping",
+            "--function-name",
+            &f.name,
+            "--event-source-arn",
+            arn,
+            "--queues",
+            &queue,
+            "--source-access-configurations",
+            access,
+            "--batch-size",
+            "5",
+        ])
+    };
+    // AWS's ActiveMQ mappings have no virtual hosts.
+    let (code, _, err) = create("Type=VIRTUAL_HOST,URI=/");
+    assert!(
+        code != 0 && err.contains("VIRTUAL_HOST") && err.contains("ActiveMQ"),
+        "{err}"
+    );
+    let (code, created, err) = create(
+        "Type=BASIC_AUTH,URI=arn:aws:secretsmanager:us-east-1:000000000000:secret:amq-login-AbCdEf",
+    );
+    assert_eq!(code, 0, "{err}");
+    let uuid = created["UUID"].as_str().unwrap().to_owned();
+    assert_eq!(created["EventSourceArn"], arn);
+    assert_eq!(created["Queues"], serde_json::json!([queue]));
+    assert!(!created.to_string().contains(&password), "{created}");
+    api.wait_state(&uuid, "Enabled").await;
+    assert_eq!(api.gw.mapping(&uuid)["source"], "activemq");
+
+    amq.publish(&queue, &[b"from-activemq".to_vec()]).await;
+    assert_eq!(f.wait_delivered(1, LONG).await, ["from-activemq"]);
+    let event = f.invocations()[0].event.clone();
+    assert_eq!(
+        event.as_ref().map(|e| e["eventSourceArn"].clone()),
+        Some(arn.into()),
+        "{event:?}"
+    );
+    amq.wait_depth(&queue, 0, LONG).await;
+    let state_file = std::fs::read_to_string(state.path().join("api-mappings.json")).unwrap();
+    assert!(!state_file.contains(&password), "{state_file}");
+    assert!(
+        !api.gw.log_contains(&password),
+        "the password is in the log"
+    );
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+}
+
+/// Runs openssl with `args` in `dir`; panics with its stderr if it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`ca.pem`) and a certificate for 127.0.0.1 it signs (`server.pem`,
+/// `server.key`), made in `dir`.
+fn test_ca(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=esm-gateway API test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-days",
+            "1",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn the_api_is_served_over_https_to_a_cli_that_trusts_its_ca() {
+    let sqs = sqs_client().await;
+    let url = create_queue(&sqs, "api-tls", false, 30).await;
+    let f = Function::deploy("api-tls", &[]).await;
+    let state = tempfile::tempdir().unwrap();
+    test_ca(state.path());
+    let port = free_port();
+    let config = gateway_header()
+        + &api_table(port, state.path()).replace(
+            "[[api.key]]",
+            &format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"\n\n[[api.key]]",
+                state.path().join("server.pem").display(),
+                state.path().join("server.key").display()
+            ),
+        );
+    let mut api = Api::start(&config, port).await;
+    api.url = format!("https://127.0.0.1:{port}");
+
+    // A client that does not trust the CA gets no answer, and changes nothing.
+    let (code, _, err) = api.cli(&["list-event-source-mappings"]);
+    assert!(
+        code != 0 && err.contains("CERTIFICATE_VERIFY_FAILED"),
+        "{err}"
+    );
+    api.ca_bundle = Some(state.path().join("ca.pem"));
+    let created = api.ok(&[
+        "create-event-source-mapping",
+        "--function-name",
+        &f.name,
+        "--event-source-arn",
+        &sqs_arn(&url),
+    ]);
+    let uuid = created["UUID"].as_str().unwrap();
+    send(&sqs, &url, &[(None, "over-tls".into())]).await;
+    assert_eq!(f.wait_delivered(1, LONG).await, ["over-tls"]);
+    let listed = api.ok(&["list-event-source-mappings"]);
+    assert_eq!(listed["EventSourceMappings"][0]["UUID"], uuid);
+    // Plain HTTP on the HTTPS port is refused.
+    api.url = format!("http://127.0.0.1:{port}");
+    let (code, _, _) = api.cli(&["list-event-source-mappings"]);
+    assert_ne!(code, 0);
     assert_eq!(api.gw.terminate().await.code(), Some(0));
 }

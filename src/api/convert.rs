@@ -6,7 +6,11 @@
 use toml::{Table, Value};
 
 use super::wire::{Kind, SourceAccess, Spec};
-use crate::config::{Config, Mapping, SourceConfig};
+use crate::config::{BrokerConfig, Config, DestinationConfig, Mapping, SourceConfig};
+
+/// How a request names a TOML `[[destination]]` where AWS takes a destination ARN:
+/// `esm-gateway:destination:<name>`.
+pub const DESTINATION_PREFIX: &str = "esm-gateway:destination:";
 
 /// What a Spec's conversion needs of the configuration.
 pub struct Context<'a> {
@@ -18,7 +22,7 @@ pub struct Context<'a> {
 impl Context<'_> {
     /// The URL of the queue an SQS ARN names: on the configured endpoint (an emulator)
     /// or AWS's regional one.
-    fn queue_url(&self, arn: &str) -> Result<String, String> {
+    pub(super) fn queue_url(&self, arn: &str) -> Result<String, String> {
         match arn.split(':').collect::<Vec<_>>()[..] {
             ["arn", _, "sqs", region, account, name] if !name.is_empty() => {
                 Ok(match &self.config.aws.endpoint_url {
@@ -100,7 +104,7 @@ pub fn mapping(uuid: &str, spec: &Spec, cx: &Context) -> Result<Mapping, String>
                 source.insert("max_concurrency".into(), Value::Integer(c.into()));
             }
         }
-        Kind::Mq => rabbitmq(spec, cx, &mut source)?,
+        Kind::Mq => mq(spec, cx, &mut source)?,
         Kind::Other => {
             return Err(
                 "give EventSourceArn (an SQS queue or an Amazon MQ broker ARN) or SelfManagedEventSource (Kafka)"
@@ -131,16 +135,23 @@ pub fn mapping(uuid: &str, spec: &Spec, cx: &Context) -> Result<Mapping, String>
     if let Some(b) = spec.bisect_batch_on_function_error {
         retry.insert("bisect_on_error".into(), Value::Boolean(b));
     }
+    let mut named_destination = None;
     if let Some(d) = spec
         .destination_config
         .as_ref()
         .and_then(|d| d.on_failure.as_ref())
         .and_then(|f| f.destination.as_deref())
     {
-        m.insert(
-            "on_failure".into(),
-            Value::Table(destination(d, &source, cx)?),
-        );
+        match named(d, cx) {
+            // Already parsed (and its `${ENV}` expanded) with the file.
+            Some(n) => named_destination = Some(n?),
+            None => {
+                m.insert(
+                    "on_failure".into(),
+                    Value::Table(destination(d, &source, cx)?),
+                );
+            }
+        }
     }
     m.insert("batch".into(), Value::Table(batch));
     m.insert("retry".into(), Value::Table(retry));
@@ -148,6 +159,9 @@ pub fn mapping(uuid: &str, spec: &Spec, cx: &Context) -> Result<Mapping, String>
     let mut mapping: Mapping = Value::Table(m)
         .try_into()
         .map_err(|e: toml::de::Error| e.message().to_owned())?;
+    if named_destination.is_some() {
+        mapping.on_failure = named_destination;
+    }
     cx.config
         .check_mapping(&mut mapping)
         .map_err(|p| p.join("; ").replace(&format!("mapping {uuid:?}: "), ""))?;
@@ -219,8 +233,10 @@ fn kafka(uuid: &str, spec: &Spec, cx: &Context, source: &mut Table) -> Result<()
     Ok(())
 }
 
-/// An Amazon MQ broker ARN resolved through `[[broker]]`, with the vhost of VIRTUAL_HOST.
-fn rabbitmq(spec: &Spec, cx: &Context, source: &mut Table) -> Result<(), String> {
+/// An Amazon MQ broker ARN resolved through `[[broker]]`: a RabbitMQ broker (`amqp://`,
+/// `amqps://`) or an ActiveMQ one (`stomp://`, `stomp+ssl://`), and the one queue of
+/// `Queues`.
+fn mq(spec: &Spec, cx: &Context, source: &mut Table) -> Result<(), String> {
     let arn = spec.event_source_arn.as_deref().unwrap_or_default();
     let ["arn", _, "mq", _, _, "broker", name, id] = arn.split(':').collect::<Vec<_>>()[..] else {
         return Err(format!(
@@ -239,6 +255,25 @@ fn rabbitmq(spec: &Spec, cx: &Context, source: &mut Table) -> Result<(), String>
     let [queue] = &queues[..] else {
         return Err("Queues must name exactly one queue".into());
     };
+    source.insert("queue".into(), text(queue));
+    source.insert("event_source_arn".into(), text(arn));
+    if let Some(ca) = &broker.ca_file {
+        source.insert("ca_file".into(), text(&ca.display().to_string()));
+    }
+    if broker.is_activemq() {
+        activemq(spec, cx, broker, source)
+    } else {
+        rabbitmq(spec, cx, broker, source)
+    }
+}
+
+/// A RabbitMQ broker, with the vhost of VIRTUAL_HOST.
+fn rabbitmq(
+    spec: &Spec,
+    cx: &Context,
+    broker: &BrokerConfig,
+    source: &mut Table,
+) -> Result<(), String> {
     let vhost = access(spec, "VIRTUAL_HOST").map_or("/", |a| a.uri.as_str());
     let mut base = broker.url.expose().trim_end_matches('/').to_owned();
     for a in spec.source_access_configurations.iter().flatten() {
@@ -247,7 +282,7 @@ fn rabbitmq(spec: &Spec, cx: &Context, source: &mut Table) -> Result<(), String>
             "BASIC_AUTH" => {
                 let (user, password) = secret(cx, &a.uri)?;
                 let Some((scheme, rest)) = base.split_once("://") else {
-                    return Err(format!("[[broker]] {name:?} has no URL scheme"));
+                    return Err(format!("[[broker]] {:?} has no URL scheme", broker.name));
                 };
                 // The broker's own credentials, if any, give way to the secret's.
                 let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
@@ -267,10 +302,31 @@ fn rabbitmq(spec: &Spec, cx: &Context, source: &mut Table) -> Result<(), String>
     let url = format!("{base}/{}", super::sigv4::encode(vhost, true));
     source.insert("type".into(), text("rabbitmq"));
     source.insert("url".into(), text(&url));
-    source.insert("queue".into(), text(queue));
-    source.insert("event_source_arn".into(), text(arn));
-    if let Some(ca) = &broker.ca_file {
-        source.insert("ca_file".into(), text(&ca.display().to_string()));
+    Ok(())
+}
+
+/// An ActiveMQ broker, over STOMP: AWS's ActiveMQ mappings log in with BASIC_AUTH.
+fn activemq(
+    spec: &Spec,
+    cx: &Context,
+    broker: &BrokerConfig,
+    source: &mut Table,
+) -> Result<(), String> {
+    source.insert("type".into(), text("activemq"));
+    source.insert("url".into(), text(broker.url.expose()));
+    for a in spec.source_access_configurations.iter().flatten() {
+        match a.kind.as_str() {
+            "BASIC_AUTH" => {
+                let (user, password) = secret(cx, &a.uri)?;
+                source.insert("username".into(), text(&user));
+                source.insert("password".into(), text(&password));
+            }
+            other => {
+                return Err(format!(
+                    "SourceAccessConfigurations {other:?} is not supported for ActiveMQ brokers"
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -287,8 +343,43 @@ fn secret(cx: &Context, uri: &str) -> Result<(String, String), String> {
     Ok((s.username.0.clone(), password.expose().to_owned()))
 }
 
+/// The `[[destination]]` that `d` names, when it is `esm-gateway:destination:<name>`.
+fn named(d: &str, cx: &Context) -> Option<Result<DestinationConfig, String>> {
+    let name = d.strip_prefix(DESTINATION_PREFIX)?;
+    Some(
+        cx.config
+            .destinations
+            .iter()
+            .find(|n| n.name == name)
+            .map(|n| n.destination.clone())
+            .ok_or_else(|| {
+                format!("no [[destination]] named {name:?} in the gateway's configuration")
+            }),
+    )
+}
+
+/// A schedule's `Target.DeadLetterConfig.Arn`: an SQS queue ARN, or a `[[destination]]`
+/// as `esm-gateway:destination:<name>`.
+pub fn dead_letter_queue(arn: &str, cx: &Context) -> Result<DestinationConfig, String> {
+    if let Some(n) = named(arn, cx) {
+        return n;
+    }
+    if arn.split(':').nth(2) != Some("sqs") {
+        return Err(format!(
+            "{arn:?} is not an SQS queue ARN or {DESTINATION_PREFIX}<name>"
+        ));
+    }
+    let mut t = Table::new();
+    t.insert("type".into(), text("sqs"));
+    t.insert("queue_url".into(), text(&cx.queue_url(arn)?));
+    Value::Table(t)
+        .try_into()
+        .map_err(|e: toml::de::Error| e.message().to_owned())
+}
+
 /// `DestinationConfig.OnFailure.Destination`: an SQS queue or Lambda function ARN, or
-/// `kafka://<topic>` on the source's cluster.
+/// `kafka://<topic>` on the source's cluster (a `[[destination]]` is resolved by
+/// [`named`]).
 fn destination(d: &str, source: &Table, cx: &Context) -> Result<Table, String> {
     let mut t = Table::new();
     if let Some(topic) = d.strip_prefix("kafka://") {
@@ -306,7 +397,7 @@ fn destination(d: &str, source: &Table, cx: &Context) -> Result<Table, String> {
         t.insert("function".into(), text(d));
     } else {
         return Err(format!(
-            "DestinationConfig.OnFailure.Destination {d:?} is not an SQS queue ARN, a Lambda function ARN or kafka://<topic>"
+            "DestinationConfig.OnFailure.Destination {d:?} is not an SQS queue ARN, a Lambda function ARN, kafka://<topic> or {DESTINATION_PREFIX}<name>"
         ));
     }
     Ok(t)
@@ -436,5 +527,44 @@ mod tests {
         let err = mapping("u-2", &kafka_spec("other"), &cx).unwrap_err();
         assert!(err.contains("no [[secret]]"), "{err}");
         assert!(!err.contains("pa$$word"));
+    }
+
+    #[test]
+    fn a_named_destination_becomes_the_on_failure_and_an_unknown_one_is_refused() {
+        let config = Config::parse(
+            std::path::Path::new("test.toml"),
+            "[[destination]]\nname = \"parked\"\ntype = \"file\"\npath = \"/tmp/p.jsonl\"\n",
+        )
+        .unwrap();
+        let cx = Context {
+            config: &config,
+            region: "us-east-1",
+            account: "000000000000",
+        };
+        let mut spec = kafka_spec("unused");
+        spec.source_access_configurations = None;
+        spec.maximum_retry_attempts = Some(0);
+        spec.destination_config = Some(crate::api::wire::DestinationConfig {
+            on_failure: Some(crate::api::wire::OnFailure {
+                destination: Some(format!("{DESTINATION_PREFIX}parked")),
+            }),
+        });
+        let m = mapping("u-1", &spec, &cx).unwrap();
+        assert_eq!(
+            m.on_failure,
+            Some(config.destinations[0].destination.clone())
+        );
+        let arn = "arn:aws:sqs:us-east-1:000000000000:dlq";
+        assert!(matches!(
+            dead_letter_queue(arn, &cx),
+            Ok(DestinationConfig::Sqs(_))
+        ));
+        assert!(matches!(
+            dead_letter_queue(&format!("{DESTINATION_PREFIX}parked"), &cx),
+            Ok(DestinationConfig::File(_))
+        ));
+        let err = dead_letter_queue(&format!("{DESTINATION_PREFIX}gone"), &cx).unwrap_err();
+        assert!(err.contains("no [[destination]] named \"gone\""), "{err}");
+        assert!(dead_letter_queue("arn:aws:sns:us-east-1:0:t", &cx).is_err());
     }
 }

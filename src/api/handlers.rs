@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::convert::{self, Context};
 use super::wire::{AwsError, AwsState, Kind, Record, Shown, Spec, UPDATABLE, render};
 use super::{Api, now};
-use crate::config::Config;
+use crate::config::{Config, DestinationConfig, Mapping};
 use crate::invoke::lambda::FunctionRef;
 use crate::runtime::ControlError;
 use crate::status::State;
@@ -164,6 +164,45 @@ fn show(api: &Api, env: &Env, e: &Entry, state: Option<AwsState>) -> Value {
     )
 }
 
+/// Refuses `m` when another mapping (the file's or the API's) already parks into its
+/// on-failure file: two writers would rotate each other's records, and a redrive would
+/// replay them into the wrong function.
+pub(super) fn check_exclusive(api: &Api, m: &Mapping) -> Result<(), AwsError> {
+    let Some(path) = m
+        .on_failure
+        .as_ref()
+        .and_then(DestinationConfig::exclusive_path)
+    else {
+        return Ok(());
+    };
+    let config = api.runtime.config();
+    let parks_there = |o: &Mapping| {
+        o.name != m.name
+            && o.on_failure
+                .as_ref()
+                .and_then(DestinationConfig::exclusive_path)
+                == Some(path)
+    };
+    let other = config
+        .mappings
+        .iter()
+        .find(|o| parks_there(o))
+        .map(|o| o.name.clone())
+        .or_else(|| {
+            api.mappings()
+                .into_iter()
+                .find(|o| parks_there(o))
+                .map(|o| o.name)
+        });
+    match other {
+        None => Ok(()),
+        Some(other) => Err(AwsError::conflict(format!(
+            "the mapping {other} already parks its failed records into the file {}; a file destination takes one mapping's records",
+            path.display()
+        ))),
+    }
+}
+
 fn control_error(e: ControlError) -> AwsError {
     match e {
         ControlError::NotFound(name) => AwsError::not_found(&name),
@@ -220,6 +259,7 @@ pub async fn create(api: &Api, body: &[u8]) -> Answer {
     let uuid = uuid::Uuid::new_v4().to_string();
     let mapping = convert::mapping(&uuid, &spec, &env.as_context()).map_err(AwsError::invalid)?;
     let _guard = api.changes.lock().await;
+    check_exclusive(api, &mapping)?;
     let arn = function_arn(&spec.function_name, &env);
     if let Some(other) = entries(api, &env).into_iter().find(|e| {
         e.spec.event_source_arn.is_some()
@@ -335,6 +375,7 @@ pub async fn update(api: &Api, uuid: &str, body: &[u8]) -> Answer {
     }
     let spec = spec_of(merged)?;
     let mapping = convert::mapping(uuid, &spec, &env.as_context()).map_err(AwsError::invalid)?;
+    check_exclusive(api, &mapping)?;
     let previous = api
         .store
         .get(uuid)

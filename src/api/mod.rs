@@ -2,8 +2,9 @@
 //! `Get`, `Update`, `Delete` and the tag operations of AWS Lambda's REST API
 //! (botocore's `lambda/2015-03-31` model), so that the AWS CLI, the SDKs and Terraform
 //! manage the gateway's mappings. Served on its own listener (`[api] listen`, loopback
-//! by default); every request must be SigV4-signed with a key pair of `[[api.key]]`
-//! (`sigv4.rs`), and a refused one changes nothing.
+//! by default; HTTPS with `[api] cert_file` and `key_file`, `tls.rs`); every request
+//! must be SigV4-signed with a key pair of `[[api.key]]` (`sigv4.rs`), and a refused one
+//! changes nothing.
 //!
 //! A request's AWS fields ([`wire::Spec`]) become the same [`Mapping`](crate::config::Mapping)
 //! a `[[mapping]]` table would (`convert.rs`), named by the mapping's UUID and run by the
@@ -17,6 +18,7 @@ mod handlers;
 pub mod scheduler;
 pub mod sigv4;
 pub mod store;
+pub mod tls;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -100,10 +102,17 @@ pub fn now() -> f64 {
     (d.as_millis() as f64) / 1000.0
 }
 
-/// Serves the API on `listener` until the process exits.
-pub async fn serve(listener: tokio::net::TcpListener, api: Api) -> std::io::Result<()> {
+/// Serves the API on `listener` until the process exits, over TLS with `tls`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    api: Api,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
     let app = axum::Router::new().fallback(dispatch).with_state(api);
-    axum::serve(listener, app).await
+    match tls {
+        None => axum::serve(listener, app).await,
+        Some(config) => axum::serve(tls::TlsListener::new(listener, config)?, app).await,
+    }
 }
 
 /// Verifies the signature, then routes by method and path.
@@ -167,7 +176,9 @@ async fn dispatch(State(api): State<Api>, request: Request) -> Response {
         ("POST", ["2017-03-31", "tags", arn]) => handlers::tag(&api, arn, &body).await,
         ("DELETE", ["2017-03-31", "tags", arn]) => handlers::untag(&api, arn, &query).await,
         ("POST", ["schedules", name]) => scheduler::create(&api, name, &body).await,
+        ("GET", ["schedules"]) => scheduler::list(&api, &query),
         ("GET", ["schedules", name]) => scheduler::get(&api, name),
+        ("PUT", ["schedules", name]) => scheduler::update(&api, name, &body).await,
         ("DELETE", ["schedules", name]) => scheduler::delete(&api, name).await,
         _ => Err(AwsError::new(
             StatusCode::NOT_FOUND,

@@ -1,13 +1,14 @@
-//! `[api]`, `[[broker]]`: the Lambda-compatible event source mapping API's listener,
-//! its SigV4 key pairs and where it keeps the mappings it creates, and the registry of
-//! brokers its requests name by Amazon MQ ARN.
+//! `[api]`, `[[broker]]`, `[[secret]]`, `[[destination]]`: the Lambda-compatible event
+//! source mapping API's listener, its SigV4 key pairs and where it keeps the mappings it
+//! creates, and the registries of brokers, credentials and on-failure destinations its
+//! requests name.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{Secret, SecretUrl};
+use super::{DestinationConfig, Secret, SecretUrl};
 
 /// `[api]`
 #[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
@@ -27,6 +28,15 @@ pub struct ApiConfig {
     /// and every request is refused.
     #[serde(default, rename = "key")]
     pub keys: Vec<ApiKey>,
+    /// PEM certificate chain (leaf first) to serve the API over HTTPS, with `key_file`;
+    /// read at start. Default: none, plain HTTP.
+    #[serde(default, deserialize_with = "crate::env::expand_path_opt")]
+    #[schemars(with = "Option<PathBuf>")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (PKCS#8, PKCS#1 or SEC1). Default: none.
+    #[serde(default, deserialize_with = "crate::env::expand_path_opt")]
+    #[schemars(with = "Option<PathBuf>")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -36,6 +46,8 @@ impl Default for ApiConfig {
             listen: default_api_listen(),
             state_dir: default_state_dir(),
             keys: Vec::new(),
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -58,8 +70,8 @@ fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/esm-gateway")
 }
 
-/// `[[broker]]`: a RabbitMQ broker that API requests name by its Amazon MQ ARN,
-/// `arn:aws:mq:<region>:<account>:broker:<name>:<id>`.
+/// `[[broker]]`: a RabbitMQ or ActiveMQ broker that API requests name by its Amazon MQ
+/// ARN, `arn:aws:mq:<region>:<account>:broker:<name>:<id>`.
 #[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
@@ -67,12 +79,36 @@ pub struct BrokerConfig {
     pub name: String,
     /// The ARN's `<id>`, e.g. "b-1234a5b6-78cd-901e-2fgh-3i45j6k178l9". Default: any id.
     pub id: Option<String>,
-    /// `amqp://user:pass@host:5672` or `amqps://…` (no vhost: the mapping's VIRTUAL_HOST
-    /// picks it, default "/"); `${ENV}` is expanded.
+    /// RabbitMQ: `amqp://user:pass@host:5672` or `amqps://…` (no vhost: the mapping's
+    /// VIRTUAL_HOST picks it, default "/"). ActiveMQ: `stomp://host:61613` or
+    /// `stomp+ssl://host:61614` (no credentials: the mapping's BASIC_AUTH gives the
+    /// login). `${ENV}` is expanded.
     pub url: SecretUrl,
-    /// PEM file with the CA(s) that sign the broker's certificate (amqps). Default: the
-    /// platform's trust store.
+    /// PEM file with the CA(s) that sign the broker's certificate (amqps, stomp+ssl).
+    /// Default: the platform's trust store.
     pub ca_file: Option<PathBuf>,
+}
+
+impl BrokerConfig {
+    /// Whether the broker is an ActiveMQ one (a STOMP URL), not a RabbitMQ one.
+    pub fn is_activemq(&self) -> bool {
+        !self.url.expose().starts_with("amqp")
+    }
+
+    /// Why the URL is neither an AMQP nor a STOMP URL; the text never holds the URL's
+    /// password.
+    pub fn url_problem(&self) -> Option<String> {
+        if self.is_activemq() {
+            crate::source::activemq::config::broker(self.url.expose())
+                .err()
+                .map(|e| format!("url is not an AMQP or STOMP URL: {e}"))
+        } else {
+            self.url
+                .amqp()
+                .err()
+                .map(|e| format!("url is not an AMQP URL: {e}"))
+        }
+    }
 }
 
 /// `[[secret]]`: credentials that API requests name in `SourceAccessConfigurations`
@@ -114,4 +150,18 @@ impl SecretConfig {
                 .strip_prefix(self.name.as_str())
                 .is_some_and(|rest| rest.len() == 7 && rest.starts_with('-'))
     }
+}
+
+/// `[[destination]]`: an on-failure destination that API requests name as
+/// `esm-gateway:destination:<name>` in `DestinationConfig.OnFailure.Destination` (and a
+/// schedule's `Target.DeadLetterConfig.Arn`). Its other keys are a mapping's
+/// `on_failure` table's (`type = "file"`, `"rabbitmq"`, …). A `file` destination parks
+/// the records of one mapping at a time: the API refuses a second.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+pub struct NamedDestination {
+    /// The name requests use.
+    pub name: String,
+    /// The destination, as a mapping's `on_failure` table writes it.
+    #[serde(flatten)]
+    pub destination: DestinationConfig,
 }

@@ -22,7 +22,7 @@ pub use crate::destination::DestinationConfig;
 pub use crate::env::{Expanded, Secret, SecretUrl};
 pub use crate::source::SourceConfig;
 pub use crate::telemetry::otlp::TelemetryConfig;
-pub use api::{ApiConfig, ApiKey, BrokerConfig, SecretConfig};
+pub use api::{ApiConfig, ApiKey, BrokerConfig, NamedDestination, SecretConfig};
 pub use mapping::{Batching, Checked, InvocationType, MAX_FUNCTION_TIMEOUT, Mapping, RetryPolicy};
 pub use types::{BatchSize, BatchWindow, BufferBytes, ByteSize, MaxRecordAge, RetryAttempts};
 
@@ -65,6 +65,9 @@ pub struct Config {
     /// `[[secret]]`: credentials that API requests name in SourceAccessConfigurations.
     #[serde(default, rename = "secret")]
     pub secrets: Vec<SecretConfig>,
+    /// `[[destination]]`: on-failure destinations that API requests name.
+    #[serde(default, rename = "destination")]
+    pub destinations: Vec<NamedDestination>,
     /// Settings shared by every schedule mapping.
     #[serde(default)]
     pub schedules: SchedulesConfig,
@@ -284,7 +287,7 @@ impl Config {
     }
 }
 
-/// The checks of `[api]` and `[[broker]]`.
+/// The checks of `[api]`, `[[broker]]`, `[[secret]]` and `[[destination]]`.
 fn api_problems(config: &Config, problems: &mut Vec<String>) {
     let mut ids = HashSet::new();
     for k in &config.api.keys {
@@ -301,13 +304,18 @@ fn api_problems(config: &Config, problems: &mut Vec<String>) {
             ));
         }
     }
+    if config.api.cert_file.is_some() != config.api.key_file.is_some() {
+        problems.push(
+            "[api] cert_file and key_file go together: give both for HTTPS, or neither".into(),
+        );
+    }
     let mut brokers = HashSet::new();
     for b in &config.brokers {
         if !brokers.insert(b.name.as_str()) {
             problems.push(format!("broker {:?} is defined twice", b.name));
         }
-        if let Err(e) = b.url.amqp() {
-            problems.push(format!("broker {:?}: url is not an AMQP URL: {e}", b.name));
+        if let Some(e) = b.url_problem() {
+            problems.push(format!("broker {:?}: {e}", b.name));
         }
     }
     let mut secrets = HashSet::new();
@@ -318,6 +326,20 @@ fn api_problems(config: &Config, problems: &mut Vec<String>) {
         if let Err(e) = s.password() {
             problems.push(format!("secret {:?}: {e}", s.name));
         }
+    }
+    let mut destinations = HashSet::new();
+    for d in &config.destinations {
+        if !destinations.insert(d.name.as_str()) {
+            problems.push(format!("destination {:?} is defined twice", d.name));
+        }
+        // The destination's own checks speak of a mapping's on_failure table.
+        let mut own = Vec::new();
+        d.destination.problems(&d.name, &mut own);
+        let said = format!("mapping {:?}: on_failure.", d.name);
+        problems.extend(
+            own.into_iter()
+                .map(|p| p.replace(&said, &format!("destination {:?}: ", d.name))),
+        );
     }
 }
 

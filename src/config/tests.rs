@@ -600,3 +600,36 @@ fn a_kafka_destination_refuses_acks_weaker_than_all() {
         parse(&kafka(ok)).unwrap();
     }
 }
+
+#[test]
+fn named_destinations_take_on_failure_fields_and_their_checks() {
+    let c = parse(
+        "[[destination]]\nname = \"parked\"\ntype = \"file\"\npath = \"/tmp/parked.jsonl\"\nrotate_bytes = 1000\n\n\
+         [[destination]]\nname = \"dlx\"\ntype = \"rabbitmq\"\nurl = \"amqp://127.0.0.1:5672\"\nexchange = \"dead\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.destinations.len(), 2);
+    assert_eq!(c.destinations[0].name, "parked");
+    assert_eq!(
+        c.destinations[0].destination.exclusive_path(),
+        Some(Path::new("/tmp/parked.jsonl"))
+    );
+    assert!(matches!(
+        c.destinations[1].destination,
+        DestinationConfig::Rabbitmq(_)
+    ));
+    let err = parse(
+        "[[destination]]\nname = \"d\"\ntype = \"rabbitmq\"\nurl = \"http://x\"\nexchange = \"\"\n\n\
+         [[destination]]\nname = \"d\"\ntype = \"file\"\npath = \"/tmp/d.jsonl\"\n",
+    )
+    .unwrap_err();
+    assert!(err.contains("destination \"d\" is defined twice"), "{err}");
+    assert!(
+        err.contains("destination \"d\": url is not an AMQP URL"),
+        "{err}"
+    );
+    let err =
+        parse("[[destination]]\nname = \"d\"\ntype = \"file\"\npath = \"/tmp/d\"\nmode = 1\n")
+            .unwrap_err();
+    assert!(err.contains("mode"), "an unknown key is refused: {err}");
+}
