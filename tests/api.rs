@@ -1073,11 +1073,16 @@ async fn an_activemq_mapping_is_made_by_amazon_mq_arn_with_basic_auth() {
     let port = free_port();
     let password = var("ESM_ACTIVEMQ_PASSWORD", "esm-stack");
     let config = format!(
-        "{}{}\n[[broker]]\nname = \"amq\"\nurl = \"{}\"\n\n[[secret]]\nname = \"amq-login\"\nusername = \"{}\"\npassword = \"{password}\"\n",
+        "{}{}\n[[broker]]\nname = \"amq\"\nurl = \"{}\"\n\n[[secret]]\nname = \"amq-login\"\nusername = \"{}\"\npassword = \"{password}\"\n\n\
+         [[broker]]\nname = \"amq-tls\"\nurl = \"{}\"\n\n[[secret]]\nname = \"amq-ca\"\nca_file = \"{}\"\n",
         gateway_header(),
         api_table(port, state.path()),
         amq_url(),
         var("ESM_ACTIVEMQ_USER", "esm"),
+        std::env::var("ESM_ACTIVEMQ_TLS_URL")
+            .expect("ESM_ACTIVEMQ_TLS_URL (eval \"$(scripts/stack env)\")"),
+        std::env::var("ESM_ACTIVEMQ_CA_FILE")
+            .expect("ESM_ACTIVEMQ_CA_FILE (eval \"$(scripts/stack env)\")"),
     );
     let api = Api::start(&config, port).await;
     let arn = "arn:aws:mq:us-east-1:000000000000:broker:amq:b-0002";
@@ -1122,6 +1127,27 @@ async fn an_activemq_mapping_is_made_by_amazon_mq_arn_with_basic_auth() {
         "{event:?}"
     );
     amq.wait_depth(&queue, 0, LONG).await;
+
+    // Over stomp+ssl, trusting the stack's CA through SERVER_ROOT_CA_CERTIFICATE.
+    let tls_queue = unique("api-amq-tls");
+    let secure = api.ok(&[
+        "create-event-source-mapping",
+        "--function-name",
+        &f.name,
+        "--event-source-arn",
+        "arn:aws:mq:us-east-1:000000000000:broker:amq-tls:b-0003",
+        "--queues",
+        &tls_queue,
+        "--source-access-configurations",
+        "Type=BASIC_AUTH,URI=amq-login",
+        "Type=SERVER_ROOT_CA_CERTIFICATE,URI=amq-ca",
+    ]);
+    api.wait_state(secure["UUID"].as_str().unwrap(), "Enabled")
+        .await;
+    amq.publish(&tls_queue, &[b"over-stomp-ssl".to_vec()]).await;
+    let mut got = f.wait_delivered(2, LONG).await;
+    got.sort();
+    assert_eq!(got, ["from-activemq", "over-stomp-ssl"]);
     let state_file = std::fs::read_to_string(state.path().join("api-mappings.json")).unwrap();
     assert!(!state_file.contains(&password), "{state_file}");
     assert!(

@@ -5,8 +5,9 @@
 
 use toml::{Table, Value};
 
+use super::brokers::{secret, secret_entry, secret_file};
 use super::wire::{Kind, SourceAccess, Spec};
-use crate::config::{BrokerConfig, Config, DestinationConfig, Mapping, SourceConfig};
+use crate::config::{Config, DestinationConfig, Mapping, SourceConfig};
 
 /// How a request names a TOML `[[destination]]` where AWS takes a destination ARN:
 /// `esm-gateway:destination:<name>`.
@@ -53,15 +54,8 @@ pub fn kind(spec: &Spec) -> Kind {
 
 /// A config value from outside the file: `${` would be expanded from the gateway's
 /// environment, so it is escaped (`$${`).
-fn text(s: &str) -> Value {
+pub(super) fn text(s: &str) -> Value {
     Value::String(s.replace("${", "$${"))
-}
-
-fn access<'s>(spec: &'s Spec, kind: &str) -> Option<&'s SourceAccess> {
-    spec.source_access_configurations
-        .iter()
-        .flatten()
-        .find(|a| a.kind == kind)
 }
 
 /// The mapping named `uuid` that `spec` describes, checked as the file's are.
@@ -104,7 +98,7 @@ pub fn mapping(uuid: &str, spec: &Spec, cx: &Context) -> Result<Mapping, String>
                 source.insert("max_concurrency".into(), Value::Integer(c.into()));
             }
         }
-        Kind::Mq => mq(spec, cx, &mut source)?,
+        Kind::Mq => super::brokers::mq(spec, cx, &mut source)?,
         Kind::Other => {
             return Err(
                 "give EventSourceArn (an SQS queue or an Amazon MQ broker ARN) or SelfManagedEventSource (Kafka)"
@@ -212,11 +206,33 @@ fn kafka(uuid: &str, spec: &Spec, cx: &Context, source: &mut Table) -> Result<()
     if let Some(p) = spec.parallelization_factor {
         source.insert("parallelization_factor".into(), Value::Integer(p.into()));
     }
+    let mut tls = Table::new();
     for a in spec.source_access_configurations.iter().flatten() {
         let mechanism = match a.kind.as_str() {
             "SASL_SCRAM_256_AUTH" => "scram-sha-256",
             "SASL_SCRAM_512_AUTH" => "scram-sha-512",
             "BASIC_AUTH" => "plain",
+            "CLIENT_CERTIFICATE_TLS_AUTH" => {
+                tls.insert(
+                    "cert_file".into(),
+                    secret_file(cx, a, |s| s.cert_file.as_ref(), "cert_file")?,
+                );
+                tls.insert(
+                    "key_file".into(),
+                    secret_file(cx, a, |s| s.key_file.as_ref(), "key_file")?,
+                );
+                if let Some(p) = &secret_entry(cx, &a.uri)?.key_password {
+                    tls.insert("key_password".into(), text(p.expose()));
+                }
+                continue;
+            }
+            "SERVER_ROOT_CA_CERTIFICATE" => {
+                tls.insert(
+                    "ca_file".into(),
+                    secret_file(cx, a, |s| s.ca_file.as_ref(), "ca_file")?,
+                );
+                continue;
+            }
             other => {
                 return Err(format!(
                     "SourceAccessConfigurations {other:?} is not supported for Kafka sources"
@@ -230,117 +246,11 @@ fn kafka(uuid: &str, spec: &Spec, cx: &Context, source: &mut Table) -> Result<()
         sasl.insert("password".into(), text(&password));
         source.insert("sasl".into(), Value::Table(sasl));
     }
-    Ok(())
-}
-
-/// An Amazon MQ broker ARN resolved through `[[broker]]`: a RabbitMQ broker (`amqp://`,
-/// `amqps://`) or an ActiveMQ one (`stomp://`, `stomp+ssl://`), and the one queue of
-/// `Queues`.
-fn mq(spec: &Spec, cx: &Context, source: &mut Table) -> Result<(), String> {
-    let arn = spec.event_source_arn.as_deref().unwrap_or_default();
-    let ["arn", _, "mq", _, _, "broker", name, id] = arn.split(':').collect::<Vec<_>>()[..] else {
-        return Err(format!(
-            "{arn} is not an Amazon MQ broker ARN (arn:aws:mq:<region>:<account>:broker:<name>:<id>)"
-        ));
-    };
-    let broker = cx
-        .config
-        .brokers
-        .iter()
-        .find(|b| b.name == name && b.id.as_deref().is_none_or(|i| i == id))
-        .ok_or_else(|| {
-            format!("no [[broker]] named {name:?} with id {id:?} in the gateway's configuration")
-        })?;
-    let queues = spec.queues.clone().unwrap_or_default();
-    let [queue] = &queues[..] else {
-        return Err("Queues must name exactly one queue".into());
-    };
-    source.insert("queue".into(), text(queue));
-    source.insert("event_source_arn".into(), text(arn));
-    if let Some(ca) = &broker.ca_file {
-        source.insert("ca_file".into(), text(&ca.display().to_string()));
-    }
-    if broker.is_activemq() {
-        activemq(spec, cx, broker, source)
-    } else {
-        rabbitmq(spec, cx, broker, source)
-    }
-}
-
-/// A RabbitMQ broker, with the vhost of VIRTUAL_HOST.
-fn rabbitmq(
-    spec: &Spec,
-    cx: &Context,
-    broker: &BrokerConfig,
-    source: &mut Table,
-) -> Result<(), String> {
-    let vhost = access(spec, "VIRTUAL_HOST").map_or("/", |a| a.uri.as_str());
-    let mut base = broker.url.expose().trim_end_matches('/').to_owned();
-    for a in spec.source_access_configurations.iter().flatten() {
-        match a.kind.as_str() {
-            "VIRTUAL_HOST" => {}
-            "BASIC_AUTH" => {
-                let (user, password) = secret(cx, &a.uri)?;
-                let Some((scheme, rest)) = base.split_once("://") else {
-                    return Err(format!("[[broker]] {:?} has no URL scheme", broker.name));
-                };
-                // The broker's own credentials, if any, give way to the secret's.
-                let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-                base = format!(
-                    "{scheme}://{}:{}@{host}",
-                    super::sigv4::encode(&user, true),
-                    super::sigv4::encode(&password, true)
-                );
-            }
-            other => {
-                return Err(format!(
-                    "SourceAccessConfigurations {other:?} is not supported for RabbitMQ brokers"
-                ));
-            }
-        }
-    }
-    let url = format!("{base}/{}", super::sigv4::encode(vhost, true));
-    source.insert("type".into(), text("rabbitmq"));
-    source.insert("url".into(), text(&url));
-    Ok(())
-}
-
-/// An ActiveMQ broker, over STOMP: AWS's ActiveMQ mappings log in with BASIC_AUTH.
-fn activemq(
-    spec: &Spec,
-    cx: &Context,
-    broker: &BrokerConfig,
-    source: &mut Table,
-) -> Result<(), String> {
-    source.insert("type".into(), text("activemq"));
-    source.insert("url".into(), text(broker.url.expose()));
-    for a in spec.source_access_configurations.iter().flatten() {
-        match a.kind.as_str() {
-            "BASIC_AUTH" => {
-                let (user, password) = secret(cx, &a.uri)?;
-                source.insert("username".into(), text(&user));
-                source.insert("password".into(), text(&password));
-            }
-            other => {
-                return Err(format!(
-                    "SourceAccessConfigurations {other:?} is not supported for ActiveMQ brokers"
-                ));
-            }
-        }
+    // Either certificate turns TLS on, as on AWS.
+    if !tls.is_empty() {
+        source.insert("tls".into(), Value::Table(tls));
     }
     Ok(())
-}
-
-/// The user name and password of the `[[secret]]` a SourceAccessConfigurations URI names.
-fn secret(cx: &Context, uri: &str) -> Result<(String, String), String> {
-    let s = cx
-        .config
-        .secrets
-        .iter()
-        .find(|s| s.is_named_by(uri))
-        .ok_or_else(|| format!("no [[secret]] named by {uri:?} in the gateway's configuration"))?;
-    let password = s.password()?;
-    Ok((s.username.0.clone(), password.expose().to_owned()))
 }
 
 /// The `[[destination]]` that `d` names, when it is `esm-gateway:destination:<name>`.
@@ -490,6 +400,14 @@ mod tests {
         .unwrap()
     }
 
+    fn context(config: &Config) -> Context<'_> {
+        Context {
+            config,
+            region: "us-east-1",
+            account: "000000000000",
+        }
+    }
+
     fn kafka_spec(uri: &str) -> Spec {
         Spec {
             function_name: "f".into(),
@@ -509,11 +427,7 @@ mod tests {
     #[test]
     fn a_named_secret_becomes_the_kafka_sources_sasl_and_an_unknown_one_is_refused() {
         let config = config();
-        let cx = Context {
-            config: &config,
-            region: "us-east-1",
-            account: "000000000000",
-        };
+        let cx = context(&config);
         let uri = "arn:aws:secretsmanager:us-east-1:000000000000:secret:kafka-app-AbCdEf";
         let m = mapping("u-1", &kafka_spec(uri), &cx).unwrap();
         let SourceConfig::Kafka(k) = &m.source else {
@@ -536,11 +450,7 @@ mod tests {
             "[[destination]]\nname = \"parked\"\ntype = \"file\"\npath = \"/tmp/p.jsonl\"\n",
         )
         .unwrap();
-        let cx = Context {
-            config: &config,
-            region: "us-east-1",
-            account: "000000000000",
-        };
+        let cx = context(&config);
         let mut spec = kafka_spec("unused");
         spec.source_access_configurations = None;
         spec.maximum_retry_attempts = Some(0);
@@ -566,5 +476,59 @@ mod tests {
         let err = dead_letter_queue(&format!("{DESTINATION_PREFIX}gone"), &cx).unwrap_err();
         assert!(err.contains("no [[destination]] named \"gone\""), "{err}");
         assert!(dead_letter_queue("arn:aws:sns:us-east-1:0:t", &cx).is_err());
+    }
+
+    #[test]
+    fn certificate_secrets_become_the_kafka_sources_tls() {
+        let config = Config::parse(
+            std::path::Path::new("test.toml"),
+            "[[secret]]\nname = \"client\"\ncert_file = \"/etc/c.pem\"\nkey_file = \"/etc/c.key\"\nkey_password = \"k$y\"\n\n\
+             [[secret]]\nname = \"root\"\nca_file = \"/etc/ca.pem\"\n",
+        )
+        .unwrap();
+        let cx = context(&config);
+        let mut spec = kafka_spec("unused");
+        spec.source_access_configurations = Some(vec![
+            SourceAccess {
+                kind: "CLIENT_CERTIFICATE_TLS_AUTH".into(),
+                uri: "arn:aws:secretsmanager:us-east-1:000000000000:secret:client".into(),
+            },
+            SourceAccess {
+                kind: "SERVER_ROOT_CA_CERTIFICATE".into(),
+                uri: "root".into(),
+            },
+        ]);
+        let m = mapping("u-1", &spec, &cx).unwrap();
+        let SourceConfig::Kafka(k) = &m.source else {
+            panic!("{m:?}")
+        };
+        let tls = k.tls.as_ref().expect("TLS on");
+        assert_eq!(
+            tls.cert_file.as_deref(),
+            Some(std::path::Path::new("/etc/c.pem"))
+        );
+        assert_eq!(
+            tls.key_file.as_deref(),
+            Some(std::path::Path::new("/etc/c.key"))
+        );
+        assert_eq!(tls.key_password.as_ref().map(|p| p.expose()), Some("k$y"));
+        assert_eq!(
+            tls.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert!(k.sasl.is_none());
+        // A secret without the file the type needs, or without a login, is named.
+        spec.source_access_configurations = Some(vec![SourceAccess {
+            kind: "SERVER_ROOT_CA_CERTIFICATE".into(),
+            uri: "client".into(),
+        }]);
+        let err = mapping("u-2", &spec, &cx).unwrap_err();
+        assert!(err.contains("\"client\" has no ca_file"), "{err}");
+        spec.source_access_configurations = Some(vec![SourceAccess {
+            kind: "BASIC_AUTH".into(),
+            uri: "root".into(),
+        }]);
+        let err = mapping("u-3", &spec, &cx).unwrap_err();
+        assert!(err.contains("has no username"), "{err}");
     }
 }

@@ -13,6 +13,7 @@
 //! names, and are read-only here except for `Enabled`. EventBridge Scheduler's schedule
 //! operations are served beside them (`scheduler.rs`), for schedule mappings.
 
+mod brokers;
 mod convert;
 mod handlers;
 pub mod scheduler;

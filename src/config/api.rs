@@ -111,23 +111,39 @@ impl BrokerConfig {
     }
 }
 
-/// `[[secret]]`: credentials that API requests name in `SourceAccessConfigurations`
-/// (BASIC_AUTH, SASL_SCRAM_256_AUTH, SASL_SCRAM_512_AUTH), by name or by a Secrets
-/// Manager ARN ending in `:secret:<name>` (optionally with AWS's `-XXXXXX` suffix).
+/// `[[secret]]`: credentials that API requests name in `SourceAccessConfigurations`, by
+/// name or by a Secrets Manager ARN ending in `:secret:<name>` (optionally with AWS's
+/// `-XXXXXX` suffix): a login (BASIC_AUTH, SASL_SCRAM_256_AUTH, SASL_SCRAM_512_AUTH), a
+/// client certificate (CLIENT_CERTIFICATE_TLS_AUTH) or a CA (SERVER_ROOT_CA_CERTIFICATE).
 /// Their values stay in the gateway: never sent by, returned by or stored by the API.
 #[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretConfig {
     /// The name requests use.
     pub name: String,
-    /// The user name; `${ENV}` is expanded.
-    pub username: super::Expanded,
+    /// The user name; `${ENV}` is expanded. Default: none (a secret of certificates).
+    pub username: Option<super::Expanded>,
     /// The password; `${ENV}` is expanded. Default: none (then `password_file`).
     pub password: Option<Secret>,
     /// A file holding the password (a trailing newline is dropped), read at load.
     #[serde(default, deserialize_with = "crate::env::expand_path_opt")]
     #[schemars(with = "Option<PathBuf>")]
     pub password_file: Option<PathBuf>,
+    /// PEM client certificate (CLIENT_CERTIFICATE_TLS_AUTH), with `key_file`. Default: none.
+    #[serde(default, deserialize_with = "crate::env::expand_path_opt")]
+    #[schemars(with = "Option<PathBuf>")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM key of `cert_file`. Default: none.
+    #[serde(default, deserialize_with = "crate::env::expand_path_opt")]
+    #[schemars(with = "Option<PathBuf>")]
+    pub key_file: Option<PathBuf>,
+    /// Password of an encrypted `key_file`; `${ENV}` is expanded. Default: none.
+    pub key_password: Option<Secret>,
+    /// PEM CA bundle that signs the brokers' certificates (SERVER_ROOT_CA_CERTIFICATE).
+    /// Default: none.
+    #[serde(default, deserialize_with = "crate::env::expand_path_opt")]
+    #[schemars(with = "Option<PathBuf>")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl SecretConfig {
@@ -140,6 +156,41 @@ impl SecretConfig {
                 .map_err(|e| format!("cannot read {}: {e}", path.display())),
             _ => Err("give exactly one of password and password_file".into()),
         }
+    }
+
+    /// The user name and password, for a login.
+    pub fn login(&self) -> Result<(String, Secret), String> {
+        let user = self.username.as_ref().ok_or_else(|| {
+            format!(
+                "the [[secret]] {:?} has no username: it is not a login",
+                self.name
+            )
+        })?;
+        Ok((user.0.clone(), self.password()?))
+    }
+
+    /// What is wrong with the secret: it must hold a login, certificates, or both.
+    pub fn problem(&self) -> Option<String> {
+        let login =
+            self.username.is_some() || self.password.is_some() || self.password_file.is_some();
+        let certificates =
+            self.cert_file.is_some() || self.key_file.is_some() || self.ca_file.is_some();
+        if !login && !certificates {
+            return Some(
+                "give username and password (a login), or cert_file and key_file, or ca_file"
+                    .into(),
+            );
+        }
+        if login && let Err(e) = self.login() {
+            return Some(e);
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Some("cert_file and key_file go together".into());
+        }
+        if self.key_password.is_some() && self.key_file.is_none() {
+            return Some("key_password is set without key_file".into());
+        }
+        None
     }
 
     /// Whether a SourceAccessConfigurations URI names this secret.

@@ -323,7 +323,7 @@ fn api_problems(config: &Config, problems: &mut Vec<String>) {
         if !secrets.insert(s.name.as_str()) {
             problems.push(format!("secret {:?} is defined twice", s.name));
         }
-        if let Err(e) = s.password() {
+        if let Some(e) = s.problem() {
             problems.push(format!("secret {:?}: {e}", s.name));
         }
     }

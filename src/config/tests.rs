@@ -633,3 +633,30 @@ fn named_destinations_take_on_failure_fields_and_their_checks() {
             .unwrap_err();
     assert!(err.contains("mode"), "an unknown key is refused: {err}");
 }
+
+#[test]
+fn a_secret_holds_a_login_certificates_or_both() {
+    for (text, problem) in [
+        ("name = \"s\"\n", "give username and password"),
+        (
+            "name = \"s\"\nusername = \"u\"\n",
+            "give exactly one of password",
+        ),
+        (
+            "name = \"s\"\ncert_file = \"/c.pem\"\n",
+            "cert_file and key_file go together",
+        ),
+        (
+            "name = \"s\"\nca_file = \"/ca.pem\"\nkey_password = \"p\"\n",
+            "key_password is set without key_file",
+        ),
+    ] {
+        let err = parse(&format!("[[secret]]\n{text}")).unwrap_err();
+        assert!(
+            err.contains(&format!("secret \"s\": {problem}")),
+            "{text}: {err}"
+        );
+    }
+    let c = parse("[[secret]]\nname = \"s\"\nca_file = \"/ca.pem\"\n").unwrap();
+    assert!(c.secrets[0].username.is_none());
+}
