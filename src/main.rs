@@ -280,6 +280,8 @@ fn main() -> ExitCode {
                         }
                     };
                     extra = api.mappings();
+                    let resolver = api.clone();
+                    handle.set_resolver(std::sync::Arc::new(move || resolver.mappings()));
                     tracing::info!(listen = %config.api.listen, tls = tls.is_some(), mappings = extra.len(), "event source mapping API listening");
                     tokio::spawn(esm_gateway::api::serve(listener, api, tls));
                 }

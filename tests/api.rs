@@ -1003,7 +1003,7 @@ async fn wait_for_message(sqs: &aws_sdk_sqs::Client, url: &str) -> Value {
 }
 
 #[tokio::test]
-async fn an_api_mapping_parks_into_a_destination_the_file_names() {
+async fn an_api_mapping_parks_into_a_destination_the_file_names_and_follows_a_reload() {
     let topic = kafka_topic().await;
     let f = Function::deploy("api-named-dest", &[("FAIL_ALL", "1")]).await;
     let state = tempfile::tempdir().unwrap();
@@ -1060,6 +1060,25 @@ async fn an_api_mapping_parks_into_a_destination_the_file_names() {
             && err.contains("InvalidParameterValueException")
             && err.contains("[[destination]]"),
         "{err}"
+    );
+
+    // A reload that moves the destination reaches the API's mapping: it restarts
+    // (subscribing again) and parks into the new file.
+    let moved = state.path().join("moved.jsonl");
+    api.gw.rewrite_config(
+        &config.replace(&parked.display().to_string(), &moved.display().to_string()),
+    );
+    api.gw.signal("HUP");
+    api.gw.wait_log_count("consumer subscribed", 2, LONG).await;
+    produce(&topic, "doomed-too").await;
+    wait_for("the record in the moved file", LONG, || {
+        (!failure_records(&moved).is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        failure_records(&parked).len(),
+        1,
+        "nothing more in the old file"
     );
     assert_eq!(api.gw.terminate().await.code(), Some(0));
 }

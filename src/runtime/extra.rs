@@ -1,5 +1,6 @@
 //! Mappings made outside the file (the API's): put beside the file's, changed, and
-//! removed at run time; the control loop keeps them across reloads.
+//! removed at run time; the control loop keeps them across reloads, made again from the
+//! reloaded file by the [`Resolver`] when one is set.
 
 use std::sync::Arc;
 
@@ -7,10 +8,22 @@ use tokio::sync::oneshot;
 
 use super::build::Env;
 use super::supervise::{Command, Refused, admit};
-use super::{Control, ControlError, Gateway, Handle, RESERVED_FOR_RELOAD};
+use super::{Control, ControlError, Gateway, Handle, RESERVED_FOR_RELOAD, read, write};
 use crate::config::Mapping;
 
+/// Makes the mappings made outside the file again from the configuration as the handle
+/// holds it (the API's, from their stored requests): called on every reload, after the
+/// new file is in place. A mapping it leaves out (it no longer converts; the resolver
+/// logs why) keeps its running configuration.
+pub type Resolver = Arc<dyn Fn() -> Vec<Mapping> + Send + Sync>;
+
 impl Handle {
+    /// Has every reload make the API's mappings again with `resolve`, so that a changed
+    /// `[[broker]]`, `[[secret]]` or `[[destination]]` reaches them.
+    pub fn set_resolver(&self, resolve: Resolver) {
+        *write(&self.resolver) = Some(resolve);
+    }
+
     /// Runs `mapping` (checked by [`Config::check_mapping`]) beside the file's, or
     /// restarts it with this configuration; it survives reloads until removed. Returns
     /// once the change is queued.
@@ -37,6 +50,19 @@ impl Handle {
 }
 
 impl Gateway {
+    /// The outside mappings made again by the resolver; only those already put (one
+    /// being created is put by its own request).
+    pub(super) fn resolve_extra(&mut self) {
+        let Some(resolve) = read(&self.handle.resolver).clone() else {
+            return;
+        };
+        for m in resolve() {
+            if let Some(old) = self.extra.get_mut(&m.name) {
+                *old = m;
+            }
+        }
+    }
+
     /// Starts a mapping made outside the file, or has it restart with this config.
     pub(super) fn put(&mut self, m: Mapping, env: &Arc<Env>) -> Result<(), ControlError> {
         self.extra.insert(m.name.clone(), m.clone());

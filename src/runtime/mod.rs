@@ -39,6 +39,8 @@ use tokio_util::sync::CancellationToken;
 
 mod build;
 mod extra;
+
+pub use extra::Resolver;
 mod supervise;
 
 use crate::config::{AdminConfig, Config, Mapping, Secret};
@@ -117,6 +119,8 @@ pub struct Handle {
     /// The configuration file as last loaded (it follows reloads).
     config: Arc<RwLock<Arc<Config>>>,
     control: mpsc::Sender<Control>,
+    /// Re-makes the API's mappings on reload ([`Handle::set_resolver`]).
+    resolver: Arc<RwLock<Option<extra::Resolver>>>,
 }
 
 /// The receiving end of a [`Handle`], consumed by [`run`].
@@ -145,6 +149,7 @@ pub fn handle(config: &Config) -> (Handle, Controls) {
         read_token: Arc::new(RwLock::new(config.admin.read_token.clone())),
         config: Arc::new(RwLock::new(Arc::new(config.clone()))),
         control: tx,
+        resolver: Arc::default(),
     };
     (handle, Controls(rx))
 }
@@ -383,6 +388,8 @@ impl Gateway {
             }
         };
         *write(&self.handle.config) = Arc::new(new.clone());
+        // Made again from the new file: its brokers, secrets and destinations changed.
+        self.resolve_extra();
         // The API's mappings are not the file's to remove (a file mapping of the same
         // name wins).
         for m in self.extra.values() {
