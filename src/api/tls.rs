@@ -115,3 +115,33 @@ impl axum::serve::Listener for TlsListener {
         Ok(self.local)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unusable_files_are_named_and_a_keys_bytes_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("api.pem");
+        let key = dir.path().join("api.key");
+        std::fs::write(&cert, "not a certificate\n").unwrap();
+        let err = server_config(&cert, &key).unwrap_err().to_string();
+        assert!(
+            err.contains("cert_file")
+                && err.contains("api.pem")
+                && err.contains("no PEM certificate"),
+            "{err}"
+        );
+        // A well-formed certificate block, and a key file holding no key.
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(&key, "hunter2-not-a-key\n").unwrap();
+        let err = server_config(&cert, &key).unwrap_err().to_string();
+        assert!(err.contains("key_file") && err.contains("api.key"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}
