@@ -111,6 +111,19 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
         .map_err(|e| format!("{e}; write an RFC 3339 time such as 2026-03-29T00:00:00Z"))
 }
 
+/// The API listener's TLS configuration, when `[api]` names a certificate: read by
+/// `validate` and `run` alike, so that a file `validate` accepts also starts.
+fn api_tls(
+    config: &Config,
+) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, esm_gateway::api::tls::TlsError> {
+    match (&config.api.cert_file, &config.api.key_file) {
+        (Some(cert), Some(key)) if config.api.enabled => {
+            esm_gateway::api::tls::server_config(cert, key).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -120,6 +133,10 @@ fn main() -> ExitCode {
         }
         Command::Validate { config } => match Config::load(&config) {
             Ok(c) => {
+                if let Err(e) = api_tls(&c) {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
                 println!("{}: ok ({} mapping(s))", config.display(), c.mappings.len());
                 for m in &c.mappings {
                     println!(
@@ -255,15 +272,12 @@ fn main() -> ExitCode {
                 }
                 let mut extra = Vec::new();
                 if config.api.enabled {
-                    let tls = match (&config.api.cert_file, &config.api.key_file) {
-                        (Some(cert), Some(key)) => match esm_gateway::api::tls::server_config(cert, key) {
-                            Ok(c) => Some(c),
-                            Err(e) => {
-                                tracing::error!(error = %e, "cannot serve the API over TLS");
-                                return ExitCode::from(EXIT_CONFIG);
-                            }
-                        },
-                        _ => None,
+                    let tls = match api_tls(&config) {
+                        Ok(tls) => tls,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot serve the API over TLS");
+                            return ExitCode::from(EXIT_CONFIG);
+                        }
                     };
                     let listener = match tokio::net::TcpListener::bind(config.api.listen).await {
                         Ok(l) => l,

@@ -52,6 +52,27 @@ fn a_bad_config_exits_78_naming_field_and_line() {
 }
 
 #[test]
+fn an_unreadable_api_certificate_exits_78_naming_the_file() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    write!(
+        f,
+        // No admin listener: `run` must stop at the certificate, before binding anything.
+        "[admin]\nenabled = false\n\n[api]\nenabled = true\ncert_file = \"/nonexistent/api.pem\"\nkey_file = \"/nonexistent/api.key\"\n"
+    )
+    .unwrap();
+    for command in ["validate", "run"] {
+        let out = gateway(&[command, "--config", f.path().to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(78), "{command}");
+        let all = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(
+            all.contains("cert_file /nonexistent/api.pem"),
+            "{command}: {all}"
+        );
+    }
+}
+
+#[test]
 fn a_missing_config_file_exits_78() {
     let out = gateway(&["validate", "--config", "/nonexistent/esm.toml"]);
     assert_eq!(out.status.code(), Some(78));
