@@ -172,11 +172,10 @@ async fn main() -> Result<()> {
     );
 
     // The gateway, timed against the raw drain (it gets 20 times as long, at least 60 s).
-    let (stub, stats) = lambda_stub::start_with(lambda_stub::Options {
-        target: params.messages,
-        kind: EventKind::ActiveMq,
-        delay: Duration::ZERO,
-    })
+    let (stub, stats) = lambda_stub::start_with(lambda_stub::Options::new(
+        params.messages,
+        EventKind::ActiveMq,
+    ))
     .await?;
     fill(&params, &queue).await?;
     let limit = (raw.elapsed * 20).max(Duration::from_secs(60));

@@ -416,9 +416,8 @@ async fn gateway_drain(
     limit: Duration,
 ) -> Result<GatewayRun> {
     let (stub, stats) = lambda_stub::start_with(lambda_stub::Options {
-        target: records,
-        kind: EventKind::Kafka,
         delay,
+        ..lambda_stub::Options::new(records, EventKind::Kafka)
     })
     .await?;
     eprintln!("draining {topic}");

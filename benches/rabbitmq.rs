@@ -12,7 +12,12 @@
 //! 2. Fills it again and times the release `esm-gateway` binary draining it into an
 //!    in-process Lambda API stub (200 `null` at once), from process start until the stub
 //!    has counted every record.
-//! 3. Prints a Markdown table, the gateway's CPU time per record and peak RSS (from
+//! 3. Unless `BENCH_FAIL_EVERY=0`, fills it again and drains it once more with
+//!    `report_batch_item_failures`, the stub failing one invoke in `BENCH_FAIL_EVERY` (100:
+//!    1 % of invokes) with a partial batch response naming all its records: its rate is
+//!    compared with the error-free drain's, both over the first 97 % of the records (the
+//!    last retries wait out their backoff, which is not throughput).
+//! 4. Prints a Markdown table, the gateway's CPU time per record and peak RSS (from
 //!    `/proc`, read before SIGTERM), and deletes the queue.
 //!
 //! Needs a local RabbitMQ (`AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`)
@@ -50,6 +55,7 @@ struct Params {
     messages: u64,
     size: usize,
     batch: u64,
+    fail_every: u64,
 }
 
 impl Params {
@@ -61,6 +67,7 @@ impl Params {
             messages: num("BENCH_MESSAGES", 200_000)?,
             size: num("BENCH_SIZE", 1024)?,
             batch: num("BENCH_BATCH", 100)?,
+            fail_every: num("BENCH_FAIL_EVERY", 100)?,
         };
         ensure!(p.messages > 0, "BENCH_MESSAGES must be positive");
         ensure!(
@@ -76,6 +83,10 @@ struct GatewayRun {
     drain: Drain,
     /// From the first invoke to the one that completed the count.
     steady: Option<Drain>,
+    /// From the first invoke until 97 % of the records were delivered.
+    most: Option<Drain>,
+    /// Invokes the stub failed.
+    failed: u64,
     startup: Duration,
     cpu: Duration,
     peak_rss_kib: u64,
@@ -131,8 +142,11 @@ async fn main() -> Result<()> {
     }
     let _ = conn.close(200, "bench done".into()).await;
 
-    let (raw, raw_cpu, raw_broker_cpu, gw) = result?;
+    let (raw, raw_cpu, raw_broker_cpu, gw, failing) = result?;
     print!("{}", report(&params, &raw, raw_cpu, raw_broker_cpu, &gw));
+    if let Some(failing) = failing {
+        print!("{}", report_failures(&params, &gw, &failing));
+    }
     std::io::stdout().flush()?;
     Ok(())
 }
@@ -143,7 +157,7 @@ async fn run(
     control: &Channel,
     queue: &str,
     ticks: u64,
-) -> Result<(Drain, Duration, Duration, GatewayRun)> {
+) -> Result<(Drain, Duration, Duration, GatewayRun, Option<GatewayRun>)> {
     let publisher = conn.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
@@ -168,11 +182,27 @@ async fn run(
     );
 
     // 2. The gateway, timed against the raw drain (it gets 20 times as long, at least 60 s).
-    let (stub_addr, stats) = lambda_stub::start(params.messages).await?;
-    fill(&publisher, control, queue, params).await?;
     let limit = (raw.elapsed * 20).max(Duration::from_secs(60));
-    let gw = gateway_drain(params, queue, stub_addr, &stats, &broker, ticks, limit).await?;
-    Ok((raw, raw_cpu, raw_broker_cpu, gw))
+    let gw = gateway_drain(params, 0, &publisher, control, queue, &broker, ticks, limit).await?;
+
+    // 3. The same with failing invokes.
+    let failing = if params.fail_every > 0 {
+        let run = gateway_drain(
+            params,
+            params.fail_every,
+            &publisher,
+            control,
+            queue,
+            &broker,
+            ticks,
+            limit,
+        )
+        .await?;
+        Some(run)
+    } else {
+        None
+    };
+    Ok((raw, raw_cpu, raw_broker_cpu, gw, failing))
 }
 
 /// Publishes `params.messages` persistent messages with confirms, pipelined: confirms are
@@ -274,18 +304,30 @@ async fn raw_drain(conn: &Connection, queue: &str, n: u64) -> Result<Drain> {
     })
 }
 
+/// Fills the queue and drains it with the gateway into a fresh stub that fails one invoke
+/// in `fail_every` (0: none).
+#[allow(clippy::too_many_arguments)]
 async fn gateway_drain(
     params: &Params,
+    fail_every: u64,
+    publisher: &Channel,
+    control: &Channel,
     queue: &str,
-    stub: std::net::SocketAddr,
-    stats: &lambda_stub::Stats,
     broker: &[String],
     ticks: u64,
     limit: Duration,
 ) -> Result<GatewayRun> {
+    let milestone = params.messages * 97 / 100;
+    let (stub, stats) = lambda_stub::start_with(lambda_stub::Options {
+        fail_every,
+        milestone,
+        ..lambda_stub::Options::new(params.messages, lambda_stub::EventKind::RabbitMq)
+    })
+    .await?;
+    fill(publisher, control, queue, params).await?;
     let run = support::gateway::drain_into_stub(
-        &gateway_config(params, queue, stub),
-        stats,
+        &gateway_config(params, queue, stub, fail_every > 0),
+        &stats,
         params.messages,
         broker,
         ticks,
@@ -302,6 +344,11 @@ async fn gateway_drain(
             records: run.records - run.first_records,
             elapsed: run.reached - run.first,
         }),
+        most: stats.milestone_reached().map(|at| Drain {
+            records: milestone.saturating_sub(run.first_records),
+            elapsed: at.saturating_duration_since(run.first),
+        }),
+        failed: stats.failed(),
         startup: run.first - run.started,
         cpu: run.cpu,
         peak_rss_kib: run.peak_rss_kib,
@@ -311,7 +358,12 @@ async fn gateway_drain(
     })
 }
 
-fn gateway_config(params: &Params, queue: &str, stub: std::net::SocketAddr) -> String {
+fn gateway_config(
+    params: &Params,
+    queue: &str,
+    stub: std::net::SocketAddr,
+    partial: bool,
+) -> String {
     // JSON strings are valid TOML basic strings.
     let s = |v: &str| serde_json::to_string(v).expect("string to JSON");
     let prefetch = u64::from(PREFETCH).max(params.batch);
@@ -326,6 +378,7 @@ shutdown_grace = "5s"
 [[mapping]]
 name = "bench"
 function = "bench-fn"
+report_batch_item_failures = {partial}
 
 [mapping.source]
 type = "rabbitmq"
@@ -341,6 +394,29 @@ window = "500ms"
         queue = s(queue),
         batch = params.batch,
     )
+}
+
+/// The drain with failing invokes against the error-free one, over 97 % of the records.
+fn report_failures(params: &Params, ok: &GatewayRun, failing: &GatewayRun) -> String {
+    let rate = |run: &GatewayRun| run.most.as_ref().map_or(f64::NAN, Drain::rate);
+    let (ok_rate, failing_rate) = (rate(ok), rate(failing));
+    let mut out = format!(
+        "\n1 invoke in {} failing ({} failed, every record named in a partial batch response): \
+         {failing_rate:.0} records/s over the first 97 %, error-free {ok_rate:.0} ({:.2}); \
+         all {} delivered in {:.2} s\n",
+        params.fail_every,
+        failing.failed,
+        failing_rate / ok_rate,
+        failing.drain.records,
+        failing.drain.elapsed.as_secs_f64(),
+    );
+    let _ = writeln!(
+        out,
+        "\nBENCH-ROW|RabbitMQ drain, partial batch responses, 1 invoke in {} failing: records/s vs error-free (first 97 %)|{failing_rate:.0}|{ok_rate:.0}|{:.2}|≥ 0.9",
+        params.fail_every,
+        failing_rate / ok_rate
+    );
+    out
 }
 
 fn report(

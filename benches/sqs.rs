@@ -3,10 +3,14 @@
 //! MiniStack's own SQS event source mapping and through esm-gateway, and the queue's raw
 //! receive+delete drain rate. Both mappings run twice: batches of 10 (no window), and
 //! batches of `BENCH_LARGE_BATCH` with a 1 s window (MiniStack's own mapping caps its
-//! batches at 10 whatever it is given; AWS honours up to 10,000).
+//! batches at 10 whatever it is given; AWS honours up to 10,000). Then, unless
+//! `BENCH_FAIL_PERCENT=0`, the gateway drains batches of 10 once more into a function that
+//! fails that percentage (1) of its first-attempt invokes: its rate over the first 97 % of
+//! the messages against the error-free batch-10 drain's (the last retries wait out their
+//! backoff, which is not throughput); every message must still be delivered.
 //!
 //! ```text
-//! cargo bench --bench sqs   # BENCH_MESSAGES (10000), BENCH_CONCURRENCY (10), BENCH_LARGE_BATCH (100)
+//! cargo bench --bench sqs   # BENCH_MESSAGES (10000), BENCH_CONCURRENCY (10), BENCH_LARGE_BATCH (100), BENCH_FAIL_PERCENT (1)
 //! ```
 //! Needs the local stack (`scripts/stack up`): MiniStack on 127.0.0.1:4566.
 
@@ -25,6 +29,14 @@ use support::env_num;
 const ENDPOINT: &str = "http://127.0.0.1:4566";
 const FUNCTION: &str =
     "def handler(event, context):\n    print(len(event['Records']))\n    return None\n";
+/// Fails `PERCENT` % of first-attempt invokes, picked by the first message's id (a retry
+/// carries `ApproximateReceiveCount` above 1, and succeeds).
+const FAILING_FUNCTION: &str = "import zlib\n\
+def handler(event, context):\n    \
+first = event['Records'][0]\n    \
+if first['attributes']['ApproximateReceiveCount'] == '1' and zlib.crc32(first['messageId'].encode()) % 100 < PERCENT:\n        \
+raise Exception('bench: a failing invoke')\n    \
+return None\n";
 
 async fn sdk() -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -94,11 +106,21 @@ async fn depth(sqs: &aws_sdk_sqs::Client, url: &str) -> Result<u64> {
 }
 
 async fn wait_empty(sqs: &aws_sdk_sqs::Client, url: &str, limit: Duration) -> Result<Duration> {
+    wait_depth(sqs, url, 0, limit).await
+}
+
+/// Waits until the queue holds at most `left` messages (visible or in flight).
+async fn wait_depth(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+    left: u64,
+    limit: Duration,
+) -> Result<Duration> {
     let start = Instant::now();
-    while depth(sqs, url).await? > 0 {
+    while depth(sqs, url).await? > left {
         ensure!(
             start.elapsed() < limit,
-            "queue {url} not drained within {limit:?}"
+            "queue {url} not down to {left} messages within {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -152,12 +174,12 @@ async fn raw_drain(
     Ok(start.elapsed())
 }
 
-async fn deploy(lambda: &aws_sdk_lambda::Client, name: &str) -> Result<()> {
+async fn deploy(lambda: &aws_sdk_lambda::Client, name: &str, code: &str) -> Result<()> {
     let mut zip = std::io::Cursor::new(Vec::new());
     {
         let mut w = zip::ZipWriter::new(&mut zip);
         w.start_file("noop.py", zip::write::SimpleFileOptions::default())?;
-        w.write_all(FUNCTION.as_bytes())?;
+        w.write_all(code.as_bytes())?;
         w.finish()?;
     }
     lambda
@@ -179,6 +201,8 @@ async fn deploy(lambda: &aws_sdk_lambda::Client, name: &str) -> Result<()> {
 /// What one gateway drain took, and what it cost the gateway.
 struct Drain {
     drained: Duration,
+    /// Until 3 % of the messages were left.
+    most: Duration,
     cpu: Duration,
     rss_kib: u64,
 }
@@ -244,6 +268,7 @@ async fn gateway_drain(
     );
     let start = Instant::now();
     let gw = support::gateway::Gateway::start(&config)?;
+    let most = wait_depth(sqs, &url, n as u64 * 3 / 100, limit).await;
     let drained = wait_empty(sqs, &url, limit).await;
     let elapsed = start.elapsed();
     let pid = gw.pid();
@@ -251,10 +276,12 @@ async fn gateway_drain(
     let cpu = support::proc_stats::cpu_time(&pid, ticks)?;
     let rss_kib = support::proc_stats::peak_rss_kib(&pid)?;
     gw.stop().await?;
+    let most = most?;
     drained?;
     sqs.delete_queue().queue_url(&url).send().await?;
     Ok(Drain {
         drained: elapsed,
+        most,
         cpu,
         rss_kib,
     })
@@ -265,12 +292,13 @@ async fn main() -> Result<()> {
     let n = env_num("BENCH_MESSAGES", 10_000)?;
     let concurrency = env_num("BENCH_CONCURRENCY", 10)?;
     let batch_large = env_num("BENCH_LARGE_BATCH", 100)?;
+    let fail_percent: u32 = env_num("BENCH_FAIL_PERCENT", 1)?;
     let sdk = sdk().await;
     let sqs = aws_sdk_sqs::Client::new(&sdk);
     let lambda = aws_sdk_lambda::Client::new(&sdk);
     let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let function = format!("bench-noop-{id}");
-    deploy(&lambda, &function).await?;
+    deploy(&lambda, &function, FUNCTION).await?;
     let limit = Duration::from_secs(900);
 
     // 1. Raw receive + delete.
@@ -291,6 +319,18 @@ async fn main() -> Result<()> {
         .function_name(&function)
         .send()
         .await;
+
+    // 4. Batches of 10 into a function that fails some of them.
+    let failing = if fail_percent > 0 {
+        let name = format!("bench-failing-{id}");
+        let code = FAILING_FUNCTION.replace("PERCENT", &fail_percent.to_string());
+        deploy(&lambda, &name, &code).await?;
+        let run = gateway_drain(&sqs, &name, &format!("f{id}"), n, 10, 0, concurrency, limit).await;
+        let _ = lambda.delete_function().function_name(&name).send().await;
+        Some(run?)
+    } else {
+        None
+    };
 
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     println!("\n{n} messages × 256 B, concurrency {concurrency}, MiniStack on 127.0.0.1\n");
@@ -342,5 +382,21 @@ async fn main() -> Result<()> {
         "BENCH-ROW|SQS drain, batch 10: gateway CPU µs/message|{:.1}|–|–|≤ 30 µs",
         gw10.cpu.as_secs_f64() * 1e6 / n as f64
     );
+    if let Some(failing) = failing {
+        let most = |d: &Drain| (n - n * 3 / 100) as f64 / d.most.as_secs_f64();
+        println!(
+            "\ngateway, batch 10, {fail_percent} % of first invokes failing: {:.0} messages/s over the first 97 % \
+             (error-free {:.0}); all {n} drained in {:.2} s",
+            most(&failing),
+            most(gw10),
+            failing.drained.as_secs_f64()
+        );
+        println!(
+            "BENCH-ROW|SQS drain, batch 10, {fail_percent} % of invokes failing: messages/s vs error-free (first 97 %)|{:.0}|{:.0}|{:.2}|≥ 0.9",
+            most(&failing),
+            most(gw10),
+            most(&failing) / most(gw10)
+        );
+    }
     Ok(())
 }

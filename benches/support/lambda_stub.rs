@@ -1,6 +1,8 @@
 //! A minimal stand-in for the Lambda Invoke API: `POST /2015-03-31/functions/{name}/invocations`
 //! answers 200 with the body `null` (at once, or after a configurable delay) and counts the
-//! records of each event.
+//! records of each event. It can also fail one invoke in every `fail_every`, with a partial
+//! batch response naming every record of the invoke (issue 15's "errors do not collapse
+//! throughput").
 //!
 //! It shares the machine's cores with the broker and the gateway, so it does as little as
 //! possible: records are counted with one pass over the body (see [`EventKind::count_records`]) and
@@ -37,6 +39,26 @@ pub struct Options {
     /// How long each invoke takes before it is answered (an async sleep: concurrent
     /// invokes overlap). Zero answers at once, without touching the timer.
     pub delay: Duration,
+    /// Every this many invokes (the `fail_every`th, `2 × fail_every`th, …) one fails: it
+    /// answers a partial batch response naming every record's message id, and none of them
+    /// counts as delivered. Zero: never. RabbitMQ events only (`basicProperties.messageId`).
+    pub fail_every: u64,
+    /// Records after which [`Stats::milestone_reached`] is set, to time a drain without the
+    /// tail of its last retries. Zero: never.
+    pub milestone: u64,
+}
+
+impl Options {
+    /// `target` records of `kind`, answered at once, none failed.
+    pub fn new(target: u64, kind: EventKind) -> Options {
+        Options {
+            target,
+            kind,
+            delay: Duration::ZERO,
+            fail_every: 0,
+            milestone: 0,
+        }
+    }
 }
 
 /// What the stub has seen.
@@ -45,7 +67,11 @@ pub struct Stats {
     target: u64,
     kind: EventKind,
     delay: Duration,
+    fail_every: u64,
+    milestone: u64,
     records: AtomicU64,
+    /// Invokes answered with a partial batch response.
+    failed: AtomicU64,
     invokes: AtomicU64,
     /// Invokes being answered now, and the most seen at once.
     in_flight: AtomicU64,
@@ -53,6 +79,7 @@ pub struct Stats {
     /// When the first invoke arrived, and its record count.
     first_invoke: OnceLock<(Instant, u64)>,
     target_reached: OnceLock<Instant>,
+    milestone_reached: OnceLock<Instant>,
     /// Set if the first event's record count disagrees with its parsed JSON.
     bad_event: OnceLock<String>,
     done: Notify,
@@ -64,6 +91,14 @@ impl Stats {
     }
     pub fn invokes(&self) -> u64 {
         self.invokes.load(Ordering::Relaxed)
+    }
+    /// Invokes answered with a partial batch response.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+    /// When the count of delivered records reached [`Options::milestone`].
+    pub fn milestone_reached(&self) -> Option<Instant> {
+        self.milestone_reached.get().copied()
     }
     /// The most invokes the stub was answering at once.
     pub fn max_in_flight(&self) -> u64 {
@@ -89,12 +124,7 @@ impl Stats {
 /// Starts an `aws:rmq` stub that answers at once, on 127.0.0.1 with a free port, on the
 /// current tokio runtime.
 pub async fn start(target: u64) -> std::io::Result<(SocketAddr, Arc<Stats>)> {
-    start_with(Options {
-        target,
-        kind: EventKind::RabbitMq,
-        delay: Duration::ZERO,
-    })
-    .await
+    start_with(Options::new(target, EventKind::RabbitMq)).await
 }
 
 /// Starts a stub on 127.0.0.1 with a free port, on the current tokio runtime.
@@ -103,12 +133,16 @@ pub async fn start_with(options: Options) -> std::io::Result<(SocketAddr, Arc<St
         target: options.target,
         kind: options.kind,
         delay: options.delay,
+        fail_every: options.fail_every,
+        milestone: options.milestone,
         records: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
         invokes: AtomicU64::new(0),
         in_flight: AtomicU64::new(0),
         max_in_flight: AtomicU64::new(0),
         first_invoke: OnceLock::new(),
         target_reached: OnceLock::new(),
+        milestone_reached: OnceLock::new(),
         bad_event: OnceLock::new(),
         done: Notify::new(),
     });
@@ -127,9 +161,9 @@ pub async fn start_with(options: Options) -> std::io::Result<(SocketAddr, Arc<St
     Ok((addr, stats))
 }
 
-async fn invoke(State(stats): State<Arc<Stats>>, body: Bytes) -> &'static str {
+async fn invoke(State(stats): State<Arc<Stats>>, body: Bytes) -> String {
     let arrived = Instant::now();
-    let n = stats.kind.count_records(&body);
+    let mut n = stats.kind.count_records(&body);
     if stats.first_invoke.set((arrived, n)).is_ok()
         && let Err(e) = stats.kind.check_event(&body, n)
     {
@@ -142,13 +176,47 @@ async fn invoke(State(stats): State<Arc<Stats>>, body: Bytes) -> &'static str {
         tokio::time::sleep(stats.delay).await;
         stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
-    stats.invokes.fetch_add(1, Ordering::Relaxed);
+    let invoke = stats.invokes.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut answer = String::from("null");
+    if stats.fail_every > 0 && invoke.is_multiple_of(stats.fail_every) {
+        // The named records are not delivered: they come back in later invokes.
+        let ids = message_ids(&body);
+        let items: Vec<String> = ids
+            .iter()
+            .map(|id| format!(r#"{{"itemIdentifier":"{id}"}}"#))
+            .collect();
+        answer = format!(r#"{{"batchItemFailures":[{}]}}"#, items.join(","));
+        n = n.saturating_sub(ids.len() as u64);
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+    }
     let total = stats.records.fetch_add(n, Ordering::Relaxed) + n;
+    if stats.milestone > 0 && total >= stats.milestone {
+        let _ = stats.milestone_reached.set(Instant::now());
+    }
     if total >= stats.target && stats.target_reached.set(Instant::now()).is_ok() {
         // notify_one keeps a permit if nobody is waiting yet, so the wake-up is not lost.
         stats.done.notify_one();
     }
-    "null"
+    answer
+}
+
+/// The `"messageId":"…"` values of an event (ids without quotes or escapes, as the
+/// benches publish them).
+fn message_ids(body: &[u8]) -> Vec<&str> {
+    const KEY: &[u8] = br#""messageId":""#;
+    let mut ids = Vec::new();
+    let mut rest = body;
+    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[at + KEY.len()..];
+        let Some(len) = rest.iter().position(|&b| b == b'"') else {
+            break;
+        };
+        if let Ok(id) = std::str::from_utf8(&rest[..len]) {
+            ids.push(id);
+        }
+        rest = &rest[len..];
+    }
+    ids
 }
 
 impl EventKind {

@@ -421,9 +421,10 @@ async fn acknowledge(outcome: Outcome, multiple: bool) -> Result<(), AckError> {
             ack(last, true).await?;
         }
     } else {
-        for (_, a) in ackers {
-            ack(a, false).await?;
-        }
+        // Sent together, awaited together: awaited one at a time, each ack would wait for
+        // the connection's writer, and a batch acked alone while a deferred retry is
+        // pending would take a hundred round trips through it.
+        futures_util::future::try_join_all(ackers.into_iter().map(|(_, a)| ack(a, false))).await?;
     }
     Ok(())
 }
