@@ -267,9 +267,9 @@ fn kafka_sources_parse_and_hide_their_password() {
     assert_eq!(conf.get("enable.auto.commit"), Some("false"));
     assert_eq!(conf.get("session.timeout.ms"), Some("6000"));
     // Prefetch per partition: two batches per lane (4 lanes, at least 10,000 records),
-    // a batch's bytes per lane.
+    // one fetch's bytes (1 MiB) per lane.
     assert_eq!(conf.get("queued.min.messages"), Some("10000"));
-    assert_eq!(conf.get("queued.max.messages.kbytes"), Some("23437"));
+    assert_eq!(conf.get("queued.max.messages.kbytes"), Some("4096"));
     assert_eq!(conf.get("fetch.wait.max.ms"), Some("500"));
 
     // A window of 0 fetches for latency; large batches prefetch more, within bounds.

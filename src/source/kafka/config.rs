@@ -244,6 +244,8 @@ pub fn client_config(source: &KafkaSource, mapping: &str, limits: &BatchLimits) 
 /// instant function ran at 0.30 of a raw consumer, with 10,000 at 0.43 (16 MiB and
 /// 100,000: 0.49, at twice the peak RSS), in one sitting of `cargo bench --bench kafka`.
 const PREFETCH_RECORDS_MIN: usize = 10_000;
+/// librdkafka's `max.partition.fetch.bytes` (1 MiB), in KiB.
+const FETCH_KBYTES: usize = 1024;
 /// Shortest and longest a fetch waits at the broker for records (librdkafka's default is
 /// the longest).
 const FETCH_WAIT_MIN: Duration = Duration::from_millis(10);
@@ -257,8 +259,11 @@ const FETCH_WAIT_MAX: Duration = Duration::from_millis(500);
 /// and `queued.max.messages.kbytes`. Its defaults (100,000 records, 64 MiB) make a
 /// backlogged mapping hold up to 64 MiB per partition; a lane needs far less ahead of
 /// it, since it holds up to two batches itself (`batch.buffer_bytes`): two batches per
-/// lane (at least one fetch), and at most a batch's bytes per lane (`batch.max_bytes`),
-/// at least one fetch's (1 MiB).
+/// lane (at least ten fetches of 1 KiB records), and one fetch's bytes per lane
+/// (`max.partition.fetch.bytes`, 1 MiB). A batch's bytes (6 MB) per lane held 158 MiB at
+/// peak in a drain of 8 partitions of 1 KiB records into an instant function; one
+/// fetch's held 76 MiB, at the same rate within the sitting's noise (2026-12-06,
+/// `BENCH_GATEWAY_PROPERTIES` in `cargo bench --bench kafka`).
 ///
 /// A fetch waits at the broker at most as long as the batching window (between 10 and
 /// 500 ms), and returns as soon as one byte is there: with a window of 0 a record is
@@ -266,7 +271,7 @@ const FETCH_WAIT_MAX: Duration = Duration::from_millis(500);
 /// one that does not answers within 10 ms), as AWS's low-latency mode promises.
 fn fetch_properties(limits: &BatchLimits, lanes: usize) -> [(&'static str, String); 4] {
     let records = (2 * limits.size * lanes).clamp(PREFETCH_RECORDS_MIN, 10_000_000);
-    let kbytes = (lanes * limits.max_bytes / 1024).clamp(1024, 64 * 1024);
+    let kbytes = (lanes * FETCH_KBYTES).clamp(FETCH_KBYTES, 64 * 1024);
     let wait = limits.window.clamp(FETCH_WAIT_MIN, FETCH_WAIT_MAX);
     [
         ("queued.min.messages", records.to_string()),
