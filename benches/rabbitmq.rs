@@ -410,6 +410,16 @@ fn report_failures(params: &Params, ok: &GatewayRun, failing: &GatewayRun) -> St
         failing.drain.records,
         failing.drain.elapsed.as_secs_f64(),
     );
+    let per_record =
+        |d: Duration, run: &GatewayRun| d.as_secs_f64() * 1e6 / run.drain.records as f64;
+    let _ = writeln!(
+        out,
+        "CPU µs/record, failing / error-free: gateway {:.1} / {:.1}, broker {:.1} / {:.1}",
+        per_record(failing.cpu, failing),
+        per_record(ok.cpu, ok),
+        per_record(failing.broker_cpu, failing),
+        per_record(ok.broker_cpu, ok)
+    );
     let _ = writeln!(
         out,
         "\nBENCH-ROW|RabbitMQ drain, partial batch responses, 1 invoke in {} failing: records/s vs error-free (first 97 %)|{failing_rate:.0}|{ok_rate:.0}|{:.2}|≥ 0.9",
