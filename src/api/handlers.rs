@@ -280,9 +280,10 @@ pub async fn create(api: &Api, body: &[u8]) -> Answer {
     };
     api.store
         .put(record.clone())
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?;
     if let Err(e) = api.runtime.put_mapping(mapping).await {
-        let _ = api.store.remove(&uuid);
+        let _ = api.store.remove(&uuid).await;
         return Err(control_error(e));
     }
     tracing::info!(uuid = %uuid, function = %arn, "event source mapping created through the API");
@@ -387,9 +388,10 @@ pub async fn update(api: &Api, uuid: &str, body: &[u8]) -> Answer {
     };
     api.store
         .put(record.clone())
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?;
     if let Err(e) = api.runtime.put_mapping(mapping).await {
-        let _ = api.store.put(previous);
+        let _ = api.store.put(previous).await;
         return Err(control_error(e));
     }
     tracing::info!(uuid = %uuid, "event source mapping updated through the API");
@@ -419,6 +421,7 @@ pub async fn delete(api: &Api, uuid: &str) -> Answer {
     let view = show(api, &env, &e, Some(AwsState::Deleting));
     api.store
         .remove(uuid)
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?;
     match api.runtime.remove_mapping(uuid).await {
         Ok(()) | Err(ControlError::NotFound(_)) => {}
@@ -463,6 +466,7 @@ pub async fn tag(api: &Api, arn: &str, body: &[u8]) -> Answer {
     r.tags.extend(tags);
     api.store
         .put(r)
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -475,6 +479,7 @@ pub async fn untag(api: &Api, arn: &str, query: &BTreeMap<String, Vec<String>>) 
     }
     api.store
         .put(r)
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

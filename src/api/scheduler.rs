@@ -52,7 +52,7 @@ fn not_found(name: &str) -> AwsError {
 }
 
 /// The runtime's name of schedule `name`.
-fn mapping_name(name: &str) -> String {
+pub(super) fn mapping_name(name: &str) -> String {
     format!(
         "schedule-{}",
         uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).simple()
@@ -237,11 +237,12 @@ async fn apply(
     let name = record.name.clone();
     api.schedules
         .put(record)
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?;
     if let Err(e) = api.runtime.put_mapping(m).await {
         let _ = match previous {
-            Some(p) => api.schedules.put(p),
-            None => api.schedules.remove(&name).map(drop),
+            Some(p) => api.schedules.put(p).await,
+            None => api.schedules.remove(&name).await.map(drop),
         };
         return Err(AwsError::service(e.to_string()));
     }
@@ -344,6 +345,7 @@ pub async fn delete(api: &Api, name: &str) -> Answer {
     if api
         .schedules
         .remove(name)
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?
         .is_none()
     {
