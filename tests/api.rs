@@ -1341,6 +1341,14 @@ async fn two_gateways_on_one_postgres_store_share_their_api_mappings() {
     let created = a.create_sqs(&f.name, &url, &[]);
     let uuid = created["UUID"].as_str().unwrap().to_owned();
     let get = ["get-event-source-mapping", "--uuid", &uuid];
+    // A change through B builds on what A just stored, without waiting for B to hear of
+    // it.
+    let arn = created["EventSourceMappingArn"].as_str().unwrap();
+    b.ok(&["tag-resource", "--resource", arn, "--tags", "team=orders"]);
+    wait_for("A to see B's tag", LONG, || {
+        (a.ok(&["list-tags", "--resource", arn])["Tags"]["team"] == "orders").then_some(())
+    })
+    .await;
     let on_b = wait_for("B to know the mapping A created", LONG, || {
         let (code, v, _) = b.cli(&get);
         (code == 0).then_some(v)

@@ -90,6 +90,18 @@ impl Api {
         Ok(api)
     }
 
+    /// Starts a change: holds [`Api::changes`] until the guard drops, having applied
+    /// first what other replicas sharing the store changed, so that a change builds on
+    /// the latest set (a file store has nothing to read). An unreachable store refuses
+    /// the change here.
+    async fn change(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, AwsError> {
+        let guard = self.changes.lock().await;
+        shared::catch_up(self)
+            .await
+            .map_err(|e| AwsError::service(e.to_string()))?;
+        Ok(guard)
+    }
+
     /// The stored mappings as the runtime runs them; a record that no longer converts
     /// (its broker was removed from the file) is logged and left out.
     pub fn mappings(&self) -> Vec<Mapping> {

@@ -205,7 +205,7 @@ fn parse(
 
 pub async fn create(api: &Api, name: &str, body: &[u8]) -> Answer {
     let (request, m) = parse(api, name, body)?;
-    let _guard = api.changes.lock().await;
+    let _guard = api.change().await?;
     super::handlers::check_exclusive(api, &m)?;
     if api.schedules.get(name).is_some() {
         return Err(AwsError::new(
@@ -253,7 +253,7 @@ async fn apply(
 /// out take their defaults); the runtime restarts the mapping with it.
 pub async fn update(api: &Api, name: &str, body: &[u8]) -> Answer {
     let (request, m) = parse(api, name, body)?;
-    let _guard = api.changes.lock().await;
+    let _guard = api.change().await?;
     super::handlers::check_exclusive(api, &m)?;
     let previous = api.schedules.get(name).ok_or_else(|| not_found(name))?;
     let record = ScheduleRecord {
@@ -341,7 +341,7 @@ pub fn get(api: &Api, name: &str) -> Answer {
 }
 
 pub async fn delete(api: &Api, name: &str) -> Answer {
-    let _guard = api.changes.lock().await;
+    let _guard = api.change().await?;
     if api
         .schedules
         .remove(name)

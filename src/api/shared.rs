@@ -59,6 +59,11 @@ pub async fn follow(api: Api, db: Arc<Db>, every: Duration) {
 /// the API's own changes, which hold the same lock.
 pub async fn sync(api: &Api) -> Result<(), StoreError> {
     let _guard = api.changes.lock().await;
+    catch_up(api).await
+}
+
+/// [`sync`] for a caller that holds [`Api::changes`].
+pub async fn catch_up(api: &Api) -> Result<(), StoreError> {
     let env = handlers::context(&api.runtime.config());
     let cx = env.as_context();
     apply(
