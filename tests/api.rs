@@ -81,6 +81,13 @@ impl Api {
         }
     }
 
+    /// Starts a gateway on a free port whose `[api]` keeps its mappings as `storage`
+    /// says (see [`api_table_with`]).
+    async fn start_on(storage: &str) -> Api {
+        let port = free_port();
+        Api::start(&(gateway_header() + &api_table_with(port, storage)), port).await
+    }
+
     /// `aws lambda <args>` against the API: exit code, parsed stdout (Null when empty),
     /// stderr.
     fn cli(&self, args: &[&str]) -> (i32, Value, String) {
@@ -1334,9 +1341,8 @@ async fn two_gateways_on_one_postgres_store_share_their_api_mappings() {
     let url = create_queue(&sqs, "api-shared", false, 30).await;
     let f = Function::deploy("api-shared", &[]).await;
     let store = shared_store("api_shared").await;
-    let (pa, pb) = (free_port(), free_port());
-    let a = Api::start(&(gateway_header() + &api_table_with(pa, &store)), pa).await;
-    let b = Api::start(&(gateway_header() + &api_table_with(pb, &store)), pb).await;
+    let a = Api::start_on(&store).await;
+    let b = Api::start_on(&store).await;
 
     let created = a.create_sqs(&f.name, &url, &[]);
     let uuid = created["UUID"].as_str().unwrap().to_owned();
@@ -1443,20 +1449,27 @@ async fn a_gateway_on_a_postgres_store_comes_back_with_its_mappings() {
     assert_eq!(api.gw.terminate().await.code(), Some(0));
 }
 
-/// A TCP proxy to the local PostgreSQL on `port`, to cut a store's connections.
+/// A TCP proxy to the local PostgreSQL on `port`, to cut a store's connections. It runs
+/// on a runtime of its own: the tests block theirs while the AWS CLI runs.
 struct PgProxy {
+    runtime: tokio::runtime::Runtime,
     accept: tokio::task::JoinHandle<()>,
-    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl PgProxy {
     async fn start(port: u16) -> PgProxy {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
             .unwrap();
-        let links = std::sync::Arc::<std::sync::Mutex<Vec<_>>>::default();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let links = Arc::<std::sync::Mutex<Vec<_>>>::default();
         let held = links.clone();
-        let accept = tokio::spawn(async move {
+        let accept = runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             while let Ok((mut inbound, _)) = listener.accept().await {
                 held.lock().unwrap().push(tokio::spawn(async move {
                     if let Ok(mut out) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
@@ -1465,7 +1478,11 @@ impl PgProxy {
                 }));
             }
         });
-        PgProxy { accept, links }
+        PgProxy {
+            runtime,
+            accept,
+            links,
+        }
     }
 
     /// Closes the listener and every connection through it; returns once they are.
@@ -1477,6 +1494,7 @@ impl PgProxy {
             link.abort();
             let _ = link.await;
         }
+        self.runtime.shutdown_background();
     }
 }
 
@@ -1560,5 +1578,66 @@ async fn a_postgres_store_reports_other_replicas_changes_and_refuses_changes_whi
     let proxy = PgProxy::start(port).await;
     theirs.put(record("c", 1)).await.unwrap();
     assert_eq!(mine.reload().await.unwrap().len(), 1);
+    proxy.stop().await;
+}
+
+/// A gateway whose store goes away: its mappings keep running, a change through its API
+/// is refused with a ServiceException and changes nothing, and once the store is back it
+/// reconnects by itself and picks up what another replica changed meanwhile.
+#[tokio::test]
+async fn a_gateway_that_loses_its_postgres_store_keeps_running_and_catches_up() {
+    let sqs = sqs_client().await;
+    let url = create_queue(&sqs, "api-pg-down", false, 30).await;
+    let later = create_queue(&sqs, "api-pg-later", false, 30).await;
+    let f = Function::deploy("api-pg-down", &[]).await;
+    let (_, direct) = postgres_schema("api_pg_down").await;
+    let port = free_port();
+    let proxied = direct.replacen("127.0.0.1:5432", &format!("127.0.0.1:{port}"), 1);
+    assert_ne!(proxied, direct, "the test proxies the stack's PostgreSQL");
+    let proxy = PgProxy::start(port).await;
+    let store = |url: &str| format!("store = \"{url}\"\nstore_refresh = \"1s\"");
+    let a = Api::start_on(&store(&proxied)).await;
+    let uuid = a.create_sqs(&f.name, &url, &[])["UUID"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    a.wait_state(&uuid, "Enabled").await;
+
+    proxy.stop().await;
+    let shrink = [
+        "update-event-source-mapping",
+        "--uuid",
+        &uuid,
+        "--batch-size",
+        "7",
+    ];
+    let (code, _, err) = a.cli(&shrink);
+    assert_ne!(code, 0);
+    assert!(err.contains("ServiceException"), "{err}");
+    assert_ne!(
+        a.ok(&["get-event-source-mapping", "--uuid", &uuid])["BatchSize"],
+        7
+    );
+    send(&sqs, &url, &[(None, "while-down".into())]).await;
+    assert_eq!(f.wait_delivered(1, LONG).await, ["while-down"]);
+
+    // Another replica, still reaching the store, makes a mapping meanwhile.
+    let b = Api::start_on(&store(&direct)).await;
+    let other = b.create_sqs(&f.name, &later, &[])["UUID"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let proxy = PgProxy::start(port).await;
+    wait_for(
+        "A to run the mapping B made while A was cut off",
+        LONG,
+        || runs(&a.gw, &other).then_some(()),
+    )
+    .await;
+    let updated = a.ok(&shrink);
+    assert_eq!(updated["BatchSize"], 7);
+    assert!(a.gw.log_contains("the API's store is reachable again"));
+    assert_eq!(a.gw.terminate().await.code(), Some(0));
+    assert_eq!(b.gw.terminate().await.code(), Some(0));
     proxy.stop().await;
 }

@@ -24,10 +24,6 @@ pub async fn follow(api: Api, db: Arc<Db>, every: Duration) {
     loop {
         match db.listen().await {
             Ok((_client, mut notes)) => {
-                if failures > 0 {
-                    tracing::info!(store = %db.shown(), "the API's store is reachable again");
-                }
-                failures = 0;
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
@@ -39,8 +35,18 @@ pub async fn follow(api: Api, db: Arc<Db>, every: Duration) {
                         // up on changes made while this connection was down.
                         _ = tick.tick() => {}
                     }
+                    // A failed read most likely means the listening connection is
+                    // gone too, though it may not know yet (a peer that vanished sends
+                    // no reset): open it again.
                     if let Err(e) = sync(&api).await {
                         tracing::warn!(store = %db.shown(), error = %e, "cannot read the API's store; the mappings keep running as they are");
+                        break;
+                    }
+                    // Counted afresh only once a read succeeds, so that a store that
+                    // listens but cannot be read is not retried in a tight loop.
+                    if failures > 0 {
+                        tracing::info!(store = %db.shown(), "the API's store is reachable again");
+                        failures = 0;
                     }
                 }
             }
