@@ -1454,7 +1454,33 @@ async fn a_gateway_on_a_postgres_store_comes_back_with_its_mappings() {
 struct PgProxy {
     runtime: tokio::runtime::Runtime,
     accept: tokio::task::JoinHandle<()>,
-    links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    links: Arc<std::sync::Mutex<Vec<Link>>>,
+}
+
+/// One connection through a [`PgProxy`]: its task, and whether it is frozen.
+struct Link {
+    task: tokio::task::JoinHandle<()>,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Copies `from` to `to`, holding the bytes back while `frozen`.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        to.write_all(&buf[..n]).await?;
+    }
 }
 
 impl PgProxy {
@@ -1466,16 +1492,22 @@ impl PgProxy {
             .unwrap();
         let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
         listener.set_nonblocking(true).unwrap();
-        let links = Arc::<std::sync::Mutex<Vec<_>>>::default();
+        let links = Arc::<std::sync::Mutex<Vec<Link>>>::default();
         let held = links.clone();
         let accept = runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                held.lock().unwrap().push(tokio::spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                }));
+            while let Ok((inbound, _)) = listener.accept().await {
+                let frozen = Arc::<std::sync::atomic::AtomicBool>::default();
+                let flag = frozen.clone();
+                let task = tokio::spawn(async move {
+                    let Ok(out) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                        return;
+                    };
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = out.into_split();
+                    let _ = tokio::try_join!(pipe(ri, wo, flag.clone()), pipe(ro, wi, flag));
+                });
+                held.lock().unwrap().push(Link { task, frozen });
             }
         });
         PgProxy {
@@ -1485,14 +1517,22 @@ impl PgProxy {
         }
     }
 
+    /// The connections open now stop carrying bytes, and stay open: a peer that
+    /// vanished. Connections made later are not frozen.
+    fn freeze(&self) {
+        for link in self.links.lock().unwrap().iter() {
+            link.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     /// Closes the listener and every connection through it; returns once they are.
     async fn stop(self) {
         self.accept.abort();
         let _ = self.accept.await;
         let links: Vec<_> = self.links.lock().unwrap().drain(..).collect();
         for link in links {
-            link.abort();
-            let _ = link.await;
+            link.task.abort();
+            let _ = link.task.await;
         }
         self.runtime.shutdown_background();
     }
@@ -1578,6 +1618,14 @@ async fn a_postgres_store_reports_other_replicas_changes_and_refuses_changes_whi
     let proxy = PgProxy::start(port).await;
     theirs.put(record("c", 1)).await.unwrap();
     assert_eq!(mine.reload().await.unwrap().len(), 1);
+
+    // Its connection goes silent without closing: the change waits out the deadline and
+    // fails, and the next one opens a new connection instead of waiting on the dead one.
+    proxy.freeze();
+    let err = theirs.put(record("d", 1)).await.unwrap_err().to_string();
+    assert!(err.contains("no answer within"), "{err}");
+    theirs.put(record("d", 2)).await.unwrap();
+    assert_eq!(theirs.get("d"), Some(record("d", 2)));
     proxy.stop().await;
 }
 

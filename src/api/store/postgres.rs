@@ -133,32 +133,59 @@ impl Db {
         Ok(client)
     }
 
+    /// Runs `query` on the shared connection, within the [`DEADLINE`]; an error names
+    /// `table`. A query that gets no answer drops the connection: it may be dead without
+    /// knowing it (a peer that vanished sends no reset), and the next query opens another.
+    async fn query<T, F>(
+        &self,
+        table: &str,
+        query: impl FnOnce(Arc<Client>) -> F,
+    ) -> Result<T, PgError>
+    where
+        F: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        let client = self.client().await?;
+        let failed = |message| PgError::Query {
+            url: self.shown(),
+            table: table.to_owned(),
+            message,
+        };
+        match tokio::time::timeout(DEADLINE, query(client.clone())).await {
+            Ok(r) => r.map_err(|e| failed(describe(&e))),
+            Err(_) => {
+                let mut slot = self.client.lock().await;
+                if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {
+                    *slot = None;
+                }
+                Err(failed(format!("no answer within {DEADLINE:?}")))
+            }
+        }
+    }
+
     /// A connection that listens on [`CHANNEL`], and the payloads it hears (the names of
     /// the tables changed); the receiver ends when the connection does.
     pub async fn listen(&self) -> Result<(Client, mpsc::UnboundedReceiver<String>), PgError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let client = self.connect(Some(tx)).await?;
-        within(client.batch_execute(&format!("LISTEN {CHANNEL}")))
+        let sql = format!("LISTEN {CHANNEL}");
+        let listen = client.batch_execute(&sql);
+        let failed = |message| PgError::Connect {
+            url: self.shown(),
+            message,
+        };
+        tokio::time::timeout(DEADLINE, listen)
             .await
-            .map_err(|message| PgError::Connect {
-                url: self.shown(),
-                message,
-            })?;
+            .map_err(|_| failed(format!("no answer within {DEADLINE:?}")))?
+            .map_err(|e| failed(describe(&e)))?;
         Ok((client, rx))
     }
 }
 
-/// `query` with the [`DEADLINE`]; its error as text.
-async fn within<T>(
-    query: impl Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(DEADLINE, query).await {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(match e.as_db_error() {
-            Some(db) => db.to_string(),
-            None => e.to_string(),
-        }),
-        Err(_) => Err(format!("no answer within {DEADLINE:?}")),
+/// A query's error as text: the server's own message when it sent one.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.to_string(),
+        None => e.to_string(),
     }
 }
 
@@ -183,40 +210,33 @@ impl Table {
                 updated timestamptz NOT NULL DEFAULT now()
             )"
         );
-        let c = table.db.client().await?;
-        let create = async {
-            match c.batch_execute(&ddl).await {
-                // Two replicas creating the table at once: one loses the race on the
-                // catalog's unique index, and the table exists all the same.
-                Err(e)
-                    if [SqlState::UNIQUE_VIOLATION, SqlState::DUPLICATE_TABLE]
-                        .iter()
-                        .any(|c| e.code() == Some(c)) =>
-                {
-                    Ok(())
+        table
+            .db
+            .query(name, |c| async move {
+                match c.batch_execute(&ddl).await {
+                    // Two replicas creating the table at once: one loses the race on the
+                    // catalog's unique index, and the table exists all the same.
+                    Err(e)
+                        if [SqlState::UNIQUE_VIOLATION, SqlState::DUPLICATE_TABLE]
+                            .iter()
+                            .any(|c| e.code() == Some(c)) =>
+                    {
+                        Ok(())
+                    }
+                    r => r,
                 }
-                r => r,
-            }
-        };
-        within(create).await.map_err(|m| table.error(m))?;
+            })
+            .await?;
         Ok(table)
-    }
-
-    fn error(&self, message: String) -> PgError {
-        PgError::Query {
-            url: self.db.shown(),
-            table: self.name.clone(),
-            message,
-        }
     }
 
     /// Every record of the table.
     pub async fn all<R: DeserializeOwned>(&self) -> Result<Vec<R>, PgError> {
-        let c = self.db.client().await?;
         let sql = format!("SELECT key, body::text FROM {} ORDER BY key", self.name);
-        let rows = within(c.query(&sql, &[]))
-            .await
-            .map_err(|m| self.error(m))?;
+        let rows = self
+            .db
+            .query(&self.name, |c| async move { c.query(&sql, &[]).await })
+            .await?;
         rows.iter()
             .map(|row| {
                 let key: String = row.get(0);
@@ -244,11 +264,12 @@ impl Table {
             SELECT pg_notify('{CHANNEL}', '{t}') FROM w",
             t = self.name
         );
-        let c = self.db.client().await?;
-        within(c.execute(&sql, &[&key, &body]))
+        self.db
+            .query(&self.name, |c| async move {
+                c.execute(&sql, &[&key, &body]).await
+            })
             .await
             .map(drop)
-            .map_err(|m| self.error(m))
     }
 
     /// Deletes the record of `key` (if there is one), and notifies the other replicas.
@@ -258,10 +279,12 @@ impl Table {
             SELECT pg_notify('{CHANNEL}', '{t}') FROM d",
             t = self.name
         );
-        let c = self.db.client().await?;
-        within(c.execute(&sql, &[&key]))
+        self.db
+            .query(
+                &self.name,
+                |c| async move { c.execute(&sql, &[&key]).await },
+            )
             .await
             .map(drop)
-            .map_err(|m| self.error(m))
     }
 }
