@@ -10,9 +10,10 @@
 //! a `[[mapping]]` table would (`convert.rs`), named by the mapping's UUID and run by the
 //! runtime beside the file's; they are kept in the state file, or in PostgreSQL with
 //! `[api] store` (`store/`), and come back at the next start. Replicas sharing a
-//! PostgreSQL store follow each other's changes (`shared.rs`). The file's mappings are listed too, under UUIDs derived from their
-//! names, and are read-only here except for `Enabled`. EventBridge Scheduler's schedule
-//! operations are served beside them (`scheduler.rs`), for schedule mappings.
+//! PostgreSQL store follow each other's changes (`shared.rs`). The file's mappings are
+//! listed too, under UUIDs derived from their names, and are read-only here except for
+//! `Enabled`. EventBridge Scheduler's schedule operations are served beside them
+//! (`scheduler.rs`), for schedule mappings.
 
 mod brokers;
 mod convert;
