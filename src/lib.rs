@@ -42,8 +42,8 @@
 //!   (`build.rs`); enable/disable, reload, shutdown.
 //! - `admin`: the admin API (health, readiness, metrics, mapping status and control).
 //! - `api`: the Lambda-compatible event source mapping API (SigV4-signed; the AWS CLI,
-//!   SDKs and Terraform manage mappings through it), and the state file of the mappings
-//!   it creates.
+//!   SDKs and Terraform manage mappings through it), and where it keeps the mappings it
+//!   creates: a state file, or PostgreSQL shared by replicas.
 //! - `notify`: systemd readiness, reload and watchdog notifications.
 //! - `redrive`: replays parked failure records (`esm-gateway redrive`).
 //! - `trace`: a message's trace context (W3C `traceparent`, X-Ray `X-Amzn-Trace-Id`) and

@@ -286,7 +286,7 @@ fn main() -> ExitCode {
                             return ExitCode::from(EXIT_RUNTIME);
                         }
                     };
-                    let api = match esm_gateway::api::Api::open(handle.clone(), &config.api.state_dir, path.clone()) {
+                    let api = match esm_gateway::api::Api::open(handle.clone(), &config.api, path.clone()).await {
                         Ok(api) => api,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot open the API's state");

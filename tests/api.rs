@@ -8,6 +8,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::amq::{Amq, amq_url, var};
@@ -35,12 +36,18 @@ struct Api {
 
 /// `[api]` with the test key pair (its secret from the environment) and `state_dir`.
 fn api_table(port: u16, state: &Path) -> String {
+    api_table_with(port, &format!("state_dir = \"{}\"", state.display()))
+}
+
+/// `[api]` with the test key pair, keeping its mappings as `storage` says (`state_dir`
+/// or `store` and their options).
+fn api_table_with(port: u16, storage: &str) -> String {
     format!(
         r#"
 [api]
 enabled = true
 listen = "127.0.0.1:{port}"
-state_dir = "{}"
+{storage}
 
 [[api.key]]
 access_key_id = "{KEY_ID}"
@@ -54,8 +61,7 @@ url = "amqp://127.0.0.1:5672"
 name = "rabbit"
 username = "guest"
 password = "${{RABBIT_PASSWORD}}"
-"#,
-        state.display()
+"#
     )
 }
 
@@ -73,6 +79,13 @@ impl Api {
             url: format!("http://127.0.0.1:{port}"),
             ca_bundle: None,
         }
+    }
+
+    /// Starts a gateway on a free port whose `[api]` keeps its mappings as `storage`
+    /// says (see [`api_table_with`]).
+    async fn start_on(storage: &str) -> Api {
+        let port = free_port();
+        Api::start(&(gateway_header() + &api_table_with(port, storage)), port).await
     }
 
     /// `aws lambda <args>` against the API: exit code, parsed stdout (Null when empty),
@@ -125,6 +138,54 @@ impl Api {
         let (code, value, err) = self.cli(args);
         assert_eq!(code, 0, "aws lambda {args:?}: {err}");
         value
+    }
+
+    /// `aws lambda create-event-source-mapping` from the queue at `url` into `function`,
+    /// with `extra` arguments; its answer.
+    fn create_sqs(&self, function: &str, url: &str, extra: &[&str]) -> Value {
+        let arn = sqs_arn(url);
+        let mut args = vec![
+            "create-event-source-mapping",
+            "--function-name",
+            function,
+            "--event-source-arn",
+            &arn,
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args)
+    }
+
+    /// `aws scheduler create-schedule` of `name`, at 03:00 every day, into `function`.
+    fn nightly_schedule(&self, name: &str, function: &str) {
+        let target = serde_json::json!({
+            "Arn": function_arn(function),
+            "RoleArn": "arn:aws:iam::000000000000:role/scheduler",
+        })
+        .to_string();
+        let (code, _, err) = self.cli_of(
+            "scheduler",
+            &[
+                "create-schedule",
+                "--name",
+                name,
+                "--schedule-expression",
+                "cron(0 3 * * ? *)",
+                "--flexible-time-window",
+                "Mode=OFF",
+                "--target",
+                &target,
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+    }
+
+    /// How many schedule mappings the gateway runs.
+    fn schedules_running(&self) -> usize {
+        self.gw
+            .mappings()
+            .iter()
+            .filter(|m| m["source"] == "schedule")
+            .count()
     }
 
     /// Polls `get-event-source-mapping` until the mapping is in `state`.
@@ -226,15 +287,7 @@ async fn an_sqs_mapping_is_created_listed_updated_and_deleted_with_the_aws_cli()
     let port = free_port();
     let api = Api::start(&(gateway_header() + &api_table(port, state.path())), port).await;
 
-    let created = api.ok(&[
-        "create-event-source-mapping",
-        "--function-name",
-        &f.name,
-        "--event-source-arn",
-        &sqs_arn(&url),
-        "--batch-size",
-        "5",
-    ]);
+    let created = api.create_sqs(&f.name, &url, &["--batch-size", "5"]);
     let uuid = created["UUID"].as_str().unwrap().to_owned();
     assert_eq!(created["State"], "Creating");
     assert_eq!(created["BatchSize"], 5);
@@ -402,13 +455,7 @@ async fn api_mappings_survive_a_restart_and_file_mappings_are_read_only() {
     };
     let port = free_port();
     let api = Api::start(&config(port), port).await;
-    let created = api.ok(&[
-        "create-event-source-mapping",
-        "--function-name",
-        &f.name,
-        "--event-source-arn",
-        &sqs_arn(&url),
-    ]);
+    let created = api.create_sqs(&f.name, &url, &[]);
     let uuid = created["UUID"].as_str().unwrap().to_owned();
     let topic = kafka_topic().await;
     let kafka = api.ok(&[
@@ -424,26 +471,7 @@ async fn api_mappings_survive_a_restart_and_file_mappings_are_read_only() {
     ]);
     let kafka_uuid = kafka["UUID"].as_str().unwrap().to_owned();
     let schedule = unique("api-keep");
-    let target = serde_json::json!({
-        "Arn": function_arn(&f.name),
-        "RoleArn": "arn:aws:iam::000000000000:role/scheduler",
-    })
-    .to_string();
-    let (code, _, err) = api.cli_of(
-        "scheduler",
-        &[
-            "create-schedule",
-            "--name",
-            &schedule,
-            "--schedule-expression",
-            "cron(0 3 * * ? *)",
-            "--flexible-time-window",
-            "Mode=OFF",
-            "--target",
-            &target,
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
+    api.nightly_schedule(&schedule, &f.name);
     produce(&topic, "kafka-before").await;
     wait_for("the record before the restart", LONG, || {
         bodies(&f)
@@ -510,14 +538,7 @@ async fn api_mappings_survive_a_restart_and_file_mappings_are_read_only() {
     let (code, got, err) = api.cli_of("scheduler", &["get-schedule", "--name", &schedule]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(got["ScheduleExpression"], "cron(0 3 * * ? *)");
-    assert_eq!(
-        api.gw
-            .mappings()
-            .iter()
-            .filter(|m| m["source"] == "schedule")
-            .count(),
-        1
-    );
+    assert_eq!(api.schedules_running(), 1);
     send(&sqs, &url, &[(None, "after-restart".into())]).await;
     produce(&topic, "kafka-after").await;
     // The Kafka mapping resumes from its committed offset: by the time the record
@@ -1280,13 +1301,7 @@ async fn the_api_is_served_over_https_to_a_cli_that_trusts_its_ca() {
         "{err}"
     );
     api.ca_bundle = Some(state.path().join("ca.pem"));
-    let created = api.ok(&[
-        "create-event-source-mapping",
-        "--function-name",
-        &f.name,
-        "--event-source-arn",
-        &sqs_arn(&url),
-    ]);
+    let created = api.create_sqs(&f.name, &url, &[]);
     let uuid = created["UUID"].as_str().unwrap();
     send(&sqs, &url, &[(None, "over-tls".into())]).await;
     assert_eq!(f.wait_delivered(1, LONG).await, ["over-tls"]);
@@ -1297,4 +1312,380 @@ async fn the_api_is_served_over_https_to_a_cli_that_trusts_its_ca() {
     let (code, _, _) = api.cli(&["list-event-source-mappings"]);
     assert_ne!(code, 0);
     assert_eq!(api.gw.terminate().await.code(), Some(0));
+}
+
+/// A PostgreSQL `[api] store` of its own, with a password the server does not ask for
+/// (trust authentication), which must never reach a log; re-read every second.
+async fn shared_store(prefix: &str) -> String {
+    let (_, url) = postgres_schema(prefix).await;
+    let url = url.replacen(
+        "postgres://postgres@",
+        "postgres://postgres:pg-secret-7d3e9a@",
+        1,
+    );
+    assert!(url.contains("pg-secret-7d3e9a"), "{url}");
+    format!("store = \"{url}\"\nstore_refresh = \"1s\"")
+}
+
+/// Whether the gateway runs the mapping `name`.
+fn runs(gw: &Gateway, name: &str) -> bool {
+    gw.mappings().iter().any(|m| m["name"] == name)
+}
+
+/// Two gateways on one `[api] store`: a mapping created through one is listed, run and
+/// changed through the other, and a delete through either stops it on both; schedules
+/// are shared the same way.
+#[tokio::test]
+async fn two_gateways_on_one_postgres_store_share_their_api_mappings() {
+    let sqs = sqs_client().await;
+    let url = create_queue(&sqs, "api-shared", false, 30).await;
+    let f = Function::deploy("api-shared", &[]).await;
+    let store = shared_store("api_shared").await;
+    let a = Api::start_on(&store).await;
+    let b = Api::start_on(&store).await;
+
+    let created = a.create_sqs(&f.name, &url, &[]);
+    let uuid = created["UUID"].as_str().unwrap().to_owned();
+    let get = ["get-event-source-mapping", "--uuid", &uuid];
+    // A change through B builds on what A just stored, without waiting for B to hear of
+    // it.
+    let arn = created["EventSourceMappingArn"].as_str().unwrap();
+    b.ok(&["tag-resource", "--resource", arn, "--tags", "team=orders"]);
+    wait_for("A to see B's tag", LONG, || {
+        (a.ok(&["list-tags", "--resource", arn])["Tags"]["team"] == "orders").then_some(())
+    })
+    .await;
+    let on_b = wait_for("B to know the mapping A created", LONG, || {
+        let (code, v, _) = b.cli(&get);
+        (code == 0).then_some(v)
+    })
+    .await;
+    assert_eq!(on_b["EventSourceArn"], sqs_arn(&url));
+    let listed = b.ok(&["list-event-source-mappings", "--function-name", &f.name]);
+    assert_eq!(listed["EventSourceMappings"][0]["UUID"], uuid.as_str());
+    wait_for("B to run it", LONG, || runs(&b.gw, &uuid).then_some(())).await;
+    assert!(runs(&a.gw, &uuid));
+    b.wait_state(&uuid, "Enabled").await;
+    send(&sqs, &url, &[(None, "a".into()), (None, "b".into())]).await;
+    f.wait_delivered(2, LONG).await;
+
+    // Changed through B: A answers with the change, and its runtime follows.
+    b.ok(&[
+        "update-event-source-mapping",
+        "--uuid",
+        &uuid,
+        "--batch-size",
+        "2",
+        "--no-enabled",
+    ]);
+    wait_for("A to see B's update", LONG, || {
+        (a.ok(&get)["BatchSize"] == 2).then_some(())
+    })
+    .await;
+    a.wait_state(&uuid, "Disabled").await;
+
+    // A schedule created through B is known to A, and run there.
+    let schedule = unique("api-shared");
+    b.nightly_schedule(&schedule, &f.name);
+    wait_for("A to run B's schedule", LONG, || {
+        (a.schedules_running() == 1).then_some(())
+    })
+    .await;
+    let (code, got, err) = a.cli_of("scheduler", &["get-schedule", "--name", &schedule]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(got["ScheduleExpression"], "cron(0 3 * * ? *)");
+    let (code, _, err) = a.cli_of("scheduler", &["delete-schedule", "--name", &schedule]);
+    assert_eq!(code, 0, "{err}");
+    wait_for("B to stop the schedule A deleted", LONG, || {
+        (b.schedules_running() == 0).then_some(())
+    })
+    .await;
+
+    // Deleted through A: B answers 404 and stops running it.
+    a.ok(&["delete-event-source-mapping", "--uuid", &uuid]);
+    wait_for("B to forget the mapping A deleted", LONG, || {
+        let (code, _, err) = b.cli(&get);
+        (code != 0 && err.contains("ResourceNotFoundException")).then_some(())
+    })
+    .await;
+    wait_for("B to stop running it", LONG, || {
+        (!runs(&b.gw, &uuid)).then_some(())
+    })
+    .await;
+    assert!(!runs(&a.gw, &uuid));
+    for gw in [&a.gw, &b.gw] {
+        assert!(
+            !gw.log_contains("pg-secret-7d3e9a"),
+            "the store's password in a log"
+        );
+    }
+    assert_eq!(a.gw.terminate().await.code(), Some(0));
+    assert_eq!(b.gw.terminate().await.code(), Some(0));
+}
+
+/// A gateway on a PostgreSQL `[api] store` comes back from a restart with the mappings
+/// created through its API, and runs them.
+#[tokio::test]
+async fn a_gateway_on_a_postgres_store_comes_back_with_its_mappings() {
+    let sqs = sqs_client().await;
+    let url = create_queue(&sqs, "api-pg-restart", false, 30).await;
+    let f = Function::deploy("api-pg-restart", &[]).await;
+    let store = shared_store("api_pg_restart").await;
+    let port = free_port();
+    let config = gateway_header() + &api_table_with(port, &store);
+    let api = Api::start(&config, port).await;
+    let created = api.create_sqs(&f.name, &url, &["--batch-size", "3"]);
+    let uuid = created["UUID"].as_str().unwrap().to_owned();
+    api.wait_state(&uuid, "Enabled").await;
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+
+    let api = Api::start(&config, port).await;
+    let got = api.ok(&["get-event-source-mapping", "--uuid", &uuid]);
+    assert_eq!(got["BatchSize"], 3);
+    assert!(runs(&api.gw, &uuid), "it runs from the start");
+    send(&sqs, &url, &[(None, "after-restart".into())]).await;
+    assert_eq!(f.wait_delivered(1, LONG).await, ["after-restart"]);
+    assert!(!api.gw.log_contains("pg-secret-7d3e9a"));
+    assert_eq!(api.gw.terminate().await.code(), Some(0));
+}
+
+/// A TCP proxy to the local PostgreSQL on `port`, to cut a store's connections. It runs
+/// on a runtime of its own: the tests block theirs while the AWS CLI runs.
+struct PgProxy {
+    runtime: tokio::runtime::Runtime,
+    accept: tokio::task::JoinHandle<()>,
+    links: Arc<std::sync::Mutex<Vec<Link>>>,
+}
+
+/// One connection through a [`PgProxy`]: its task, and whether it is frozen.
+struct Link {
+    task: tokio::task::JoinHandle<()>,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Copies `from` to `to`, holding the bytes back while `frozen`.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        to.write_all(&buf[..n]).await?;
+    }
+}
+
+impl PgProxy {
+    async fn start(port: u16) -> PgProxy {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let links = Arc::<std::sync::Mutex<Vec<Link>>>::default();
+        let held = links.clone();
+        let accept = runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((inbound, _)) = listener.accept().await {
+                let frozen = Arc::<std::sync::atomic::AtomicBool>::default();
+                let flag = frozen.clone();
+                let task = tokio::spawn(async move {
+                    let Ok(out) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                        return;
+                    };
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = out.into_split();
+                    let _ = tokio::try_join!(pipe(ri, wo, flag.clone()), pipe(ro, wi, flag));
+                });
+                held.lock().unwrap().push(Link { task, frozen });
+            }
+        });
+        PgProxy {
+            runtime,
+            accept,
+            links,
+        }
+    }
+
+    /// The connections open now stop carrying bytes, and stay open: a peer that
+    /// vanished. Connections made later are not frozen.
+    fn freeze(&self) {
+        for link in self.links.lock().unwrap().iter() {
+            link.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Closes the listener and every connection through it; returns once they are.
+    async fn stop(self) {
+        self.accept.abort();
+        let _ = self.accept.await;
+        let links: Vec<_> = self.links.lock().unwrap().drain(..).collect();
+        for link in links {
+            link.task.abort();
+            let _ = link.task.await;
+        }
+        self.runtime.shutdown_background();
+    }
+}
+
+/// The store itself, on PostgreSQL: a change one replica makes is what another's reload
+/// reports; while the database is unreachable a change fails and changes nothing, the
+/// records stay readable, and once it is back the store reconnects by itself.
+#[tokio::test]
+async fn a_postgres_store_reports_other_replicas_changes_and_refuses_changes_while_unreachable() {
+    use esm_gateway::api::store::postgres::{Db, MAPPINGS};
+    use esm_gateway::api::store::{Change, Store};
+    use esm_gateway::api::wire::{Record, Spec};
+    use esm_gateway::config::SecretUrl;
+
+    let (_, direct) = postgres_schema("api_store").await;
+    let port = free_port();
+    let proxied = direct.replacen("127.0.0.1:5432", &format!("127.0.0.1:{port}"), 1);
+    assert_ne!(proxied, direct, "the test proxies the stack's PostgreSQL");
+    let record = |uuid: &str, batch| Record {
+        uuid: uuid.into(),
+        spec: Spec {
+            function_name: "f".into(),
+            batch_size: Some(batch),
+            ..Spec::default()
+        },
+        last_modified: 1.5,
+        tags: Default::default(),
+    };
+    let mine: Store = Store::open_postgres(Arc::new(Db::new(&SecretUrl::new(&direct))), MAPPINGS)
+        .await
+        .unwrap();
+    let proxy = PgProxy::start(port).await;
+    let theirs: Store =
+        Store::open_postgres(Arc::new(Db::new(&SecretUrl::new(&proxied))), MAPPINGS)
+            .await
+            .unwrap();
+    assert!(theirs.reload().await.unwrap().is_empty());
+
+    mine.put(record("a", 1)).await.unwrap();
+    mine.put(record("b", 1)).await.unwrap();
+    mine.put(record("a", 2)).await.unwrap();
+    let mut changes = theirs.reload().await.unwrap();
+    changes.sort_by(|x, y| x.key.cmp(&y.key));
+    assert_eq!(
+        changes,
+        [
+            Change {
+                key: "a".into(),
+                before: None,
+                after: Some(record("a", 2)),
+            },
+            Change {
+                key: "b".into(),
+                before: None,
+                after: Some(record("b", 1)),
+            },
+        ]
+    );
+    assert_eq!(theirs.get("a"), Some(record("a", 2)));
+    mine.remove("b").await.unwrap();
+    assert_eq!(
+        theirs.reload().await.unwrap(),
+        [Change {
+            key: "b".into(),
+            before: Some(record("b", 1)),
+            after: None,
+        }]
+    );
+
+    // The database goes away: changes fail and change nothing; reads still answer.
+    proxy.stop().await;
+    let err = theirs.put(record("c", 1)).await.unwrap_err().to_string();
+    assert!(err.contains("the API's store"), "{err}");
+    assert!(theirs.remove("a").await.is_err());
+    assert!(theirs.reload().await.is_err());
+    assert_eq!(theirs.get("a"), Some(record("a", 2)));
+    assert_eq!(theirs.get("c"), None);
+    assert_eq!(mine.reload().await.unwrap(), []);
+    assert_eq!(mine.all(), [record("a", 2)]);
+
+    // It comes back: the next change reconnects.
+    let proxy = PgProxy::start(port).await;
+    theirs.put(record("c", 1)).await.unwrap();
+    assert_eq!(mine.reload().await.unwrap().len(), 1);
+
+    // Its connection goes silent without closing: the change waits out the deadline and
+    // fails, and the next one opens a new connection instead of waiting on the dead one.
+    proxy.freeze();
+    let err = theirs.put(record("d", 1)).await.unwrap_err().to_string();
+    assert!(err.contains("no answer within"), "{err}");
+    theirs.put(record("d", 2)).await.unwrap();
+    assert_eq!(theirs.get("d"), Some(record("d", 2)));
+    proxy.stop().await;
+}
+
+/// A gateway whose store goes away: its mappings keep running, a change through its API
+/// is refused with a ServiceException and changes nothing, and once the store is back it
+/// reconnects by itself and picks up what another replica changed meanwhile.
+#[tokio::test]
+async fn a_gateway_that_loses_its_postgres_store_keeps_running_and_catches_up() {
+    let sqs = sqs_client().await;
+    let url = create_queue(&sqs, "api-pg-down", false, 30).await;
+    let later = create_queue(&sqs, "api-pg-later", false, 30).await;
+    let f = Function::deploy("api-pg-down", &[]).await;
+    let (_, direct) = postgres_schema("api_pg_down").await;
+    let port = free_port();
+    let proxied = direct.replacen("127.0.0.1:5432", &format!("127.0.0.1:{port}"), 1);
+    assert_ne!(proxied, direct, "the test proxies the stack's PostgreSQL");
+    let proxy = PgProxy::start(port).await;
+    let store = |url: &str| format!("store = \"{url}\"\nstore_refresh = \"1s\"");
+    let a = Api::start_on(&store(&proxied)).await;
+    let uuid = a.create_sqs(&f.name, &url, &[])["UUID"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    a.wait_state(&uuid, "Enabled").await;
+
+    proxy.stop().await;
+    let shrink = [
+        "update-event-source-mapping",
+        "--uuid",
+        &uuid,
+        "--batch-size",
+        "7",
+    ];
+    let (code, _, err) = a.cli(&shrink);
+    assert_ne!(code, 0);
+    assert!(err.contains("ServiceException"), "{err}");
+    assert_ne!(
+        a.ok(&["get-event-source-mapping", "--uuid", &uuid])["BatchSize"],
+        7
+    );
+    send(&sqs, &url, &[(None, "while-down".into())]).await;
+    assert_eq!(f.wait_delivered(1, LONG).await, ["while-down"]);
+
+    // Another replica, still reaching the store, makes a mapping meanwhile.
+    let b = Api::start_on(&store(&direct)).await;
+    let other = b.create_sqs(&f.name, &later, &[])["UUID"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let proxy = PgProxy::start(port).await;
+    wait_for(
+        "A to run the mapping B made while A was cut off",
+        LONG,
+        || runs(&a.gw, &other).then_some(()),
+    )
+    .await;
+    let updated = a.ok(&shrink);
+    assert_eq!(updated["BatchSize"], 7);
+    assert!(a.gw.log_contains("the API's store is reachable again"));
+    assert_eq!(a.gw.terminate().await.code(), Some(0));
+    assert_eq!(b.gw.terminate().await.code(), Some(0));
+    proxy.stop().await;
 }

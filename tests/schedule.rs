@@ -14,11 +14,6 @@ use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(120);
 
-fn postgres_url() -> String {
-    std::env::var("ESM_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
 /// A config with one schedule mapping; `source` goes inside its source table, `extra`
 /// after it (retry and on_failure tables), `head` before the mapping.
 fn schedule_config(name: &str, function: &str, head: &str, source: &str, extra: &str) -> String {
@@ -476,15 +471,14 @@ async fn the_ledger_migrates_an_old_table_and_keeps_a_lost_claim_reply_ours() {
     use esm_gateway::config::SecretUrl;
     use esm_gateway::source::schedule::store::{Orphan, Store};
 
-    let schema = unique("ledger").replace('-', "_");
+    let (schema, url) = postgres_schema("ledger").await;
     let (admin, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(connection);
     admin
         .batch_execute(&format!(
-            "CREATE SCHEMA {schema};
-             CREATE TABLE {schema}.esm_gateway_schedule_fires (
+            "CREATE TABLE {schema}.esm_gateway_schedule_fires (
                  schedule text NOT NULL, scheduled_time timestamptz NOT NULL,
                  fired_at timestamptz NOT NULL DEFAULT now(), owner text NOT NULL,
                  PRIMARY KEY (schedule, scheduled_time));
@@ -492,15 +486,7 @@ async fn the_ledger_migrates_an_old_table_and_keeps_a_lost_claim_reply_ours() {
         ))
         .await
         .unwrap();
-    let sep = if postgres_url().contains('?') {
-        '&'
-    } else {
-        '?'
-    };
-    let url = SecretUrl::new(format!(
-        "{}{sep}options=-csearch_path%3D{schema}",
-        postgres_url()
-    ));
+    let url = SecretUrl::new(url);
     let a = Store::new(&url, Duration::from_secs(1));
     let b = Store::new(&url, Duration::from_secs(1));
     let tick: DateTime<Utc> = "2026-06-01T00:00:00Z".parse().unwrap();

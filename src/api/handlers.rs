@@ -258,7 +258,7 @@ pub async fn create(api: &Api, body: &[u8]) -> Answer {
     let env = context(&api.runtime.config());
     let uuid = uuid::Uuid::new_v4().to_string();
     let mapping = convert::mapping(&uuid, &spec, &env.as_context()).map_err(AwsError::invalid)?;
-    let _guard = api.changes.lock().await;
+    let _guard = api.change().await?;
     check_exclusive(api, &mapping)?;
     let arn = function_arn(&spec.function_name, &env);
     if let Some(other) = entries(api, &env).into_iter().find(|e| {
@@ -280,9 +280,10 @@ pub async fn create(api: &Api, body: &[u8]) -> Answer {
     };
     api.store
         .put(record.clone())
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?;
     if let Err(e) = api.runtime.put_mapping(mapping).await {
-        let _ = api.store.remove(&uuid);
+        let _ = api.store.remove(&uuid).await;
         return Err(control_error(e));
     }
     tracing::info!(uuid = %uuid, function = %arn, "event source mapping created through the API");
@@ -347,7 +348,7 @@ pub async fn update(api: &Api, uuid: &str, body: &[u8]) -> Answer {
         )));
     }
     let env = context(&api.runtime.config());
-    let _guard = api.changes.lock().await;
+    let _guard = api.change().await?;
     let e = find(api, &env, uuid)?;
     if e.file {
         if let Some(k) = o.keys().find(|k| k.as_str() != "Enabled") {
@@ -387,9 +388,10 @@ pub async fn update(api: &Api, uuid: &str, body: &[u8]) -> Answer {
     };
     api.store
         .put(record.clone())
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?;
     if let Err(e) = api.runtime.put_mapping(mapping).await {
-        let _ = api.store.put(previous);
+        let _ = api.store.put(previous).await;
         return Err(control_error(e));
     }
     tracing::info!(uuid = %uuid, "event source mapping updated through the API");
@@ -411,7 +413,7 @@ fn read_only(api: &Api, name: &str, field: &str) -> AwsError {
 
 pub async fn delete(api: &Api, uuid: &str) -> Answer {
     let env = context(&api.runtime.config());
-    let _guard = api.changes.lock().await;
+    let _guard = api.change().await?;
     let e = find(api, &env, uuid)?;
     if e.file {
         return Err(read_only(api, &e.name, "the mapping"));
@@ -419,6 +421,7 @@ pub async fn delete(api: &Api, uuid: &str) -> Answer {
     let view = show(api, &env, &e, Some(AwsState::Deleting));
     api.store
         .remove(uuid)
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?;
     match api.runtime.remove_mapping(uuid).await {
         Ok(()) | Err(ControlError::NotFound(_)) => {}
@@ -458,23 +461,25 @@ pub fn list_tags(api: &Api, arn: &str) -> Answer {
 pub async fn tag(api: &Api, arn: &str, body: &[u8]) -> Answer {
     let mut o = object(body)?;
     let tags = tags_of(o.remove("Tags"))?;
-    let _guard = api.changes.lock().await;
+    let _guard = api.change().await?;
     let mut r = tagged(api, arn)?;
     r.tags.extend(tags);
     api.store
         .put(r)
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 pub async fn untag(api: &Api, arn: &str, query: &BTreeMap<String, Vec<String>>) -> Answer {
-    let _guard = api.changes.lock().await;
+    let _guard = api.change().await?;
     let mut r = tagged(api, arn)?;
     for k in query.get("tagKeys").into_iter().flatten() {
         r.tags.remove(k);
     }
     api.store
         .put(r)
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -8,15 +8,18 @@
 //!
 //! A request's AWS fields ([`wire::Spec`]) become the same [`Mapping`](crate::config::Mapping)
 //! a `[[mapping]]` table would (`convert.rs`), named by the mapping's UUID and run by the
-//! runtime beside the file's; they are kept in the state file (`store.rs`) and come back
-//! at the next start. The file's mappings are listed too, under UUIDs derived from their
-//! names, and are read-only here except for `Enabled`. EventBridge Scheduler's schedule
-//! operations are served beside them (`scheduler.rs`), for schedule mappings.
+//! runtime beside the file's; they are kept in the state file, or in PostgreSQL with
+//! `[api] store` (`store/`), and come back at the next start. Replicas sharing a
+//! PostgreSQL store follow each other's changes (`shared.rs`). The file's mappings are
+//! listed too, under UUIDs derived from their names, and are read-only here except for
+//! `Enabled`. EventBridge Scheduler's schedule operations are served beside them
+//! (`scheduler.rs`), for schedule mappings.
 
 mod brokers;
 mod convert;
 mod handlers;
 pub mod scheduler;
+mod shared;
 pub mod sigv4;
 pub mod store;
 pub mod tls;
@@ -30,9 +33,10 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::config::Mapping;
+use crate::config::{ApiConfig, Mapping};
 use crate::runtime::Handle;
 use store::Store;
+use store::postgres::{self, Db};
 use wire::AwsError;
 
 /// Largest request body the API reads.
@@ -54,20 +58,49 @@ pub struct Api {
 }
 
 impl Api {
-    /// The API of `runtime`, keeping its mappings and schedules in `state_dir`.
-    pub fn open(
+    /// The API of `runtime`, keeping its mappings and schedules where `config` says:
+    /// in `state_dir`, or in the PostgreSQL `store`, whose changes by other replicas it
+    /// then follows (on a task of its own, for as long as the process runs).
+    pub async fn open(
         runtime: Handle,
-        state_dir: &std::path::Path,
+        config: &ApiConfig,
         config_path: std::path::PathBuf,
     ) -> Result<Api, store::StoreError> {
-        Ok(Api {
+        let db = config.store.as_ref().map(|url| Arc::new(Db::new(url)));
+        let (mappings, schedules) = match &db {
+            None => (
+                Store::open(&config.state_dir)?,
+                Store::open_file(&config.state_dir, scheduler::FILE)?,
+            ),
+            Some(db) => (
+                Store::open_postgres(db.clone(), postgres::MAPPINGS).await?,
+                Store::open_postgres(db.clone(), postgres::SCHEDULES).await?,
+            ),
+        };
+        let api = Api {
             runtime,
-            store: Arc::new(Store::open(state_dir)?),
-            schedules: Arc::new(Store::open_file(state_dir, scheduler::FILE)?),
+            store: Arc::new(mappings),
+            schedules: Arc::new(schedules),
             changes: Arc::default(),
             started: now(),
             config_path,
-        })
+        };
+        if let Some(db) = db {
+            tokio::spawn(shared::follow(api.clone(), db, config.store_refresh));
+        }
+        Ok(api)
+    }
+
+    /// Starts a change: holds [`Api::changes`] until the guard drops, having applied
+    /// first what other replicas sharing the store changed, so that a change builds on
+    /// the latest set (a file store has nothing to read). An unreachable store refuses
+    /// the change here.
+    async fn change(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, AwsError> {
+        let guard = self.changes.lock().await;
+        shared::catch_up(self)
+            .await
+            .map_err(|e| AwsError::service(e.to_string()))?;
+        Ok(guard)
     }
 
     /// The stored mappings as the runtime runs them; a record that no longer converts

@@ -52,7 +52,7 @@ fn not_found(name: &str) -> AwsError {
 }
 
 /// The runtime's name of schedule `name`.
-fn mapping_name(name: &str) -> String {
+pub(super) fn mapping_name(name: &str) -> String {
     format!(
         "schedule-{}",
         uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).simple()
@@ -205,7 +205,7 @@ fn parse(
 
 pub async fn create(api: &Api, name: &str, body: &[u8]) -> Answer {
     let (request, m) = parse(api, name, body)?;
-    let _guard = api.changes.lock().await;
+    let _guard = api.change().await?;
     super::handlers::check_exclusive(api, &m)?;
     if api.schedules.get(name).is_some() {
         return Err(AwsError::new(
@@ -237,11 +237,12 @@ async fn apply(
     let name = record.name.clone();
     api.schedules
         .put(record)
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?;
     if let Err(e) = api.runtime.put_mapping(m).await {
         let _ = match previous {
-            Some(p) => api.schedules.put(p),
-            None => api.schedules.remove(&name).map(drop),
+            Some(p) => api.schedules.put(p).await,
+            None => api.schedules.remove(&name).await.map(drop),
         };
         return Err(AwsError::service(e.to_string()));
     }
@@ -252,7 +253,7 @@ async fn apply(
 /// out take their defaults); the runtime restarts the mapping with it.
 pub async fn update(api: &Api, name: &str, body: &[u8]) -> Answer {
     let (request, m) = parse(api, name, body)?;
-    let _guard = api.changes.lock().await;
+    let _guard = api.change().await?;
     super::handlers::check_exclusive(api, &m)?;
     let previous = api.schedules.get(name).ok_or_else(|| not_found(name))?;
     let record = ScheduleRecord {
@@ -340,10 +341,11 @@ pub fn get(api: &Api, name: &str) -> Answer {
 }
 
 pub async fn delete(api: &Api, name: &str) -> Answer {
-    let _guard = api.changes.lock().await;
+    let _guard = api.change().await?;
     if api
         .schedules
         .remove(name)
+        .await
         .map_err(|e| AwsError::service(e.to_string()))?
         .is_none()
     {

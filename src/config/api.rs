@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -21,9 +22,22 @@ pub struct ApiConfig {
     #[serde(default = "default_api_listen")]
     pub listen: SocketAddr,
     /// Where the mappings created through the API are kept (`api-mappings.json`,
-    /// written atomically). Default: "/var/lib/esm-gateway" (systemd's StateDirectory).
+    /// written atomically) when `store` is not set. Default: "/var/lib/esm-gateway"
+    /// (systemd's StateDirectory).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// PostgreSQL URL where the API keeps its mappings and schedules instead of
+    /// `state_dir`, e.g. "postgres://gateway:${PGPASSWORD}@db:5432/gateway" (`${ENV}` is
+    /// expanded; the password is never logged). Replicas given the same store share one
+    /// set of mappings: a change made through any replica's API reaches the others, and
+    /// each runs them under the sources' own ownership rules. Default: none.
+    pub store: Option<SecretUrl>,
+    /// With a store: how often each replica reads the whole set again, beside the
+    /// notification every change sends (a safety net for a notification lost with a
+    /// connection). Default: "10s".
+    #[serde(default = "default_store_refresh", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub store_refresh: Duration,
     /// `[[api.key]]`: the key pairs requests may be SigV4-signed with. Default: none,
     /// and every request is refused.
     #[serde(default, rename = "key")]
@@ -45,6 +59,8 @@ impl Default for ApiConfig {
             enabled: false,
             listen: default_api_listen(),
             state_dir: default_state_dir(),
+            store: None,
+            store_refresh: default_store_refresh(),
             keys: Vec::new(),
             cert_file: None,
             key_file: None,
@@ -68,6 +84,10 @@ fn default_api_listen() -> SocketAddr {
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/esm-gateway")
+}
+
+fn default_store_refresh() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// `[[broker]]`: a RabbitMQ or ActiveMQ broker that API requests name by its Amazon MQ

@@ -248,12 +248,23 @@ impl Config {
                 humantime::format_duration(config.schedules.lease)
             ));
         }
-        if let Some(store) = &config.schedules.store
-            && let Err(e) = store.expose().parse::<tokio_postgres::Config>()
-        {
+        for (table, store) in [
+            ("[schedules]", &config.schedules.store),
+            ("[api]", &config.api.store),
+        ] {
+            if let Some(store) = store
+                && let Err(e) = store.expose().parse::<tokio_postgres::Config>()
+            {
+                problems.push(format!(
+                    "{table} store {store} is not a PostgreSQL URL: {}",
+                    e.to_string().replace(store.expose(), &store.to_string())
+                ));
+            }
+        }
+        if config.api.store.is_some() && config.api.store_refresh < Duration::from_secs(1) {
             problems.push(format!(
-                "[schedules] store {store} is not a PostgreSQL URL: {}",
-                e.to_string().replace(store.expose(), &store.to_string())
+                "[api] store_refresh must be at least 1s, got {}",
+                humantime::format_duration(config.api.store_refresh)
             ));
         }
         problems.extend(config.telemetry.problem());

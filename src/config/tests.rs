@@ -660,3 +660,23 @@ fn a_secret_holds_a_login_certificates_or_both() {
     let c = parse("[[secret]]\nname = \"s\"\nca_file = \"/ca.pem\"\n").unwrap();
     assert!(c.secrets[0].username.is_none());
 }
+
+#[test]
+fn an_api_store_is_a_postgres_url_whose_password_stays_out_of_errors() {
+    let api = |store: &str| format!("{GOOD}\n[api]\nstore = \"{store}\"\n");
+    let c = parse(&api("postgres://postgres@127.0.0.1:5432/postgres")).unwrap();
+    assert_eq!(
+        c.api.store.as_ref().map(|s| s.expose()),
+        Some("postgres://postgres@127.0.0.1:5432/postgres")
+    );
+    assert_eq!(c.api.store_refresh, Duration::from_secs(10));
+    let err = parse(&api("postgres://u:hunter2@h:notaport/db")).unwrap_err();
+    assert!(err.contains("[api] store"), "{err}");
+    assert!(err.contains("not a PostgreSQL URL"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    let err = parse(&(api("postgres://h/db") + "store_refresh = \"100ms\"\n")).unwrap_err();
+    assert!(
+        err.contains("[api] store_refresh must be at least 1s, got 100ms"),
+        "{err}"
+    );
+}

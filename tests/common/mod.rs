@@ -27,6 +27,33 @@ pub fn aws_endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".into())
 }
 
+/// The local PostgreSQL (`ESM_TEST_POSTGRES_URL`, default the stack's).
+pub fn postgres_url() -> String {
+    std::env::var("ESM_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A new schema of the local PostgreSQL, and a URL whose connections work in it (their
+/// `search_path`), so that tests running at once keep their tables apart.
+pub async fn postgres_schema(prefix: &str) -> (String, String) {
+    let schema = unique(prefix).replace('-', "_");
+    let (admin, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL (is `scripts/stack up` running?)");
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let sep = if postgres_url().contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    let url = format!("{}{sep}options=-csearch_path%3D{schema}", postgres_url());
+    (schema, url)
+}
+
 /// A name unique to this test run.
 pub fn unique(prefix: &str) -> String {
     format!(
