@@ -278,10 +278,7 @@ pub async fn create(api: &Api, body: &[u8]) -> Answer {
         last_modified: now(),
         tags,
     };
-    api.store
-        .put(record.clone())
-        .await
-        .map_err(|e| AwsError::service(e.to_string()))?;
+    api.store.put(record.clone()).await?;
     if let Err(e) = api.runtime.put_mapping(mapping).await {
         let _ = api.store.remove(&uuid).await;
         return Err(control_error(e));
@@ -386,10 +383,7 @@ pub async fn update(api: &Api, uuid: &str, body: &[u8]) -> Answer {
         last_modified: now(),
         ..previous.clone()
     };
-    api.store
-        .put(record.clone())
-        .await
-        .map_err(|e| AwsError::service(e.to_string()))?;
+    api.store.put(record.clone()).await?;
     if let Err(e) = api.runtime.put_mapping(mapping).await {
         let _ = api.store.put(previous).await;
         return Err(control_error(e));
@@ -419,10 +413,7 @@ pub async fn delete(api: &Api, uuid: &str) -> Answer {
         return Err(read_only(api, &e.name, "the mapping"));
     }
     let view = show(api, &env, &e, Some(AwsState::Deleting));
-    api.store
-        .remove(uuid)
-        .await
-        .map_err(|e| AwsError::service(e.to_string()))?;
+    api.store.remove(uuid).await?;
     match api.runtime.remove_mapping(uuid).await {
         Ok(()) | Err(ControlError::NotFound(_)) => {}
         Err(e) => return Err(control_error(e)),
@@ -464,10 +455,7 @@ pub async fn tag(api: &Api, arn: &str, body: &[u8]) -> Answer {
     let _guard = api.change().await?;
     let mut r = tagged(api, arn)?;
     r.tags.extend(tags);
-    api.store
-        .put(r)
-        .await
-        .map_err(|e| AwsError::service(e.to_string()))?;
+    api.store.put(r).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -477,9 +465,6 @@ pub async fn untag(api: &Api, arn: &str, query: &BTreeMap<String, Vec<String>>) 
     for k in query.get("tagKeys").into_iter().flatten() {
         r.tags.remove(k);
     }
-    api.store
-        .put(r)
-        .await
-        .map_err(|e| AwsError::service(e.to_string()))?;
+    api.store.put(r).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

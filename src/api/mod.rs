@@ -97,9 +97,7 @@ impl Api {
     /// the change here.
     async fn change(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, AwsError> {
         let guard = self.changes.lock().await;
-        shared::catch_up(self)
-            .await
-            .map_err(|e| AwsError::service(e.to_string()))?;
+        shared::catch_up(self).await?;
         Ok(guard)
     }
 

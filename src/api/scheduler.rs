@@ -235,10 +235,7 @@ async fn apply(
     m: Mapping,
 ) -> Result<(), AwsError> {
     let name = record.name.clone();
-    api.schedules
-        .put(record)
-        .await
-        .map_err(|e| AwsError::service(e.to_string()))?;
+    api.schedules.put(record).await?;
     if let Err(e) = api.runtime.put_mapping(m).await {
         let _ = match previous {
             Some(p) => api.schedules.put(p).await,
@@ -342,13 +339,7 @@ pub fn get(api: &Api, name: &str) -> Answer {
 
 pub async fn delete(api: &Api, name: &str) -> Answer {
     let _guard = api.change().await?;
-    if api
-        .schedules
-        .remove(name)
-        .await
-        .map_err(|e| AwsError::service(e.to_string()))?
-        .is_none()
-    {
+    if api.schedules.remove(name).await?.is_none() {
         return Err(not_found(name));
     }
     match api.runtime.remove_mapping(&mapping_name(name)).await {

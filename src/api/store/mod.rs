@@ -54,6 +54,14 @@ pub enum StoreError {
     Postgres(#[from] postgres::PgError),
 }
 
+/// A store that cannot be read or written fails the request as AWS's 500
+/// `ServiceException`, naming what failed.
+impl From<StoreError> for super::wire::AwsError {
+    fn from(e: StoreError) -> Self {
+        super::wire::AwsError::service(e.to_string())
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct File<R> {
