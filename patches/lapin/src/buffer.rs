@@ -72,7 +72,14 @@ impl Buffer {
         let old_capacity = self.capacity;
         let growth = new_size - old_capacity;
 
-        self.memory.resize(new_size, 0);
+        // esm-gateway patch: a fresh zeroed allocation (calloc, so the kernel's zero pages,
+        // faulted in only as the ring reaches them) rather than `resize`, which writes every
+        // new byte. The connection grows both buffers to 32 frames after the tune, 4 MiB
+        // each at RabbitMQ's default frame_max: `resize` made that 8 MiB resident per
+        // connection at once, idle or not.
+        let mut memory = vec![0; new_size];
+        memory[..old_capacity].copy_from_slice(&self.memory);
+        self.memory = memory;
         self.capacity = new_size;
 
         if self.end <= self.position && self.available_data > 0 {
@@ -81,7 +88,9 @@ impl Buffer {
             let (old, new) = self.memory.split_at_mut(old_capacity);
             if self.end < growth {
                 // There is enough room in the new end for this whole "tail".
-                new.copy_from_slice(&old[..self.end]);
+                // (esm-gateway patch: into as much of the new end as the tail needs; the
+                // published `new.copy_from_slice` panicked on the length mismatch.)
+                new[..self.end].copy_from_slice(&old[..self.end]);
                 self.end += old_capacity;
             } else {
                 // Fill the new end with as much data as we can.
@@ -239,5 +248,53 @@ impl BackToTheBuffer for &mut Buffer {
                 s
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // esm-gateway patch: tests of `grow`.
+    use super::*;
+    use amq_protocol::frame::parsing::traits::Input;
+    use std::io::Write;
+
+    fn contents(buffer: &Buffer) -> Vec<u8> {
+        buffer.parsing_context().iter_elements().collect()
+    }
+
+    #[test]
+    fn growing_keeps_wrapped_data_in_order() {
+        let mut buffer = Buffer::with_capacity(8);
+        (&mut buffer).write_all(&[1, 2, 3, 4, 5, 6]).unwrap();
+        buffer.consume(4);
+        // 5, 6 at the end of the ring, then 7, 8, 9, 10 wrapped to its start.
+        (&mut buffer).write_all(&[7, 8, 9, 10]).unwrap();
+        assert!(buffer.grow(16));
+        assert_eq!(contents(&buffer), [5, 6, 7, 8, 9, 10]);
+        (&mut buffer).write_all(&[11, 12]).unwrap();
+        buffer.consume(2);
+        assert_eq!(contents(&buffer), [7, 8, 9, 10, 11, 12]);
+    }
+
+    #[test]
+    fn growing_by_less_than_the_wrapped_tail_keeps_the_data_in_order() {
+        let mut buffer = Buffer::with_capacity(8);
+        (&mut buffer).write_all(&[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        buffer.consume(6);
+        // 7, 8 at the end of the ring, 9 to 13 wrapped to its start.
+        (&mut buffer).write_all(&[9, 10, 11, 12, 13]).unwrap();
+        assert!(buffer.grow(12));
+        assert_eq!(contents(&buffer), [7, 8, 9, 10, 11, 12, 13]);
+    }
+
+    #[test]
+    fn growing_keeps_unwrapped_data_and_zeroes_the_rest() {
+        let mut buffer = Buffer::with_capacity(4);
+        (&mut buffer).write_all(&[1, 2, 3]).unwrap();
+        assert!(buffer.grow(4096));
+        assert!(!buffer.grow(1024));
+        assert_eq!(buffer.memory.len(), 4096);
+        assert!(buffer.memory[3..].iter().all(|b| *b == 0));
+        assert_eq!(contents(&buffer), [1, 2, 3]);
     }
 }
