@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench --bench rabbitmq
 //! BENCH_MESSAGES=200000 BENCH_SIZE=1024 BENCH_BATCH=100 AMQP_URL=amqp://… cargo bench --bench rabbitmq
+//! BENCH_FAIL_EVERY=100 BENCH_BACKOFF_MIN=100ms cargo bench --bench rabbitmq   # the retries' first backoff
 //! ```
 //!
 //! 1. Fills a fresh durable queue with `BENCH_MESSAGES` persistent messages of `BENCH_SIZE`
@@ -56,6 +57,9 @@ struct Params {
     size: usize,
     batch: u64,
     fail_every: u64,
+    /// The mapping's `retry.backoff_min` (`BENCH_BACKOFF_MIN`, e.g. "100ms"); unset, the
+    /// gateway's default (1 s).
+    backoff_min: Option<String>,
 }
 
 impl Params {
@@ -68,6 +72,7 @@ impl Params {
             size: num("BENCH_SIZE", 1024)?,
             batch: num("BENCH_BATCH", 100)?,
             fail_every: num("BENCH_FAIL_EVERY", 100)?,
+            backoff_min: std::env::var("BENCH_BACKOFF_MIN").ok(),
         };
         ensure!(p.messages > 0, "BENCH_MESSAGES must be positive");
         ensure!(
@@ -389,10 +394,15 @@ prefetch = {prefetch}
 [mapping.batch]
 size = {batch}
 window = "500ms"
-"#,
+{retry}"#,
         url = s(&params.amqp_url),
         queue = s(queue),
         batch = params.batch,
+        retry = params
+            .backoff_min
+            .as_deref()
+            .map(|b| format!("\n[mapping.retry]\nbackoff_min = {}\n", s(b)))
+            .unwrap_or_default(),
     )
 }
 
