@@ -46,6 +46,7 @@
 //!   creates: a state file, or PostgreSQL shared by replicas.
 //! - `notify`: systemd readiness, reload and watchdog notifications.
 //! - `redrive`: replays parked failure records (`esm-gateway redrive`).
+//! - `durable`: the atomic file replace (temporary file, fsync, rename, directory fsync).
 //! - `trace`: a message's trace context (W3C `traceparent`, X-Ray `X-Amzn-Trace-Id`) and
 //!   the `X-Amzn-Trace-Id` the invoke carries.
 //! - `status`: each mapping's observable state (running, failed and why).
@@ -58,6 +59,7 @@ pub mod api;
 pub mod aws;
 pub mod config;
 pub mod destination;
+pub mod durable;
 pub mod env;
 #[cfg(test)]
 mod fuzz;

@@ -170,11 +170,7 @@ fn whole_lines(f: &mut File, len: u64) -> std::io::Result<u64> {
     Ok(0)
 }
 
-/// fsyncs the directory holding `path`, so that a file created or renamed there survives
-/// a crash.
-pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
-    File::open(parent(path))?.sync_all()
-}
+pub(crate) use crate::durable::sync_dir;
 
 fn parent(path: &Path) -> &Path {
     match path.parent() {

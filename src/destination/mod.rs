@@ -280,23 +280,12 @@ async fn keep(dir: &Path, path: &Path, record: &[u8]) -> Result<(), DestinationE
         })
 }
 
-/// Writes `record` to `path` whole or not at all: into a temporary file that is fsynced,
-/// renamed into place and its directory fsynced, each result checked (tokio's `File`
-/// would report a failed write only on the next call).
+/// Writes `record` to `path` whole or not at all ([`crate::durable::replace`]; not tokio's
+/// `File`, which would report a failed write only on the next call).
 fn keep_payload(path: &Path, record: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
     let dir = path.parent().expect("a payload file is inside payload_dir");
     std::fs::create_dir_all(dir)?;
-    let tmp = file::sibling(path, "tmp");
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(record).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .and_then(|()| file::sync_dir(path));
-    if written.is_err() {
-        // Frees the space for the retry: nothing refers to a file that was not parked.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    crate::durable::replace(path, &file::sibling(path, "tmp"), record)
 }
 
 /// A rendered failure record: its JSON and its `requestContext.requestId`.

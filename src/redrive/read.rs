@@ -295,11 +295,8 @@ fn rewrite(live: &Path, p: &Path, keep: &str) -> std::io::Result<()> {
     let _lock = file::lock(live)?;
     if keep.is_empty() {
         std::fs::remove_file(p)?;
+        file::sync_dir(p)
     } else {
-        let tmp = file::sibling(p, "redrive.tmp");
-        std::fs::write(&tmp, keep)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, p)?;
+        crate::durable::replace(p, &file::sibling(p, "redrive.tmp"), keep.as_bytes())
     }
-    file::sync_dir(p)
 }

@@ -13,7 +13,6 @@
 pub mod postgres;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -245,17 +244,7 @@ fn write<R: Keyed>(path: &Path, records: &BTreeMap<String, R>) -> Result<(), Sto
         mappings: records.values().cloned().collect(),
     };
     let bytes = serde_json::to_vec_pretty(&file).expect("records serialize");
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(failed)?;
-    f.write_all(&bytes).map_err(failed)?;
-    f.sync_all().map_err(failed)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(failed)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(failed)?;
-    Ok(())
+    crate::durable::replace(path, &path.with_extension("json.tmp"), &bytes).map_err(failed)
 }
 
 #[cfg(test)]
