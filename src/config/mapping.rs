@@ -123,7 +123,8 @@ pub struct RetryPolicy {
     #[serde(default = "default_backoff_min", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub backoff_min: Duration,
-    /// Longest backoff (doubling from backoff_min, with full jitter). Default: "60s".
+    /// Longest backoff (doubling from backoff_min; each wait is drawn between half and all of
+    /// its length, so that replicas do not retry in step). Default: "60s".
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub backoff_max: Duration,
