@@ -6,11 +6,18 @@
 //! batches at 10 whatever it is given; AWS honours up to 10,000). Then, unless
 //! `BENCH_FAIL_PERCENT=0`, the gateway drains batches of 10 once more into a function that
 //! fails that percentage (1) of its first-attempt invokes: its rate over the first 97 % of
-//! the messages against the error-free batch-10 drain's (the last retries wait out their
-//! backoff, which is not throughput); every message must still be delivered.
+//! the messages against an error-free batch-10 drain's (the last retries wait out their
+//! backoff, which is not throughput); every message must still be delivered. It fails
+//! them in each of `BENCH_FAIL_MODES` (`raise,report`): `raise` raises an exception, and
+//! MiniStack then kills the function's worker process, so that its next invoke is a cold
+//! start; `report` returns a partial batch response naming every record of the batch
+//! (the mapping sets `report_batch_item_failures`), which SQS treats alike (the messages
+//! come back after their visibility timeout) without the restart. Each failing drain
+//! is compared with an error-free one run just before it.
 //!
 //! ```text
-//! cargo bench --bench sqs   # BENCH_MESSAGES (10000), BENCH_CONCURRENCY (10), BENCH_LARGE_BATCH (100), BENCH_FAIL_PERCENT (1)
+//! cargo bench --bench sqs   # BENCH_MESSAGES (10000), BENCH_CONCURRENCY (10), BENCH_LARGE_BATCH (100),
+//!                           # BENCH_FAIL_PERCENT (1), BENCH_FAIL_MODES (raise,report)
 //! ```
 //! Needs the local stack (`scripts/stack up`): MiniStack on 127.0.0.1:4566.
 
@@ -31,12 +38,16 @@ const FUNCTION: &str =
     "def handler(event, context):\n    print(len(event['Records']))\n    return None\n";
 /// Fails `PERCENT` % of first-attempt invokes, picked by the first message's id (a retry
 /// carries `ApproximateReceiveCount` above 1, and succeeds).
+/// `FAIL` is a statement: the raise, or the return of a partial batch response.
 const FAILING_FUNCTION: &str = "import zlib\n\
 def handler(event, context):\n    \
 first = event['Records'][0]\n    \
 if first['attributes']['ApproximateReceiveCount'] == '1' and zlib.crc32(first['messageId'].encode()) % 100 < PERCENT:\n        \
-raise Exception('bench: a failing invoke')\n    \
+FAIL\n    \
 return None\n";
+const RAISE: &str = "raise Exception('bench: a failing invoke')";
+const REPORT: &str =
+    "return {'batchItemFailures': [{'itemIdentifier': r['messageId']} for r in event['Records']]}";
 
 async fn sdk() -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -198,6 +209,31 @@ async fn deploy(lambda: &aws_sdk_lambda::Client, name: &str, code: &str) -> Resu
     Ok(())
 }
 
+/// Starts `concurrency` of the function's workers (MiniStack starts one per concurrent
+/// invoke, a Python process each), so that a drain into a newly deployed function does
+/// not pay their cold starts. The event is a retry's, which the failing functions let
+/// through.
+async fn warm(lambda: &aws_sdk_lambda::Client, name: &str, concurrency: usize) -> Result<()> {
+    let event = r#"{"Records":[{"messageId":"warm-up","body":"","attributes":{"ApproximateReceiveCount":"2"}}]}"#;
+    let invokes = (0..concurrency).map(|_| {
+        lambda
+            .invoke()
+            .function_name(name)
+            .payload(aws_sdk_lambda::primitives::Blob::new(event))
+            .send()
+    });
+    for r in futures_util::future::join_all(invokes).await {
+        let r = r?;
+        ensure!(
+            r.function_error().is_none(),
+            "warm-up invoke of {name} failed: {:?}",
+            r.payload()
+                .map(|p| String::from_utf8_lossy(p.as_ref()).into_owned())
+        );
+    }
+    Ok(())
+}
+
 /// What one gateway drain took, and what it cost the gateway.
 struct Drain {
     drained: Duration,
@@ -258,11 +294,12 @@ async fn gateway_drain(
     batch: i32,
     window: i32,
     concurrency: usize,
+    report: bool,
     limit: Duration,
 ) -> Result<Drain> {
     let url = fill(sqs, &format!("bench-gw{batch}-{id}"), n).await?;
     let config = format!(
-        "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{ENDPOINT}\"\n\n[admin]\nenabled = false\n\n[[mapping]]\nname = \"bench\"\nfunction = \"{function}\"\n\n\
+        "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{ENDPOINT}\"\n\n[admin]\nenabled = false\n\n[[mapping]]\nname = \"bench\"\nfunction = \"{function}\"\nreport_batch_item_failures = {report}\n\n\
              [mapping.batch]\nsize = {batch}\nwindow = \"{window}s\"\n\n[mapping.source]\ntype = \"sqs\"\nqueue_url = \"{url}\"\nmax_concurrency = {}\n",
         concurrency.max(2)
     );
@@ -315,26 +352,73 @@ async fn main() -> Result<()> {
     let mut rows = Vec::new();
     for (batch, window) in [(10, 0), (batch_large, 1)] {
         let esm = esm_drain(&sqs, &lambda, &function, &id, n, batch, window, limit).await?;
-        let gw = gateway_drain(&sqs, &function, &id, n, batch, window, concurrency, limit).await?;
+        let gw = gateway_drain(
+            &sqs,
+            &function,
+            &id,
+            n,
+            batch,
+            window,
+            concurrency,
+            false,
+            limit,
+        )
+        .await?;
         rows.push((batch, window, esm, gw));
+    }
+
+    // 4. Batches of 10 into a function that fails some of them, in each mode, each
+    // right after an error-free drain of its own: MiniStack's rate drifts between drains,
+    // so each failing drain is compared with the one next to it.
+    let modes = std::env::var("BENCH_FAIL_MODES").unwrap_or_else(|_| "raise,report".into());
+    let mut failing = Vec::new();
+    for mode in modes.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        if fail_percent == 0 {
+            break;
+        }
+        let (fail, report) = match mode {
+            "raise" => (RAISE, false),
+            "report" => (REPORT, true),
+            other => anyhow::bail!("BENCH_FAIL_MODES: unknown mode {other:?} (raise, report)"),
+        };
+        let name = format!("bench-{mode}-{id}");
+        let code = FAILING_FUNCTION
+            .replace("PERCENT", &fail_percent.to_string())
+            .replace("FAIL", fail);
+        deploy(&lambda, &name, &code).await?;
+        warm(&lambda, &name, concurrency).await?;
+        let base = gateway_drain(
+            &sqs,
+            &function,
+            &format!("b{mode}{id}"),
+            n,
+            10,
+            0,
+            concurrency,
+            false,
+            limit,
+        )
+        .await?;
+        let run = gateway_drain(
+            &sqs,
+            &name,
+            &format!("{mode}{id}"),
+            n,
+            10,
+            0,
+            concurrency,
+            report,
+            limit,
+        )
+        .await;
+        let _ = lambda.delete_function().function_name(&name).send().await;
+        failing.push((mode.to_owned(), base, run?));
     }
     let _ = lambda
         .delete_function()
         .function_name(&function)
         .send()
         .await;
-
-    // 4. Batches of 10 into a function that fails some of them.
-    let failing = if fail_percent > 0 {
-        let name = format!("bench-failing-{id}");
-        let code = FAILING_FUNCTION.replace("PERCENT", &fail_percent.to_string());
-        deploy(&lambda, &name, &code).await?;
-        let run = gateway_drain(&sqs, &name, &format!("f{id}"), n, 10, 0, concurrency, limit).await;
-        let _ = lambda.delete_function().function_name(&name).send().await;
-        Some(run?)
-    } else {
-        None
-    };
 
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     println!("\n{n} messages × 256 B, concurrency {concurrency}, MiniStack on 127.0.0.1\n");
@@ -393,20 +477,24 @@ async fn main() -> Result<()> {
         per_message(raw_cpu),
         gw10.cpu.as_secs_f64() / raw_cpu.as_secs_f64()
     );
-    if let Some(failing) = failing {
+    for (mode, base, failing) in &failing {
         let most = |d: &Drain| (n - n * 3 / 100) as f64 / d.most.as_secs_f64();
+        let how = match mode.as_str() {
+            "raise" => "raising; MiniStack restarts the function's process after each",
+            _ => "a partial batch response naming every record",
+        };
         println!(
-            "\ngateway, batch 10, {fail_percent} % of first invokes failing: {:.0} messages/s over the first 97 % \
-             (error-free {:.0}); all {n} drained in {:.2} s",
-            most(&failing),
-            most(gw10),
+            "\ngateway, batch 10, {fail_percent} % of first invokes failing ({how}): {:.0} messages/s over the first 97 % \
+             (error-free, just before: {:.0}); all {n} drained in {:.2} s",
+            most(failing),
+            most(base),
             failing.drained.as_secs_f64()
         );
         println!(
-            "BENCH-ROW|SQS drain, batch 10, {fail_percent} % of invokes failing: messages/s vs error-free (first 97 %)|{:.0}|{:.0}|{:.2}|≥ 0.9",
-            most(&failing),
-            most(gw10),
-            most(&failing) / most(gw10)
+            "BENCH-ROW|SQS drain, batch 10, {fail_percent} % of invokes failing ({how}): messages/s vs error-free (first 97 %)|{:.0}|{:.0}|{:.2}|≥ 0.9",
+            most(failing),
+            most(base),
+            most(failing) / most(base)
         );
     }
     Ok(())
