@@ -8,8 +8,9 @@ use std::path::Path;
 /// Replaces `path` by `bytes` whole or not at all: writes them to `tmp` (beside `path`,
 /// on the same file system), fsyncs it, renames it over `path` and fsyncs the directory,
 /// each result checked (a failed write shows in `write_all` or `sync_all`, not later).
-/// On failure `tmp` is removed, so that a full disk gets its space back for the retry,
-/// and `path` is as it was.
+/// On failure `tmp` is removed, so that a full disk gets its space back for the retry;
+/// `path` then holds its old contents (or, when only the directory's fsync failed, the
+/// new ones, not yet known durable: the caller retries or reports as for any failure).
 pub fn replace(path: &Path, tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let written = std::fs::File::create(tmp)
         .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
