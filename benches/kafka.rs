@@ -5,7 +5,7 @@
 //! ```text
 //! cargo bench --bench kafka
 //! BENCH_RECORDS=200000 BENCH_SIZE=1024 BENCH_PARTITIONS=8 BENCH_BATCH=100 \
-//!   BENCH_WIDE_PARTITIONS=32 BENCH_WIDE_RECORDS=128000 BENCH_DELAY_MS=5 \
+//!   BENCH_WIDE_PARTITIONS=32 BENCH_WIDE_RECORDS=512000 BENCH_DELAY_MS=5 \
 //!   KAFKA_BOOTSTRAP=127.0.0.1:9092 cargo bench --bench kafka
 //! ```
 //!
@@ -77,7 +77,7 @@ impl Params {
             partitions: num("BENCH_PARTITIONS", 8)?,
             batch: num("BENCH_BATCH", 100)?,
             wide_partitions: num("BENCH_WIDE_PARTITIONS", 32)?,
-            wide_records: num("BENCH_WIDE_RECORDS", 128_000)?,
+            wide_records: num("BENCH_WIDE_RECORDS", 512_000)?,
             delay: Duration::from_millis(num("BENCH_DELAY_MS", 5)?),
         };
         ensure!(p.records > 1, "BENCH_RECORDS must be at least 2");
