@@ -25,11 +25,15 @@ pub fn replace(path: &Path, tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// fsyncs the directory holding `path`, so that a file created or renamed there survives
 /// a crash.
 pub fn sync_dir(path: &Path) -> std::io::Result<()> {
-    let dir = match path.parent() {
+    std::fs::File::open(parent(path))?.sync_all()
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+pub(crate) fn parent(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
-    std::fs::File::open(dir)?.sync_all()
+    }
 }
 
 #[cfg(test)]

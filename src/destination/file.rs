@@ -14,6 +14,8 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 
 use super::DestinationError;
+use crate::durable::parent;
+pub(crate) use crate::durable::sync_dir;
 
 /// `on_failure = { type = "file", … }`
 #[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
@@ -168,15 +170,6 @@ fn whole_lines(f: &mut File, len: u64) -> std::io::Result<u64> {
         end = start;
     }
     Ok(0)
-}
-
-pub(crate) use crate::durable::sync_dir;
-
-fn parent(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
 }
 
 /// The sidecar lock of `path`, held (exclusively) until the returned file is dropped.
