@@ -47,6 +47,7 @@
 //! - `notify`: systemd readiness, reload and watchdog notifications.
 //! - `redrive`: replays parked failure records (`esm-gateway redrive`).
 //! - `durable`: the atomic file replace (temporary file, fsync, rename, directory fsync).
+//! - `pg`: what the PostgreSQL stores (the API's, the schedules') share.
 //! - `trace`: a message's trace context (W3C `traceparent`, X-Ray `X-Amzn-Trace-Id`) and
 //!   the `X-Amzn-Trace-Id` the invoke carries.
 //! - `status`: each mapping's observable state (running, failed and why).
@@ -65,6 +66,7 @@ pub mod env;
 mod fuzz;
 pub mod invoke;
 pub mod notify;
+pub mod pg;
 pub mod pipeline;
 pub mod record;
 pub mod redrive;

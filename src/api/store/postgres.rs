@@ -17,7 +17,6 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, mpsc};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::env::SecretUrl;
@@ -213,18 +212,7 @@ impl Table {
         table
             .db
             .query(name, |c| async move {
-                match c.batch_execute(&ddl).await {
-                    // Two replicas creating the table at once: one loses the race on the
-                    // catalog's unique index, and the table exists all the same.
-                    Err(e)
-                        if [SqlState::UNIQUE_VIOLATION, SqlState::DUPLICATE_TABLE]
-                            .iter()
-                            .any(|c| e.code() == Some(c)) =>
-                    {
-                        Ok(())
-                    }
-                    r => r,
-                }
+                crate::pg::create_missing(&c, &ddl).await
             })
             .await?;
         Ok(table)

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 use crate::env::SecretUrl;
@@ -123,21 +122,9 @@ impl Store {
             }
         });
         for ddl in [TABLE, MIGRATE] {
-            if let Err(e) = client.batch_execute(ddl).await {
-                // Two replicas creating the table (or adding a column) at once: one loses
-                // the race on the catalog's unique index, and the result exists all the
-                // same.
-                let raced = [
-                    SqlState::UNIQUE_VIOLATION,
-                    SqlState::DUPLICATE_TABLE,
-                    SqlState::DUPLICATE_COLUMN,
-                ]
-                .iter()
-                .any(|c| e.code() == Some(c));
-                if !raced {
-                    return Err(self.query_error(e));
-                }
-            }
+            crate::pg::create_missing(&client, ddl)
+                .await
+                .map_err(|e| self.query_error(e))?;
         }
         let client = Arc::new(client);
         *slot = Some(client.clone());
