@@ -142,6 +142,22 @@ properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000" 
         )
 }
 
+/// A function `prefix` fed by a gateway draining `topic` from its start in batches of up
+/// to 100 (100 ms window), once `n` records reached it and the gateway has stopped.
+async fn drain_into(prefix: &str, b: &str, topic: &str, n: usize) -> Function {
+    let f = Function::deploy(prefix, &[]).await;
+    let gw = Gateway::start(&kafka_config(
+        b,
+        &f.name,
+        topic,
+        &unique("g"),
+        "[mapping.batch]\nsize = 100\nwindow = \"100ms\"",
+    ));
+    f.wait_delivered(n, LONG).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    f
+}
+
 /// The successful deliveries of each partition, in delivery order, as offsets.
 fn delivered_by_partition(f: &Function) -> BTreeMap<i64, Vec<i64>> {
     let mut out: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
@@ -178,16 +194,7 @@ async fn eight_partitions_of_keyed_records_arrive_in_partition_order() {
         .map(|i| rec(i % 8, &format!("key-{}", i % 97), format!("r-{i}")))
         .collect();
     produce(&b, &topic, records).await;
-    let f = Function::deploy("korder", &[]).await;
-    let gw = Gateway::start(&kafka_config(
-        &b,
-        &f.name,
-        &topic,
-        &unique("g"),
-        "[mapping.batch]\nsize = 100\nwindow = \"100ms\"",
-    ));
-    f.wait_delivered(40_000, LONG).await;
-    assert_eq!(gw.terminate().await.code(), Some(0));
+    let f = drain_into("korder", &b, &topic, 40_000).await;
 
     let by_partition = delivered_by_partition(&f);
     assert_eq!(by_partition.len(), 8);
@@ -207,6 +214,23 @@ async fn eight_partitions_of_keyed_records_arrive_in_partition_order() {
         );
     }
     assert!(f.invocations().iter().all(|i| i.bodies.len() <= 100));
+}
+
+#[tokio::test]
+async fn record_batches_larger_than_a_fetch_response_arrive_whole_and_in_order() {
+    // The gateway asks for fetch responses of at most 256 KiB; the producer packs these
+    // 300 KB records into record batches of up to 1 MB (its `batch.size`), which the
+    // broker must send whole, alone in a response, or the partition would never move.
+    let b = bootstrap();
+    let topic = create_topic(&b, "bigbatch", 1).await;
+    let value = |i: usize| format!("big-{i}-") + &"x".repeat(300_000);
+    produce(&b, &topic, (0..8).map(|i| rec(0, "k", value(i))).collect()).await;
+    let f = drain_into("kbigbatch", &b, &topic, 8).await;
+    let delivered = f.delivered();
+    assert_eq!(delivered.len(), 8, "each record once");
+    for (i, v) in delivered.iter().enumerate() {
+        assert!(v == &value(i), "record {i} whole and in order");
+    }
 }
 
 #[tokio::test]

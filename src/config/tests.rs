@@ -273,6 +273,9 @@ fn kafka_sources_parse_and_hide_their_password() {
     // The window (500 ms), capped: a fetch of caught-up partitions must not hold up the
     // fetching of backlogged ones for long.
     assert_eq!(conf.get("fetch.wait.max.ms"), Some("100"));
+    // Small fetch responses, so that a slow partition pins little besides its own.
+    assert_eq!(conf.get("fetch.max.bytes"), Some("262144"));
+    assert_eq!(conf.get("message.max.bytes"), Some("262144"));
 
     // A window of 0 fetches for latency; large batches prefetch more, within bounds.
     let fast = crate::pipeline::batcher::BatchLimits {
@@ -292,6 +295,15 @@ fn kafka_sources_parse_and_hide_their_password() {
     );
     let conf = crate::source::kafka::client_config(&k, "events", &fast);
     assert_eq!(conf.get("fetch.wait.max.ms"), Some("100"));
+    // librdkafka refuses a `fetch.max.bytes` below `message.max.bytes`: a mapping that
+    // sets one of them gets neither of the gateway's.
+    k.properties.insert(
+        "message.max.bytes".into(),
+        crate::env::Expanded("2000000".into()),
+    );
+    let conf = crate::source::kafka::client_config(&k, "events", &fast);
+    assert_eq!(conf.get("message.max.bytes"), Some("2000000"));
+    assert_eq!(conf.get("fetch.max.bytes"), None);
 }
 
 #[test]
