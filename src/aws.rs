@@ -65,6 +65,25 @@ fn stalled_stream_protection() -> StalledStreamProtectionConfig {
         .build()
 }
 
+/// Longest wait for one SQS call's answer: a 20 s long poll and 10 s more. Without it, a
+/// call whose connection went silent (a NAT that forgot the flow, a peer gone without a
+/// reset) waits until TCP gives up, which a keepalive-answering middlebox never lets
+/// happen: the mapping would stop receiving for good.
+pub const SQS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An SQS client on the shared configuration, each attempt bounded by
+/// [`SQS_ATTEMPT_TIMEOUT`] (Lambda's invokes have the mapping's `function_timeout`).
+pub fn sqs_client(sdk: &aws_config::SdkConfig) -> aws_sdk_sqs::Client {
+    let config = aws_sdk_sqs::config::Builder::from(sdk)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .operation_attempt_timeout(SQS_ATTEMPT_TIMEOUT)
+                .build(),
+        )
+        .build();
+    aws_sdk_sqs::Client::from_conf(config)
+}
+
 /// Builds the SDK configuration shared by every AWS client of the process.
 pub async fn sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -114,19 +133,34 @@ pub async fn sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn clients_check_stalled_responses_but_not_uploads() {
-        let aws = AwsConfig {
+    /// A configuration that never reaches AWS (nothing is sent).
+    fn local() -> AwsConfig {
+        AwsConfig {
             region: Some("us-east-1".into()),
             endpoint_url: Some("http://127.0.0.1:9".into()),
             ..Default::default()
-        };
-        let ssp = sdk_config(&aws)
+        }
+    }
+
+    #[tokio::test]
+    async fn clients_check_stalled_responses_but_not_uploads() {
+        let ssp = sdk_config(&local())
             .await
             .stalled_stream_protection()
             .expect("the gateway sets stalled-stream protection");
         assert!(!ssp.upload_enabled(), "upload checks wake every request");
         assert!(ssp.download_enabled());
         assert_eq!(ssp.grace_period(), Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn sqs_calls_are_bounded_and_keep_the_connect_timeout() {
+        let client = sqs_client(&sdk_config(&local()).await);
+        let timeouts = client.config().timeout_config().expect("timeouts are set");
+        assert_eq!(
+            timeouts.operation_attempt_timeout(),
+            Some(SQS_ATTEMPT_TIMEOUT)
+        );
+        assert_eq!(timeouts.connect_timeout(), Some(Duration::from_secs(5)));
     }
 }

@@ -192,14 +192,7 @@ async fn kill_9_mid_stream_loses_nothing() {
     .await;
     // What the killed process had received comes back after its visibility timeout,
     // is delivered again and deleted: the queue drains.
-    let deadline = std::time::Instant::now() + LONG;
-    while depth(&client, &url).await != (0, 0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the queue never drained"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_sqs_empty(&client, &url, LONG).await;
     assert_eq!(gw.terminate().await.code(), Some(0));
 }
 

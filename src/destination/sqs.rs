@@ -51,7 +51,7 @@ pub struct SqsDestination {
 impl SqsDestination {
     pub fn new(c: &Config, mapping: &str, sdk: &aws_config::SdkConfig) -> Self {
         SqsDestination {
-            client: aws_sdk_sqs::Client::new(sdk),
+            client: crate::aws::sqs_client(sdk),
             url: c.queue_url.clone(),
             limit: c.max_message_bytes.unwrap_or(256 * 1024),
             payload_dir: c

@@ -245,7 +245,7 @@ pub async fn run(
     };
     match from {
         From::File(path) => replay.file(&path).await,
-        From::Sqs(url) => replay.sqs(aws_sdk_sqs::Client::new(&sdk), &url).await,
+        From::Sqs(url) => replay.sqs(crate::aws::sqs_client(&sdk), &url).await,
         From::Rabbitmq(queue) => {
             let url = match &m.on_failure {
                 Some(DestinationConfig::Rabbitmq(d)) => d.url.clone(),

@@ -822,6 +822,18 @@ pub async fn depth(client: &aws_sdk_sqs::Client, url: &str) -> (u64, u64) {
 
 /// A gateway configuration with one SQS mapping named "test"; `extra` goes into the
 /// mapping before its source.
+/// Waits until `url` holds no message, visible or in flight (polling every 200 ms).
+pub async fn wait_sqs_empty(client: &aws_sdk_sqs::Client, url: &str, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while depth(client, url).await != (0, 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue {url} never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub fn sqs_config(function: &str, url: &str, extra: &str) -> String {
     gateway_header()
         + &mapping(

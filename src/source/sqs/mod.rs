@@ -112,7 +112,7 @@ pub async fn run(source: &SqsSource, context: Context) {
         function_timeout,
         shutdown,
     } = context;
-    let client = Client::new(&env.sdk);
+    let client = crate::aws::sqs_client(&env.sdk);
     let region = env.region.clone();
     // The visibility check follows the mapping's function_timeout when set (the
     // source's own key is the older spelling of the same setting).
