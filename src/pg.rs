@@ -1,8 +1,39 @@
 //! What the gateway's two PostgreSQL stores share (the API's records, the schedules'
-//! fires): creating their tables when several replicas start at once.
+//! fires): creating their tables when several replicas start at once, and giving up a
+//! connection that leaves a query unanswered.
 
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
+
+/// Longest wait for a connection to open or a query to be answered.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Runs `query`, sent on `client`, the store's shared connection in `slot`, within the
+/// [`DEADLINE`]. None when no answer came: the connection may be dead without knowing it
+/// (a peer that vanished sends no reset, and a middlebox may keep answering TCP
+/// keepalive), so `slot` is emptied if it still holds `client`, and the next query opens
+/// another connection.
+pub async fn answered<T>(
+    slot: &Mutex<Option<Arc<Client>>>,
+    client: &Arc<Client>,
+    query: impl Future<Output = T>,
+) -> Option<T> {
+    match tokio::time::timeout(DEADLINE, query).await {
+        Ok(r) => Some(r),
+        Err(_) => {
+            let mut slot = slot.lock().await;
+            if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
+                *slot = None;
+            }
+            None
+        }
+    }
+}
 
 /// Runs `ddl`, statements that create what is missing (`CREATE TABLE IF NOT EXISTS`,
 /// `ADD COLUMN IF NOT EXISTS`). Two replicas running them at once can both find the table

@@ -13,12 +13,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::freezer::Freezer;
 use common::*;
 
 const LONG: Duration = Duration::from_secs(180);
@@ -134,108 +131,15 @@ async fn a_queue_with_a_zero_visibility_timeout_is_delivered_once() {
     standard_queue_drains_once("sqszerovis", 0, 30, "1500").await;
 }
 
-/// A TCP proxy to MiniStack that can silence the connection carrying the latest
-/// ReceiveMessage: from then on, what either side sends on it is read and dropped, and
-/// neither sees a reset, as when a NAT forgets a flow.
-struct Freezer {
-    port: u16,
-    /// Per connection, whether it is silenced.
-    frozen: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
-    /// The connection that carried the latest ReceiveMessage request, if any.
-    last_receive: Arc<Mutex<Option<usize>>>,
-    receives: Arc<AtomicUsize>,
-}
-
-impl Freezer {
-    fn start(upstream: &str) -> Freezer {
-        let upstream = upstream
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_owned();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let frozen: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
-        let last_receive: Arc<Mutex<Option<usize>>> = Arc::default();
-        let receives = Arc::new(AtomicUsize::new(0));
-        let (all, last, count) = (frozen.clone(), last_receive.clone(), receives.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming().map_while(Result::ok) {
-                let server = TcpStream::connect(&upstream).unwrap();
-                let silenced = Arc::new(AtomicBool::new(false));
-                let id = {
-                    let mut all = all.lock().unwrap();
-                    all.push(silenced.clone());
-                    all.len() - 1
-                };
-                let (last, count) = (last.clone(), count.clone());
-                let on_request = move |chunk: &[u8]| {
-                    if chunk.windows(24).any(|w| w == b"AmazonSQS.ReceiveMessage") {
-                        *last.lock().unwrap() = Some(id);
-                        count.fetch_add(1, Ordering::SeqCst);
-                    }
-                };
-                pump(
-                    client.try_clone().unwrap(),
-                    server.try_clone().unwrap(),
-                    silenced.clone(),
-                    on_request,
-                );
-                pump(server, client, silenced, |_| {});
-            }
-        });
-        Freezer {
-            port,
-            frozen,
-            last_receive,
-            receives,
-        }
-    }
-
-    /// Silences the connection of the latest ReceiveMessage; false if there was none.
-    fn freeze_last_receive(&self) -> bool {
-        let Some(id) = *self.last_receive.lock().unwrap() else {
-            return false;
-        };
-        self.frozen.lock().unwrap()[id].store(true, Ordering::SeqCst);
-        true
-    }
-}
-
-/// Copies `from` to `to` on a thread of its own until `from` closes; once `silenced`,
-/// reads and drops.
-fn pump(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    silenced: Arc<AtomicBool>,
-    mut seen: impl FnMut(&[u8]) + Send + 'static,
-) {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if silenced.load(Ordering::SeqCst) {
-                continue;
-            }
-            seen(&buf[..n]);
-            if to.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        if !silenced.load(Ordering::SeqCst) {
-            let _ = to.shutdown(std::net::Shutdown::Write);
-        }
-    });
-}
-
 #[tokio::test]
 async fn a_long_poll_whose_answer_never_comes_is_given_up_and_the_queue_still_drains() {
     let client = sqs_client().await;
     let url = create_queue(&client, "sqsfrozen", false, 5).await;
     let f = Function::deploy("sqsfrozen", &[]).await;
-    let proxy = Freezer::start(&aws_endpoint());
+    let proxy = Freezer::start(
+        aws_endpoint().trim_start_matches("http://"),
+        b"AmazonSQS.ReceiveMessage",
+    );
     let config = sqs_config(
         &f.name,
         &url,
@@ -248,10 +152,10 @@ async fn a_long_poll_whose_answer_never_comes_is_given_up_and_the_queue_still_dr
     let gw = Gateway::start(&config);
     // The idle queue's long poll is out (20 s): its connection goes silent.
     wait_for("a long poll through the proxy", LONG, || {
-        proxy.freeze_last_receive().then_some(())
+        proxy.freeze_latest_marked().then_some(())
     })
     .await;
-    let polls = proxy.receives.load(Ordering::SeqCst);
+    let polls = proxy.marked();
     // The silenced poll takes the first ten at MiniStack and its answer is dropped: they
     // come back after the queue's 5 s visibility timeout.
     let messages: Vec<_> = (0..20).map(|i| (None, format!("frozen-{i}"))).collect();
@@ -261,7 +165,7 @@ async fn a_long_poll_whose_answer_never_comes_is_given_up_and_the_queue_still_dr
     })
     .await;
     assert!(
-        proxy.receives.load(Ordering::SeqCst) > polls,
+        proxy.marked() > polls,
         "the messages came through a new poll"
     );
     // The count: every message delivered once and deleted, none left in the queue.

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use common::freezer::Freezer;
 use common::*;
 use serde_json::Value;
 
@@ -267,11 +268,7 @@ async fn two_gateways_sharing_postgres_fire_every_tick_exactly_once() {
     let won = count("schedule fired");
     let lost = count("another replica fired this time");
 
-    let mut times = scheduled_times(&f);
-    let fired = times.len();
-    times.sort();
-    times.dedup();
-    assert_eq!(times.len(), fired, "a tick fired twice");
+    let fired = assert_every_tick_once(&scheduled_times(&f), TimeDelta::seconds(2));
     assert!(fired >= 50, "fifty 2 s ticks, got {fired}");
     // Both computed every tick: what one won, the other lost.
     assert_eq!(won.iter().sum::<usize>(), fired, "fires logged {won:?}");
@@ -279,14 +276,24 @@ async fn two_gateways_sharing_postgres_fire_every_tick_exactly_once() {
         lost.iter().sum::<usize>() >= fired - 2,
         "claims lost {lost:?}"
     );
-    for w in times.windows(2) {
+}
+
+/// Asserts that `times` hold each tick `step` apart from the first to the last, each
+/// once; returns how many.
+fn assert_every_tick_once(times: &[DateTime<Utc>], step: TimeDelta) -> usize {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), times.len(), "a tick fired twice");
+    for w in sorted.windows(2) {
         assert_eq!(
             w[1] - w[0],
-            TimeDelta::seconds(2),
+            step,
             "a tick is missing after {}",
             w[0].to_rfc3339_opts(SecondsFormat::Secs, true)
         );
     }
+    times.len()
 }
 
 /// A rate schedule with one tick a few seconds from now (its start; its end is before the
@@ -556,4 +563,54 @@ async fn a_fire_disabled_during_its_retries_is_resumed_when_enabled() {
     assert_eq!(gw.terminate().await.code(), Some(0));
 
     t.assert_delivered_once();
+}
+
+#[tokio::test]
+async fn a_silent_store_connection_is_given_up_and_every_tick_still_fires_once() {
+    let f = Function::deploy("schedfrozen", &[]).await;
+    let (schema, url) = postgres_schema("frozen").await;
+    let pg: tokio_postgres::Config = url.parse().unwrap();
+    let upstream = match (&pg.get_hosts()[0], pg.get_ports().first()) {
+        (tokio_postgres::config::Host::Tcp(host), port) => {
+            format!("{host}:{}", port.copied().unwrap_or(5432))
+        }
+        _ => panic!("the test needs PostgreSQL over TCP: {url}"),
+    };
+    let proxy = Freezer::start(&upstream, b"esm_gateway_schedule_fires");
+    let proxied = url.replacen(&upstream, &format!("127.0.0.1:{}", proxy.port), 1);
+    assert_ne!(proxied, url, "the store's URL names {upstream}");
+    let config = schedule_config(
+        &unique("frozen"),
+        &f.name,
+        &format!("[schedules]\nstore = \"{proxied}\""),
+        r#"expression = "rate(1 second)""#,
+        "",
+    );
+    let gw = Gateway::start(&config);
+    wait_for("three ticks fired", LONG, || {
+        (scheduled_times(&f).len() >= 3).then_some(())
+    })
+    .await;
+    // The store's connection goes silent: claims sent on it get no answer.
+    assert!(proxy.freeze_all() >= 1);
+    let before = scheduled_times(&f).len();
+    // Five ticks more, and none missing between them: the claims sent on the silent
+    // connection are given up and made again on a new one.
+    let contiguous = |times: &[DateTime<Utc>]| {
+        let mut t = times.to_vec();
+        t.sort();
+        t.dedup();
+        t.windows(2).all(|w| w[1] - w[0] == TimeDelta::seconds(1))
+    };
+    wait_for("every tick fired through a new connection", LONG, || {
+        let times = scheduled_times(&f);
+        (times.len() >= before + 5 && contiguous(&times)).then_some(())
+    })
+    .await;
+    assert!(proxy.accepted() > 1, "the store connected again");
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    // The count: every tick from the first to the last fired once, none lost to the
+    // silent connection.
+    assert_every_tick_once(&scheduled_times(&f), TimeDelta::seconds(1));
+    drop_schema(&schema).await;
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod amq;
+pub mod freezer;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -37,14 +38,7 @@ pub fn postgres_url() -> String {
 /// `search_path`), so that tests running at once keep their tables apart.
 pub async fn postgres_schema(prefix: &str) -> (String, String) {
     let schema = unique(prefix).replace('-', "_");
-    let (admin, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
-        .await
-        .expect("connect to PostgreSQL (is `scripts/stack up` running?)");
-    tokio::spawn(connection);
-    admin
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
+    postgres_admin(&format!("CREATE SCHEMA {schema}")).await;
     let sep = if postgres_url().contains('?') {
         '&'
     } else {
@@ -52,6 +46,20 @@ pub async fn postgres_schema(prefix: &str) -> (String, String) {
     };
     let url = format!("{}{sep}options=-csearch_path%3D{schema}", postgres_url());
     (schema, url)
+}
+
+/// Drops a schema made by [`postgres_schema`], with what it holds.
+pub async fn drop_schema(schema: &str) {
+    postgres_admin(&format!("DROP SCHEMA {schema} CASCADE")).await;
+}
+
+/// Runs `sql` on a connection of its own to the local PostgreSQL.
+async fn postgres_admin(sql: &str) {
+    let (admin, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL (is `scripts/stack up` running?)");
+    tokio::spawn(connection);
+    admin.batch_execute(sql).await.unwrap();
 }
 
 /// A name unique to this test run.

@@ -11,7 +11,6 @@
 //! database turns a change request into an error instead of a hang.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde::Serialize;
@@ -20,6 +19,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::env::SecretUrl;
+use crate::pg::DEADLINE;
 
 /// The channel every change notifies, with the table's name as payload.
 pub const CHANNEL: &str = "esm_gateway_api";
@@ -29,9 +29,6 @@ pub const MAPPINGS: &str = "esm_gateway_api_mappings";
 
 /// The table of the Scheduler API's schedules.
 pub const SCHEDULES: &str = "esm_gateway_api_schedules";
-
-/// How long connecting, or one query, may take before the store counts as unreachable.
-const DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -149,15 +146,9 @@ impl Db {
             table: table.to_owned(),
             message,
         };
-        match tokio::time::timeout(DEADLINE, query(client.clone())).await {
-            Ok(r) => r.map_err(|e| failed(describe(&e))),
-            Err(_) => {
-                let mut slot = self.client.lock().await;
-                if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {
-                    *slot = None;
-                }
-                Err(failed(format!("no answer within {DEADLINE:?}")))
-            }
+        match crate::pg::answered(&self.client, &client, query(client.clone())).await {
+            Some(r) => r.map_err(|e| failed(describe(&e))),
+            None => Err(failed(format!("no answer within {DEADLINE:?}"))),
         }
     }
 

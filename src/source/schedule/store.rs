@@ -13,14 +13,17 @@
 //! finished).
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
 use crate::env::SecretUrl;
+use crate::pg::DEADLINE;
 
 const TABLE: &str = "CREATE TABLE IF NOT EXISTS esm_gateway_schedule_fires (
     schedule       text        NOT NULL,
@@ -109,12 +112,22 @@ impl Store {
         {
             return Ok(c.clone());
         }
-        let (client, connection) = tokio_postgres::connect(self.url.expose(), NoTls)
+        let failed = |message| StoreError::Connect {
+            url: self.url.to_string(),
+            message,
+        };
+        let mut config: tokio_postgres::Config = self
+            .url
+            .expose()
+            .parse()
+            .map_err(|e: tokio_postgres::Error| failed(e.to_string()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(DEADLINE);
+        }
+        let (client, connection) = tokio::time::timeout(DEADLINE, config.connect(NoTls))
             .await
-            .map_err(|e| StoreError::Connect {
-                url: self.url.to_string(),
-                message: e.to_string(),
-            })?;
+            .map_err(|_| failed(format!("no answer within {DEADLINE:?}")))?
+            .map_err(|e| failed(e.to_string()))?;
         let url = self.url.to_string();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -122,13 +135,30 @@ impl Store {
             }
         });
         for ddl in [TABLE, MIGRATE] {
-            crate::pg::create_missing(&client, ddl)
+            tokio::time::timeout(DEADLINE, crate::pg::create_missing(&client, ddl))
                 .await
+                .map_err(|_| failed(format!("no answer within {DEADLINE:?}")))?
                 .map_err(|e| self.query_error(e))?;
         }
         let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)
+    }
+
+    /// Runs `query` on the shared connection within the [`DEADLINE`]; a query left
+    /// unanswered drops the connection (see [`crate::pg::answered`]).
+    async fn run<T, F>(&self, query: impl FnOnce(Arc<Client>) -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        let client = self.client().await?;
+        match crate::pg::answered(&self.client, &client, query(client.clone())).await {
+            Some(r) => r.map_err(|e| self.query_error(e)),
+            None => Err(StoreError::Query {
+                url: self.url.to_string(),
+                message: format!("no answer within {DEADLINE:?}"),
+            }),
+        }
     }
 
     fn query_error(&self, e: tokio_postgres::Error) -> StoreError {
@@ -165,7 +195,6 @@ impl Store {
         at: DateTime<Utc>,
         execution_id: &str,
     ) -> Result<bool, StoreError> {
-        let c = self.client().await?;
         let sql = format!(
             "INSERT INTO esm_gateway_schedule_fires AS f (schedule, scheduled_time, owner, execution_id, lease_until) \
              VALUES ($1, $2, $3, $4, {}) \
@@ -173,69 +202,62 @@ impl Store {
              WHERE f.execution_id = EXCLUDED.execution_id AND f.owner = EXCLUDED.owner AND f.finished_at IS NULL",
             LEASE_END.replace("$LEASE", "$5")
         );
-        let n = c
-            .execute(
-                &sql,
-                &[
-                    &schedule,
-                    &at,
-                    &self.owner,
-                    &execution_id,
-                    &self.lease_secs(),
-                ],
-            )
-            .await
-            .map_err(|e| self.query_error(e))?;
+        let lease = self.lease_secs();
+        let params: [&(dyn ToSql + Sync); 5] = [&schedule, &at, &self.owner, &execution_id, &lease];
+        let n = self
+            .run(|c| async move { c.execute(&sql, &params).await })
+            .await?;
         Ok(n == 1)
     }
 
     /// Extends our lease on a fire still retrying; false if it is no longer ours
     /// (another replica took it over after the lease expired) or already finished.
     pub async fn renew(&self, schedule: &str, at: DateTime<Utc>) -> Result<bool, StoreError> {
-        let c = self.client().await?;
         let sql = format!(
             "UPDATE esm_gateway_schedule_fires SET lease_until = {} \
              WHERE schedule = $1 AND scheduled_time = $2 AND owner = $3 AND finished_at IS NULL",
             LEASE_END.replace("$LEASE", "$4")
         );
-        let n = c
-            .execute(&sql, &[&schedule, &at, &self.owner, &self.lease_secs()])
-            .await
-            .map_err(|e| self.query_error(e))?;
+        let lease = self.lease_secs();
+        let params: [&(dyn ToSql + Sync); 4] = [&schedule, &at, &self.owner, &lease];
+        let n = self
+            .run(|c| async move { c.execute(&sql, &params).await })
+            .await?;
         Ok(n == 1)
     }
 
     /// Marks a fire delivered, parked or dropped: nobody resumes it.
     pub async fn finish(&self, schedule: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
-        let c = self.client().await?;
-        c.execute(
-            "UPDATE esm_gateway_schedule_fires SET finished_at = now() \
-             WHERE schedule = $1 AND scheduled_time = $2 AND finished_at IS NULL",
-            &[&schedule, &at],
-        )
-        .await
-        .map_err(|e| self.query_error(e))?;
+        self.run(|c| async move {
+            c.execute(
+                "UPDATE esm_gateway_schedule_fires SET finished_at = now() \
+                 WHERE schedule = $1 AND scheduled_time = $2 AND finished_at IS NULL",
+                &[&schedule, &at],
+            )
+            .await
+        })
+        .await?;
         Ok(())
     }
 
     /// Ends our lease at once on a fire we stop before it finished (shutdown, reload,
     /// disable), so that the next replica to look resumes it without waiting.
     pub async fn release(&self, schedule: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
-        let c = self.client().await?;
-        c.execute(
-            "UPDATE esm_gateway_schedule_fires SET lease_until = now() \
-             WHERE schedule = $1 AND scheduled_time = $2 AND owner = $3 AND finished_at IS NULL",
-            &[&schedule, &at, &self.owner],
-        )
-        .await
-        .map_err(|e| self.query_error(e))?;
+        self.run(|c| async move {
+            c.execute(
+                "UPDATE esm_gateway_schedule_fires SET lease_until = now() \
+                 WHERE schedule = $1 AND scheduled_time = $2 AND owner = $3 AND finished_at IS NULL",
+                &[&schedule, &at, &self.owner],
+            )
+            .await
+        })
+        .await?;
         Ok(())
     }
 
     /// Takes over the unfinished fires of `schedule` whose lease expired, oldest first.
     /// Rows without a lease (written by an earlier version) count as finished.
     pub async fn take_over(&self, schedule: &str) -> Result<Vec<Orphan>, StoreError> {
-        let c = self.client().await?;
         // Two replicas taking over at once: the row lock makes the second re-check the
         // lease after the first's update, and it no longer matches.
         let sql = format!(
@@ -244,10 +266,11 @@ impl Store {
              RETURNING scheduled_time, execution_id",
             LEASE_END.replace("$LEASE", "$3")
         );
-        let rows = c
-            .query(&sql, &[&schedule, &self.owner, &self.lease_secs()])
-            .await
-            .map_err(|e| self.query_error(e))?;
+        let lease = self.lease_secs();
+        let params: [&(dyn ToSql + Sync); 3] = [&schedule, &self.owner, &lease];
+        let rows = self
+            .run(|c| async move { c.query(&sql, &params).await })
+            .await?;
         let mut orphans: Vec<Orphan> = rows
             .iter()
             .map(|r| Orphan {
@@ -263,25 +286,27 @@ impl Store {
 
     /// The latest scheduled time fired for `schedule`, if any.
     pub async fn last_fired(&self, schedule: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let c = self.client().await?;
-        let row = c
-            .query_one(
-                "SELECT max(scheduled_time) FROM esm_gateway_schedule_fires WHERE schedule = $1",
-                &[&schedule],
-            )
-            .await
-            .map_err(|e| self.query_error(e))?;
+        let row = self
+            .run(|c| async move {
+                c.query_one(
+                    "SELECT max(scheduled_time) FROM esm_gateway_schedule_fires WHERE schedule = $1",
+                    &[&schedule],
+                )
+                .await
+            })
+            .await?;
         Ok(row.get(0))
     }
 
     /// Deletes rows scheduled before `before`; returns how many.
     pub async fn prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-        let c = self.client().await?;
-        c.execute(
-            "DELETE FROM esm_gateway_schedule_fires WHERE scheduled_time < $1",
-            &[&before],
-        )
+        self.run(|c| async move {
+            c.execute(
+                "DELETE FROM esm_gateway_schedule_fires WHERE scheduled_time < $1",
+                &[&before],
+            )
+            .await
+        })
         .await
-        .map_err(|e| self.query_error(e))
     }
 }
