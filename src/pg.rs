@@ -7,11 +7,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
-use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{Client, Connection, NoTls, Socket};
+
+use crate::env::SecretUrl;
 
 /// Longest wait for a connection to open or a query to be answered.
 pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Opens a connection to `url` within the [`DEADLINE`] (also tokio-postgres's own
+/// connect timeout, unless the URL sets one); its driver is the caller's to spawn. An
+/// error is text without the password.
+pub async fn connect(url: &SecretUrl) -> Result<(Client, Connection<Socket, NoTlsStream>), String> {
+    let mut config: tokio_postgres::Config =
+        url.expose().parse().map_err(|e: tokio_postgres::Error| {
+            e.to_string().replace(url.expose(), &url.to_string())
+        })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(DEADLINE);
+    }
+    tokio::time::timeout(DEADLINE, config.connect(NoTls))
+        .await
+        .map_err(|_| format!("no answer within {DEADLINE:?}"))?
+        .map_err(|e| e.to_string())
+}
 
 /// Runs `query`, sent on `client`, the store's shared connection in `slot`, within the
 /// [`DEADLINE`]. None when no answer came: the connection may be dead without knowing it

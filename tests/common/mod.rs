@@ -828,8 +828,6 @@ pub async fn depth(client: &aws_sdk_sqs::Client, url: &str) -> (u64, u64) {
     )
 }
 
-/// A gateway configuration with one SQS mapping named "test"; `extra` goes into the
-/// mapping before its source.
 /// Waits until `url` holds no message, visible or in flight (polling every 200 ms).
 pub async fn wait_sqs_empty(client: &aws_sdk_sqs::Client, url: &str, timeout: Duration) {
     let deadline = std::time::Instant::now() + timeout;
@@ -842,6 +840,8 @@ pub async fn wait_sqs_empty(client: &aws_sdk_sqs::Client, url: &str, timeout: Du
     }
 }
 
+/// A gateway configuration with one SQS mapping named "test"; `extra` goes into the
+/// mapping before its source.
 pub fn sqs_config(function: &str, url: &str, extra: &str) -> String {
     gateway_header()
         + &mapping(

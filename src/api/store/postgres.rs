@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, mpsc};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use crate::env::SecretUrl;
 use crate::pg::DEADLINE;
@@ -77,24 +77,13 @@ impl Db {
         &self,
         notes: Option<mpsc::UnboundedSender<String>>,
     ) -> Result<Client, PgError> {
-        let failed = |message: String| PgError::Connect {
-            url: self.shown(),
-            message,
-        };
-        let mut config: tokio_postgres::Config =
-            self.url
-                .expose()
-                .parse()
-                .map_err(|e: tokio_postgres::Error| {
-                    failed(e.to_string().replace(self.url.expose(), &self.shown()))
+        let (client, mut connection) =
+            crate::pg::connect(&self.url)
+                .await
+                .map_err(|message| PgError::Connect {
+                    url: self.shown(),
+                    message,
                 })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(DEADLINE);
-        }
-        let (client, mut connection) = tokio::time::timeout(DEADLINE, config.connect(NoTls))
-            .await
-            .map_err(|_| failed(format!("no answer within {DEADLINE:?}")))?
-            .map_err(|e| failed(e.to_string()))?;
         let url = self.shown();
         tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(|cx| connection.poll_message(cx));

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
+use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls};
 
 use crate::env::SecretUrl;
 use crate::pg::DEADLINE;
@@ -116,18 +116,7 @@ impl Store {
             url: self.url.to_string(),
             message,
         };
-        let mut config: tokio_postgres::Config = self
-            .url
-            .expose()
-            .parse()
-            .map_err(|e: tokio_postgres::Error| failed(e.to_string()))?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(DEADLINE);
-        }
-        let (client, connection) = tokio::time::timeout(DEADLINE, config.connect(NoTls))
-            .await
-            .map_err(|_| failed(format!("no answer within {DEADLINE:?}")))?
-            .map_err(|e| failed(e.to_string()))?;
+        let (client, connection) = crate::pg::connect(&self.url).await.map_err(failed)?;
         let url = self.url.to_string();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
