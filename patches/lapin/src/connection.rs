@@ -284,7 +284,14 @@ impl Connection {
 
         internal_rpc.start(channels);
         conn.io_loop.register(io_loop.start()?);
-        conn.start(channel0).await
+        // Patched for esm-gateway: a connect future dropped before the handshake ends (the
+        // caller's timeout) ends the attempt, so that the IO loop stops and closes its
+        // socket, rather than waiting on a silent peer forever or finishing a handshake for
+        // a connection that nobody holds.
+        let abandoned = AbandonedAttempt(Some(conn.internal_rpc.clone()));
+        let connected = conn.start(channel0).await;
+        abandoned.disarm();
+        connected
     }
 
     pub(crate) async fn start(self, channel0: Channel) -> Result<Self> {
@@ -315,6 +322,27 @@ impl fmt::Debug for Connection {
             .field("configuration", &self.configuration)
             .field("status", &self.status)
             .finish()
+    }
+}
+
+/// Ends a connection attempt whose caller stopped waiting for it (see `connector`).
+struct AbandonedAttempt(Option<InternalRPCHandle>);
+
+impl AbandonedAttempt {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbandonedAttempt {
+    fn drop(&mut self) {
+        if let Some(internal_rpc) = self.0.take() {
+            trace!("connection attempt abandoned before its handshake ended");
+            internal_rpc.set_connection_error(Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connection attempt abandoned before its handshake ended",
+            )));
+        }
     }
 }
 
@@ -455,6 +483,33 @@ mod tests {
             result.unwrap_err().kind(),
             ErrorKind::InvalidChannel(1)
         ));
+    }
+
+    /// A peer that accepts and never answers: the caller gives up on the handshake, and the
+    /// attempt must end with it, its socket closed (not left to the IO loop forever).
+    #[tokio::test]
+    async fn a_connect_given_up_before_the_handshake_ends_closes_its_socket() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!(
+            "amqp://127.0.0.1:{}/%2f",
+            listener.local_addr().unwrap().port()
+        );
+        let connect = Connection::connect(&uri, ConnectionProperties::default());
+        let given_up = tokio::time::timeout(std::time::Duration::from_millis(300), connect).await;
+        assert!(given_up.is_err(), "the peer never answered");
+        let (mut peer, _) = listener.accept().unwrap();
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut header = [0u8; 8];
+        peer.read_exact(&mut header).unwrap();
+        assert_eq!(&header, b"AMQP\x00\x00\x09\x01", "the protocol header came");
+        let mut rest = Vec::new();
+        let closed = peer.read_to_end(&mut rest);
+        assert!(
+            matches!(closed, Ok(0)),
+            "the socket was closed with nothing more sent: {closed:?}"
+        );
     }
 
     #[test]
