@@ -11,12 +11,20 @@
 //! connection; a connection that fails ends all its channels, and the first mapping to
 //! ask again opens its replacement, which the others then share. A connection closes
 //! when its last channel is given back.
+//!
+//! Nothing waits on a silent broker for long: opening a connection (TCP, TLS and the
+//! AMQP handshake) is given up after [`CONNECT_DEADLINE`], and an open connection
+//! heartbeats every [`DEFAULT_HEARTBEAT`] seconds unless its URL says otherwise
+//! (`?heartbeat=N`), so one that hears nothing from the broker for two intervals ends,
+//! with every channel and call on it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties};
 
 use crate::env::SecretUrl;
@@ -37,13 +45,48 @@ pub enum AmqpError {
     Channel { url: String, message: String },
 }
 
+/// How long opening a connection may take, TCP, TLS and AMQP handshake together: a
+/// broker (or a load balancer in front of it) that accepts and then says nothing is given
+/// up, and the caller's backoff tries again.
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The heartbeat interval, in seconds, asked of the broker when the URL does not set one
+/// (RabbitMQ's own default is 60 s): a connection that hears nothing for two intervals
+/// (20 s) is ended, its deliveries go back to the queue, and its mappings reconnect.
+pub const DEFAULT_HEARTBEAT: u16 = 10;
+
+/// `url` parsed, with the gateway's defaults where the URL's query sets none: the
+/// heartbeat, and [`CONNECT_DEADLINE`] for the TCP connect.
+fn amqp_uri(url: &SecretUrl) -> Result<AMQPUri, String> {
+    let mut uri: AMQPUri = url.expose().parse()?;
+    uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT);
+    uri.query
+        .connection_timeout
+        .get_or_insert(CONNECT_DEADLINE.as_millis() as u64);
+    Ok(uri)
+}
+
 /// Opens a connection named `name` (the broker shows it), with a custom CA when
-/// `ca_file` is given.
+/// `ca_file` is given, within [`CONNECT_DEADLINE`].
 pub async fn connect(
     url: &SecretUrl,
     ca_file: Option<&Path>,
     name: &str,
 ) -> Result<Connection, AmqpError> {
+    connect_within(url, ca_file, name, CONNECT_DEADLINE).await
+}
+
+async fn connect_within(
+    url: &SecretUrl,
+    ca_file: Option<&Path>,
+    name: &str,
+    deadline: Duration,
+) -> Result<Connection, AmqpError> {
+    let failed = |message: String| AmqpError::Connect {
+        url: url.to_string(),
+        message: message.replace(url.expose(), &url.to_string()),
+    };
+    let uri = amqp_uri(url).map_err(|e| failed(format!("invalid AMQP URL: {e}")))?;
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let tls = match ca_file {
         None => lapin::tcp::OwnedTLSConfig::default(),
@@ -59,12 +102,16 @@ pub async fn connect(
     };
     let runtime =
         lapin::runtime::default_runtime().map_err(|e| AmqpError::Runtime(e.to_string()))?;
-    Connection::connect_with_config(url.expose(), props, tls, runtime)
-        .await
-        .map_err(|e| AmqpError::Connect {
-            url: url.to_string(),
-            message: e.to_string().replace(url.expose(), &url.to_string()),
-        })
+    // Dropping the attempt at the deadline ends it (patches/lapin): its socket closes.
+    match tokio::time::timeout(
+        deadline,
+        Connection::connect_uri_with_config(uri, props, tls, runtime),
+    )
+    .await
+    {
+        Ok(connected) => connected.map_err(|e| failed(e.to_string())),
+        Err(_) => Err(failed(format!("no answer within {deadline:?}"))),
+    }
 }
 
 /// At most this many channels share one connection (fewer if the broker's `channel_max`
@@ -252,5 +299,43 @@ async fn give_back(shared: Arc<Shared>, broker: Arc<Broker>) {
             .await
     {
         tracing::debug!(error = %e, "closing an unused AMQP connection");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uri(url: &str) -> AMQPUri {
+        amqp_uri(&SecretUrl::new(url.to_owned())).unwrap()
+    }
+
+    #[test]
+    fn a_url_without_heartbeat_or_connect_timeout_gets_the_gateway_defaults() {
+        let u = uri("amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(u.query.heartbeat, Some(DEFAULT_HEARTBEAT));
+        assert_eq!(u.query.connection_timeout, Some(10_000));
+    }
+
+    #[test]
+    fn a_url_that_sets_them_keeps_its_own_even_zero() {
+        let u = uri("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=0&connection_timeout=2500");
+        assert_eq!(u.query.heartbeat, Some(0), "heartbeats turned off stay off");
+        assert_eq!(u.query.connection_timeout, Some(2500));
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_never_answers_is_given_up_at_the_deadline_without_the_password() {
+        // Accepted by the kernel, never answered.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = SecretUrl::new(format!("amqp://guest:hunter2@127.0.0.1:{port}/%2f"));
+        let deadline = Duration::from_millis(200);
+        let e = connect_within(&url, None, "test", deadline)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no answer within 200ms"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
     }
 }

@@ -1,13 +1,15 @@
 //! Fault injection on the RabbitMQ source, against the local stack: what the broker lets
 //! through (short strings that are not UTF-8) and what it does to a consumer (closing
-//! its connection in the middle of a batch's retries). Every test counts every message
-//! at the end: delivered, parked, or still in the queue.
+//! its connection in the middle of a batch's retries) and what the network does (a
+//! connection that goes silent, before or after its handshake). Every test counts every
+//! message at the end: delivered, parked, or still in the queue.
 
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
+use common::freezer::Freezer;
 use common::*;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -274,5 +276,92 @@ backoff_max = "100ms"
         3,
         "every message is back in the queue"
     );
+    rabbit.delete(&queue).await;
+}
+
+/// A proxy to the local broker that can silence connections, and the AMQP URL through it.
+fn silencing_proxy() -> (Freezer, String) {
+    let url = amqp_url();
+    let (scheme, rest) = url.split_once("://").expect("an AMQP URL");
+    let (credentials, rest) = rest.split_once('@').expect("credentials in the AMQP URL");
+    let (upstream, vhost) = rest.split_once('/').unwrap_or((rest, ""));
+    let proxy = Freezer::start(upstream, b"AMQP");
+    let through = format!("{scheme}://{credentials}@127.0.0.1:{}/{vhost}", proxy.port);
+    (proxy, through)
+}
+
+/// Every one of `published` was delivered (a message whose ack the silence swallowed may
+/// be delivered twice, marked redelivered) and none is left in the queue.
+async fn assert_all_delivered_none_left(
+    f: &Function,
+    rabbit: &Rabbit,
+    queue: &str,
+    published: usize,
+) {
+    let mut delivered = f.delivered();
+    delivered.sort();
+    delivered.dedup();
+    assert_eq!(delivered, numbered_strings(0..published), "each delivered");
+    assert_eq!(rabbit.ready(queue).await, 0, "nothing left in the queue");
+}
+
+#[tokio::test]
+async fn a_broker_that_never_answers_the_handshake_is_given_up_and_the_queue_drains() {
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("silenthello").await;
+    let f = Function::deploy("silenthello", &[]).await;
+    let (proxy, url) = silencing_proxy();
+    // The gateway's first connection reaches a peer that takes its bytes and never
+    // answers, as behind a load balancer whose broker hangs.
+    proxy.freeze_new(true);
+    let config = gateway_header()
+        + &rabbit_mapping(&unique("silenthello"), &f.name, &queue, "").replace(&amqp_url(), &url);
+    let gw = Gateway::start(&config);
+    wait_for("the gateway's first connection", LONG, || {
+        (proxy.accepted() >= 1).then_some(())
+    })
+    .await;
+    proxy.freeze_new(false);
+    rabbit.publish(&queue, numbered(20)).await;
+
+    f.wait_delivered(20, LONG).await;
+    assert!(
+        proxy.accepted() >= 2,
+        "delivered on a connection opened after"
+    );
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let delivered = f.delivered();
+    assert_eq!(delivered.len(), 20, "each once: {delivered:?}");
+    assert_all_delivered_none_left(&f, &rabbit, &queue, 20).await;
+    rabbit.delete(&queue).await;
+}
+
+#[tokio::test]
+async fn a_connection_gone_silent_is_given_up_on_its_heartbeat_and_the_queue_drains() {
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("silentlater").await;
+    let f = Function::deploy("silentlater", &[]).await;
+    let (proxy, url) = silencing_proxy();
+    let config = gateway_header()
+        + &rabbit_mapping(&unique("silentlater"), &f.name, &queue, "").replace(&amqp_url(), &url);
+    let gw = Gateway::start(&config);
+    rabbit.publish(&queue, numbered(10)).await;
+    f.wait_delivered(10, LONG).await;
+
+    // Neither side hears from the other from now on, and neither sees a close: the
+    // broker keeps sending the next messages down the silent connection until it gives
+    // up on it, the gateway waits on it until its heartbeat says it is gone.
+    assert!(proxy.freeze_all() >= 1);
+    rabbit.publish(&queue, numbered(20).split_off(10)).await;
+
+    // Within two of the gateway's default heartbeat intervals (10 s) each, and well
+    // before two of the broker's (60 s) would end it.
+    f.wait_delivered(20, Duration::from_secs(60)).await;
+    assert!(
+        proxy.accepted() >= 2,
+        "delivered on a connection opened after"
+    );
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_all_delivered_none_left(&f, &rabbit, &queue, 20).await;
     rabbit.delete(&queue).await;
 }

@@ -1,7 +1,8 @@
 //! A TCP proxy that can silence connections: from then on, what either side sends on a
 //! silenced connection is read and dropped, and neither side sees a reset or a close, as
 //! when a NAT forgets a flow or a peer vanishes behind a middlebox that answers TCP
-//! keepalive. Connections opened afterwards are forwarded as before.
+//! keepalive. Connections opened afterwards are forwarded as before, unless new ones are
+//! to be silenced too ([`Freezer::freeze_new`]: a peer that accepts and never answers).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -15,6 +16,8 @@ pub struct Freezer {
     /// The connection whose requests last carried the marker, if any.
     latest_marked: Arc<Mutex<Option<usize>>>,
     marked: Arc<AtomicUsize>,
+    /// Whether connections accepted from now on start silenced.
+    freeze_new: Arc<AtomicBool>,
 }
 
 impl Freezer {
@@ -28,11 +31,13 @@ impl Freezer {
         let connections: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
         let latest_marked: Arc<Mutex<Option<usize>>> = Arc::default();
         let marked = Arc::new(AtomicUsize::new(0));
+        let freeze_new = Arc::new(AtomicBool::new(false));
         let (all, latest, count) = (connections.clone(), latest_marked.clone(), marked.clone());
+        let new_silenced = freeze_new.clone();
         std::thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
                 let server = TcpStream::connect(&upstream).unwrap();
-                let silenced = Arc::new(AtomicBool::new(false));
+                let silenced = Arc::new(AtomicBool::new(new_silenced.load(Ordering::SeqCst)));
                 let id = {
                     let mut all = all.lock().unwrap();
                     all.push(silenced.clone());
@@ -59,6 +64,7 @@ impl Freezer {
             connections,
             latest_marked,
             marked,
+            freeze_new,
         }
     }
 
@@ -83,6 +89,12 @@ impl Freezer {
             c.store(true, Ordering::SeqCst);
         }
         all.len()
+    }
+
+    /// Whether connections accepted from now on start silenced (their client's first bytes
+    /// already dropped); those accepted before keep their state.
+    pub fn freeze_new(&self, on: bool) {
+        self.freeze_new.store(on, Ordering::SeqCst);
     }
 
     /// How many connections the proxy accepted so far.
