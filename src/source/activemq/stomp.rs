@@ -44,6 +44,8 @@ pub enum StompError {
     Protocol(String),
     #[error("no frame or heart-beat from the broker for {0:?}")]
     Silent(Duration),
+    #[error("{addr} did not answer the login within {after:?}")]
+    Unanswered { addr: String, after: Duration },
     #[error("the broker closed the connection")]
     Closed,
     #[error(transparent)]
@@ -150,8 +152,29 @@ pub struct Endpoint<'a> {
     pub heart_beat: Duration,
 }
 
-/// Opens a connection and logs in.
+/// How long connecting and logging in may take, TCP, TLS and CONNECTED together: a
+/// broker (or a load balancer in front of it) that accepts and then says nothing is given
+/// up, its socket closed, and the session's backoff tries again.
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Opens a connection and logs in, within [`CONNECT_DEADLINE`].
 pub async fn connect(e: &Endpoint<'_>) -> Result<(Reader, Writer, Connected), StompError> {
+    connect_within(e, CONNECT_DEADLINE).await
+}
+
+async fn connect_within(
+    e: &Endpoint<'_>,
+    deadline: Duration,
+) -> Result<(Reader, Writer, Connected), StompError> {
+    tokio::time::timeout(deadline, open(e))
+        .await
+        .map_err(|_| StompError::Unanswered {
+            addr: format!("{}:{}", e.host, e.port),
+            after: deadline,
+        })?
+}
+
+async fn open(e: &Endpoint<'_>) -> Result<(Reader, Writer, Connected), StompError> {
     let addr = format!("{}:{}", e.host, e.port);
     let tcp = TcpStream::connect(&addr)
         .await
@@ -422,6 +445,30 @@ fn unescape(s: &str) -> Result<String, StompError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_broker_that_never_answers_the_login_is_given_up_at_the_deadline() {
+        // Accepted by the kernel, never answered.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = Endpoint {
+            host: "127.0.0.1",
+            port: listener.local_addr().unwrap().port(),
+            tls: false,
+            ca_file: None,
+            login: Some("app"),
+            passcode: Some("hunter2"),
+            heart_beat: Duration::from_secs(10),
+        };
+        let given_up = tokio::time::timeout(
+            Duration::from_secs(5),
+            connect_within(&endpoint, Duration::from_millis(200)),
+        )
+        .await
+        .expect("given up by the deadline, not waiting forever");
+        let e = given_up.err().expect("no connection").to_string();
+        assert!(e.contains("did not answer the login within 200ms"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
 
     fn reader_of(bytes: &[u8]) -> Reader {
         let (client, mut server) = tokio::io::duplex(1 << 20);
