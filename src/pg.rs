@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
+use tokio::task::AbortHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{Client, Connection, NoTls, Socket};
@@ -33,19 +34,49 @@ pub async fn connect(url: &SecretUrl) -> Result<(Client, Connection<Socket, NoTl
         .map_err(|e| e.to_string())
 }
 
+/// A store's connection: its client, and its driver task (which the store spawned).
+/// Derefs to the client. Dropping it ends the driver, which closes the socket: a driver
+/// left alone after its client is gone waits for any unanswered reply for as long as
+/// the socket lives.
+pub struct Pg {
+    client: Client,
+    driver: AbortHandle,
+}
+
+impl Pg {
+    pub fn new(client: Client, driver: AbortHandle) -> Self {
+        Pg { client, driver }
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl std::ops::Deref for Pg {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
 /// Runs `query`, sent on `client`, the store's shared connection in `slot`, within the
 /// [`DEADLINE`]. None when no answer came: the connection may be dead without knowing it
 /// (a peer that vanished sends no reset, and a middlebox may keep answering TCP
 /// keepalive), so `slot` is emptied if it still holds `client`, and the next query opens
-/// another connection.
+/// another connection. The given-up connection's driver is ended at once, which closes
+/// its socket, whoever else still holds it.
 pub async fn answered<T>(
-    slot: &Mutex<Option<Arc<Client>>>,
-    client: &Arc<Client>,
+    slot: &Mutex<Option<Arc<Pg>>>,
+    client: &Arc<Pg>,
     query: impl Future<Output = T>,
 ) -> Option<T> {
     match tokio::time::timeout(DEADLINE, query).await {
         Ok(r) => Some(r),
         Err(_) => {
+            client.driver.abort();
             let mut slot = slot.lock().await;
             if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
                 *slot = None;

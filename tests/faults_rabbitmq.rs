@@ -329,6 +329,10 @@ async fn a_broker_that_never_answers_the_handshake_is_given_up_and_the_queue_dra
         proxy.accepted() >= 2,
         "delivered on a connection opened after"
     );
+    wait_for("the gateway closed the connection it gave up", LONG, || {
+        (proxy.silenced_still_open() == 0).then_some(())
+    })
+    .await;
     assert_eq!(gw.terminate().await.code(), Some(0));
     let delivered = f.delivered();
     assert_eq!(delivered.len(), 20, "each once: {delivered:?}");
@@ -361,6 +365,10 @@ async fn a_connection_gone_silent_is_given_up_on_its_heartbeat_and_the_queue_dra
         proxy.accepted() >= 2,
         "delivered on a connection opened after"
     );
+    wait_for("the gateway closed the silent connection", LONG, || {
+        (proxy.silenced_still_open() == 0).then_some(())
+    })
+    .await;
     assert_eq!(gw.terminate().await.code(), Some(0));
     assert_all_delivered_none_left(&f, &rabbit, &queue, 20).await;
     rabbit.delete(&queue).await;

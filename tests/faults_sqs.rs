@@ -168,6 +168,10 @@ async fn a_long_poll_whose_answer_never_comes_is_given_up_and_the_queue_still_dr
         proxy.marked() > polls,
         "the messages came through a new poll"
     );
+    wait_for("the gateway closed the silent connection", LONG, || {
+        (proxy.silenced_still_open() == 0).then_some(())
+    })
+    .await;
     // The count: every message delivered once and deleted, none left in the queue.
     wait_sqs_empty(&client, &url, LONG).await;
     assert_eq!(gw.terminate().await.code(), Some(0));

@@ -608,6 +608,13 @@ async fn a_silent_store_connection_is_given_up_and_every_tick_still_fires_once()
     })
     .await;
     assert!(proxy.accepted() > 1, "the store connected again");
+    // And the silent connection was closed, not left to wait on its peer for good.
+    wait_for(
+        "the gateway closed the silent connection",
+        Duration::from_secs(30),
+        || (proxy.silenced_still_open() == 0).then_some(()),
+    )
+    .await;
     assert_eq!(gw.terminate().await.code(), Some(0));
     // The count: every tick from the first to the last fired once, none lost to the
     // silent connection.

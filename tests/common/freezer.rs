@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 
 pub struct Freezer {
     pub port: u16,
-    /// Per connection, in the order accepted: whether it is silenced.
-    connections: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+    /// Per connection, in the order accepted.
+    connections: Arc<Mutex<Vec<Arc<Flow>>>>,
     /// The connection whose requests last carried the marker, if any.
     latest_marked: Arc<Mutex<Option<usize>>>,
     marked: Arc<AtomicUsize>,
@@ -28,7 +28,7 @@ impl Freezer {
         let upstream = upstream.trim_end_matches('/').to_owned();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let connections: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let connections: Arc<Mutex<Vec<Arc<Flow>>>> = Arc::default();
         let latest_marked: Arc<Mutex<Option<usize>>> = Arc::default();
         let marked = Arc::new(AtomicUsize::new(0));
         let freeze_new = Arc::new(AtomicBool::new(false));
@@ -37,10 +37,13 @@ impl Freezer {
         std::thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
                 let server = TcpStream::connect(&upstream).unwrap();
-                let silenced = Arc::new(AtomicBool::new(new_silenced.load(Ordering::SeqCst)));
+                let flow = Arc::new(Flow {
+                    silenced: AtomicBool::new(new_silenced.load(Ordering::SeqCst)),
+                    client_open: AtomicBool::new(true),
+                });
                 let id = {
                     let mut all = all.lock().unwrap();
-                    all.push(silenced.clone());
+                    all.push(flow.clone());
                     all.len() - 1
                 };
                 let (latest, count) = (latest.clone(), count.clone());
@@ -50,13 +53,18 @@ impl Freezer {
                         count.fetch_add(1, Ordering::SeqCst);
                     }
                 };
+                let client_closed = {
+                    let flow = flow.clone();
+                    move || flow.client_open.store(false, Ordering::SeqCst)
+                };
                 pump(
                     client.try_clone().unwrap(),
                     server.try_clone().unwrap(),
-                    silenced.clone(),
+                    flow.clone(),
                     on_request,
+                    client_closed,
                 );
-                pump(server, client, silenced, |_| {});
+                pump(server, client, flow, |_| {}, || {});
             }
         });
         Freezer {
@@ -78,7 +86,9 @@ impl Freezer {
         let Some(id) = *self.latest_marked.lock().unwrap() else {
             return false;
         };
-        self.connections.lock().unwrap()[id].store(true, Ordering::SeqCst);
+        self.connections.lock().unwrap()[id]
+            .silenced
+            .store(true, Ordering::SeqCst);
         true
     }
 
@@ -86,7 +96,7 @@ impl Freezer {
     pub fn freeze_all(&self) -> usize {
         let all = self.connections.lock().unwrap();
         for c in all.iter() {
-            c.store(true, Ordering::SeqCst);
+            c.silenced.store(true, Ordering::SeqCst);
         }
         all.len()
     }
@@ -97,28 +107,47 @@ impl Freezer {
         self.freeze_new.store(on, Ordering::SeqCst);
     }
 
+    /// How many silenced connections their client has not closed yet.
+    pub fn silenced_still_open(&self) -> usize {
+        let all = self.connections.lock().unwrap();
+        all.iter()
+            .filter(|c| c.silenced.load(Ordering::SeqCst) && c.client_open.load(Ordering::SeqCst))
+            .count()
+    }
+
     /// How many connections the proxy accepted so far.
     pub fn accepted(&self) -> usize {
         self.connections.lock().unwrap().len()
     }
 }
 
-/// Copies `from` to `to` on a thread of its own until `from` closes; once `silenced`,
-/// reads and drops.
+/// One proxied connection.
+struct Flow {
+    silenced: AtomicBool,
+    /// Until the client's side ends (it closed or reset its socket).
+    client_open: AtomicBool,
+}
+
+/// Copies `from` to `to` on a thread of its own until `from` closes, then calls `ended`;
+/// once the flow is silenced, reads and drops.
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
-    silenced: Arc<AtomicBool>,
+    flow: Arc<Flow>,
     mut seen: impl FnMut(&[u8]) + Send + 'static,
+    ended: impl FnOnce() + Send + 'static,
 ) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) | Err(_) => {
+                    ended();
+                    break;
+                }
                 Ok(n) => n,
             };
-            if silenced.load(Ordering::SeqCst) {
+            if flow.silenced.load(Ordering::SeqCst) {
                 continue;
             }
             seen(&buf[..n]);
@@ -126,7 +155,7 @@ fn pump(
                 break;
             }
         }
-        if !silenced.load(Ordering::SeqCst) {
+        if !flow.silenced.load(Ordering::SeqCst) {
             let _ = to.shutdown(std::net::Shutdown::Write);
         }
     });

@@ -16,7 +16,9 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, mpsc};
-use tokio_postgres::{AsyncMessage, Client};
+use tokio_postgres::AsyncMessage;
+
+use crate::pg::Pg;
 
 use crate::env::SecretUrl;
 use crate::pg::DEADLINE;
@@ -54,7 +56,7 @@ pub enum PgError {
 /// The database of `[api] store`.
 pub struct Db {
     url: SecretUrl,
-    client: Mutex<Option<Arc<Client>>>,
+    client: Mutex<Option<Arc<Pg>>>,
 }
 
 impl Db {
@@ -73,10 +75,7 @@ impl Db {
 
     /// A new connection, with its driver spawned: notifications it receives are sent to
     /// `notes` when given; the driver ends when the connection does.
-    async fn connect(
-        &self,
-        notes: Option<mpsc::UnboundedSender<String>>,
-    ) -> Result<Client, PgError> {
+    async fn connect(&self, notes: Option<mpsc::UnboundedSender<String>>) -> Result<Pg, PgError> {
         let (client, mut connection) =
             crate::pg::connect(&self.url)
                 .await
@@ -85,7 +84,7 @@ impl Db {
                     message,
                 })?;
         let url = self.shown();
-        tokio::spawn(async move {
+        let driver = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(|cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
@@ -102,11 +101,11 @@ impl Db {
                 }
             }
         });
-        Ok(client)
+        Ok(Pg::new(client, driver.abort_handle()))
     }
 
     /// The shared query connection, reopened if it broke.
-    async fn client(&self) -> Result<Arc<Client>, PgError> {
+    async fn client(&self) -> Result<Arc<Pg>, PgError> {
         let mut slot = self.client.lock().await;
         if let Some(c) = slot.as_ref()
             && !c.is_closed()
@@ -121,11 +120,7 @@ impl Db {
     /// Runs `query` on the shared connection, within the [`DEADLINE`]; an error names
     /// `table`. A query that gets no answer drops the connection: it may be dead without
     /// knowing it (a peer that vanished sends no reset), and the next query opens another.
-    async fn query<T, F>(
-        &self,
-        table: &str,
-        query: impl FnOnce(Arc<Client>) -> F,
-    ) -> Result<T, PgError>
+    async fn query<T, F>(&self, table: &str, query: impl FnOnce(Arc<Pg>) -> F) -> Result<T, PgError>
     where
         F: Future<Output = Result<T, tokio_postgres::Error>>,
     {
@@ -143,7 +138,7 @@ impl Db {
 
     /// A connection that listens on [`CHANNEL`], and the payloads it hears (the names of
     /// the tables changed); the receiver ends when the connection does.
-    pub async fn listen(&self) -> Result<(Client, mpsc::UnboundedReceiver<String>), PgError> {
+    pub async fn listen(&self) -> Result<(Pg, mpsc::UnboundedReceiver<String>), PgError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let client = self.connect(Some(tx)).await?;
         let sql = format!("LISTEN {CHANNEL}");

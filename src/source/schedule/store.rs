@@ -17,9 +17,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::pg::Pg;
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
-use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
 use crate::env::SecretUrl;
@@ -67,7 +67,7 @@ pub struct Store {
     /// Fires this process is delivering: a lease that expired while the store was
     /// unreachable comes back to this same owner, and must not start a second delivery.
     running: Arc<std::sync::Mutex<HashSet<FireKey>>>,
-    client: Mutex<Option<Arc<Client>>>,
+    client: Mutex<Option<Arc<Pg>>>,
 }
 
 /// (schedule, scheduled time): one fire.
@@ -105,7 +105,7 @@ impl Store {
         }
     }
 
-    async fn client(&self) -> Result<Arc<Client>, StoreError> {
+    async fn client(&self) -> Result<Arc<Pg>, StoreError> {
         let mut slot = self.client.lock().await;
         if let Some(c) = slot.as_ref()
             && !c.is_closed()
@@ -118,11 +118,12 @@ impl Store {
         };
         let (client, connection) = crate::pg::connect(&self.url).await.map_err(failed)?;
         let url = self.url.to_string();
-        tokio::spawn(async move {
+        let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(store = %url, error = %e, "schedule store connection lost");
             }
         });
+        let client = Pg::new(client, driver.abort_handle());
         for ddl in [TABLE, MIGRATE] {
             tokio::time::timeout(DEADLINE, crate::pg::create_missing(&client, ddl))
                 .await
@@ -136,7 +137,7 @@ impl Store {
 
     /// Runs `query` on the shared connection within the [`DEADLINE`]; a query left
     /// unanswered drops the connection (see [`crate::pg::answered`]).
-    async fn run<T, F>(&self, query: impl FnOnce(Arc<Client>) -> F) -> Result<T, StoreError>
+    async fn run<T, F>(&self, query: impl FnOnce(Arc<Pg>) -> F) -> Result<T, StoreError>
     where
         F: Future<Output = Result<T, tokio_postgres::Error>>,
     {
