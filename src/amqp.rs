@@ -4,7 +4,8 @@
 //! connections.
 //!
 //! Mappings that reach the same broker with the same URL (so the same credentials and
-//! vhost) and the same CA file share one connection, each with a channel of its own, up
+//! vhost) and the same CA file share one connection to consume on, and their on-failure
+//! destinations another to publish on (see [`Key`]), each with a channel of its own, up
 //! to [`CHANNELS_PER_CONNECTION`] channels (or the broker's `channel_max`, if lower); more
 //! connections open beyond that. A channel that fails (a missing queue, a consumer
 //! timeout) is closed by the broker alone and its mapping opens another on the same
@@ -126,11 +127,16 @@ pub const CHANNELS_PER_CONNECTION: usize = 256;
 pub struct Pool(Arc<Mutex<HashMap<Key, Arc<Broker>>>>);
 
 /// What makes two connections interchangeable: the whole URL (host, port, credentials,
-/// vhost, TLS parameters) and the CA file.
+/// vhost, TLS parameters), the CA file, and what the connection is for. Consumers and
+/// publishers never share one: a broker under a resource alarm (memory, disk) stops
+/// reading from a connection as soon as it publishes, and every consumer's acks on it
+/// would wait with the publish, holding their queues full while the broker needs them
+/// drained (RabbitMQ's own advice: separate connections to publish and to consume).
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
     url: String,
     ca_file: Option<PathBuf>,
+    purpose: String,
 }
 
 /// The connections to one broker. The async lock serialises opening connections, so
@@ -166,7 +172,8 @@ pub struct Lease {
 
 impl Pool {
     /// A new channel on a shared connection to `url`, opening a connection if none has
-    /// room. `purpose` names new connections (the broker shows it).
+    /// room. `purpose` ("consumers", "on-failure") keeps connections of different uses
+    /// apart and names new ones (the broker shows it).
     pub async fn channel(
         &self,
         url: &SecretUrl,
@@ -176,6 +183,7 @@ impl Pool {
         let key = Key {
             url: url.expose().to_owned(),
             ca_file: ca_file.map(Path::to_owned),
+            purpose: purpose.to_owned(),
         };
         let broker = self
             .0

@@ -373,3 +373,112 @@ async fn a_connection_gone_silent_is_given_up_on_its_heartbeat_and_the_queue_dra
     assert_all_delivered_none_left(&f, &rabbit, &queue, 20).await;
     rabbit.delete(&queue).await;
 }
+
+/// RabbitMQ's memory alarm, raised (the broker blocks every publishing connection) until
+/// dropped, a failed assertion included: then the watermark is set back as it was.
+struct MemoryAlarm {
+    watermark: String,
+}
+
+impl MemoryAlarm {
+    fn raise() -> MemoryAlarm {
+        let now = run(
+            "rabbitmqctl",
+            &["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."],
+        );
+        let watermark = now.trim().to_owned();
+        assert!(
+            watermark.parse::<f64>().is_ok_and(|w| w > 0.0),
+            "a relative watermark to restore: {watermark:?}"
+        );
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
+        MemoryAlarm { watermark }
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        rabbitmqctl(&["set_vm_memory_high_watermark", &self.watermark]);
+    }
+}
+
+#[tokio::test]
+async fn a_memory_alarm_blocking_a_parking_publish_does_not_stop_other_mappings_acking() {
+    let rabbit = Rabbit::connect().await;
+    let failing = rabbit.queue("alarmpark").await;
+    let healthy = rabbit.queue("alarmflow").await;
+    let parked = rabbit.queue("alarmparked").await;
+    let fa = Function::deploy("alarmpark", &[("POISON", "msg-0000")]).await;
+    let fb = Function::deploy("alarmflow", &[]).await;
+    rabbit.publish(&failing, numbered(1)).await;
+    rabbit.publish(&healthy, numbered(300)).await;
+
+    // From now on the broker blocks a connection as soon as it publishes, and stops
+    // reading from it: acks sent on it wait too.
+    let alarm = MemoryAlarm::raise();
+    let config = gateway_header()
+        + &rabbit_mapping(
+            &unique("alarmpark"),
+            &fa.name,
+            &failing,
+            &format!(
+                r#"
+[mapping.batch]
+size = 1
+
+[mapping.retry]
+max_attempts = 0
+
+[mapping.on_failure]
+type = "rabbitmq"
+url = "{}"
+exchange = ""
+routing_key = "{parked}"
+"#,
+                amqp_url()
+            ),
+        )
+        + &rabbit_mapping(
+            &unique("alarmflow"),
+            &fb.name,
+            &healthy,
+            "[mapping.batch]\nsize = 10\nwindow = \"50ms\"",
+        );
+    let gw = Gateway::start(&config);
+    // The failing record's parking waits for the alarm to end; the healthy queue, whose
+    // mapping publishes nothing, drains meanwhile, its acks landing.
+    fb.wait_delivered(300, Duration::from_secs(60)).await;
+    // Bounded well inside the test's time limit, so that a failure still lowers the alarm.
+    wait_for(
+        "the healthy queue acknowledged",
+        Duration::from_secs(60),
+        || {
+            let out = run("rabbitmqctl", &["list_queues", "-q", "name", "messages"]);
+            out.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == [healthy.as_str(), "0"])
+                .then_some(())
+        },
+    )
+    .await;
+    drop(alarm);
+
+    // The count, once the alarm is over: the failing record parked, the rest delivered
+    // once, no queue holding anything but the parked one.
+    wait_for("the failing record parked", Duration::from_secs(60), || {
+        let out = run("rabbitmqctl", &["list_queues", "-q", "name", "messages"]);
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [parked.as_str(), "1"])
+            .then_some(())
+    })
+    .await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert!(fa.delivered().is_empty());
+    let mut delivered = fb.delivered();
+    delivered.sort();
+    assert_eq!(delivered, numbered_strings(0..300), "each delivered once");
+    assert_eq!(rabbit.ready(&failing).await, 0);
+    assert_eq!(rabbit.ready(&healthy).await, 0);
+    for q in [&failing, &healthy, &parked] {
+        rabbit.delete(q).await;
+    }
+}

@@ -421,8 +421,8 @@ exchange = "{exchange}"
     f.wait_delivered(4, LONG).await;
     assert_eq!(
         gateway_connections(gw.pid()).len(),
-        1,
-        "the source and its on-failure destination share one connection to the broker"
+        2,
+        "the source consumes on one connection, its on-failure destination publishes on another"
     );
     assert_eq!(gw.terminate().await.code(), Some(0));
     let got = rabbit
