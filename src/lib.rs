@@ -44,6 +44,8 @@
 //! - `api`: the Lambda-compatible event source mapping API (SigV4-signed; the AWS CLI,
 //!   SDKs and Terraform manage mappings through it), and where it keeps the mappings it
 //!   creates: a state file, or PostgreSQL shared by replicas.
+//! - `listen`: the bound on connections each of the gateway's listeners holds open, and
+//!   the raised file descriptor limit.
 //! - `notify`: systemd readiness, reload and watchdog notifications.
 //! - `redrive`: replays parked failure records (`esm-gateway redrive`).
 //! - `durable`: the atomic file replace (temporary file, fsync, rename, directory fsync).
@@ -65,6 +67,7 @@ pub mod env;
 #[cfg(test)]
 mod fuzz;
 pub mod invoke;
+pub mod listen;
 pub mod notify;
 pub mod pg;
 pub mod pipeline;

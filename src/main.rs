@@ -245,6 +245,10 @@ fn main() -> ExitCode {
                 }
             };
             let metrics = telemetry::install_metrics();
+            match esm_gateway::listen::raise_descriptor_limit() {
+                Ok(limit) => tracing::debug!(limit, "open file limit"),
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+            }
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             let exporter = match telemetry::otlp::install(&config.telemetry, rt.handle().clone()) {
                 Ok(e) => e,

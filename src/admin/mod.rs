@@ -48,7 +48,11 @@ pub async fn serve(
             upkeep.run_upkeep();
         }
     });
-    axum::serve(listener, router(runtime, metrics)).await
+    axum::serve(
+        crate::listen::Capped::new(listener),
+        router(runtime, metrics),
+    )
+    .await
 }
 
 fn router(runtime: Handle, metrics: PrometheusHandle) -> Router {

@@ -142,7 +142,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = axum::Router::new().fallback(dispatch).with_state(api);
     match tls {
-        None => axum::serve(listener, app).await,
+        None => axum::serve(crate::listen::Capped::new(listener), app).await,
         Some(config) => axum::serve(tls::TlsListener::new(listener, config)?, app).await,
     }
 }

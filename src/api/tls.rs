@@ -14,6 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 
+use crate::listen::Permitted;
+
 /// Longest a client may take over its handshake.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 
@@ -56,9 +58,10 @@ pub fn server_config(
 }
 
 /// A listener of TLS connections for `axum::serve`: a task accepts TCP connections and
-/// runs each handshake in a task of its own; finished ones are handed over here.
+/// runs each handshake in a task of its own; finished ones are handed over here. At most
+/// [`MAX_CONNECTIONS`](crate::listen::MAX_CONNECTIONS) are open, handshaking or served.
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(Permitted<TlsStream<TcpStream>>, SocketAddr)>,
     local: SocketAddr,
 }
 
@@ -67,8 +70,10 @@ impl TlsListener {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let permits = crate::listen::permits();
         tokio::spawn(async move {
             loop {
+                let permit = crate::listen::permit(&permits).await;
                 let (tcp, peer) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -82,7 +87,7 @@ impl TlsListener {
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            let _ = handed.send((tls, peer)).await;
+                            let _ = handed.send((Permitted::new(tls, permit), peer)).await;
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "API TLS handshake failed")
@@ -100,7 +105,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Permitted<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
