@@ -34,9 +34,11 @@ async fn idle_connections_flooding_the_admin_listener_leave_descriptors_for_the_
 
     // More idle connections than the gateway has descriptors; the kernel's backlog
     // takes those it does not accept.
-    let admin = gw.admin.clone().unwrap();
-    let addr = admin.trim_start_matches("http://").to_owned();
-    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let addr: std::net::SocketAddr = gw
+        .admin_url()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
     let flood: Vec<TcpStream> = (0..NOFILE + 100)
         .map_while(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok())
         .collect();
@@ -68,23 +70,7 @@ async fn idle_connections_flooding_the_admin_listener_leave_descriptors_for_the_
 
     drop(flood);
     // The admin API answers again once the flood is gone.
-    wait_for("the admin API answers", LONG, || {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "2",
-            ])
-            .arg(format!("{admin}/healthz"))
-            .output()
-            .ok()?;
-        (out.stdout == b"200").then_some(())
-    })
-    .await;
+    gw.wait_admin().await;
     assert_eq!(gw.terminate().await.code(), Some(0));
     let mut delivered = f.delivered();
     delivered.sort();

@@ -481,7 +481,7 @@ impl Gateway {
         .await;
     }
 
-    fn admin_url(&self) -> &str {
+    pub fn admin_url(&self) -> &str {
         self.admin
             .as_deref()
             .expect("the gateway's config has no [admin] listen")
