@@ -18,10 +18,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, mpsc};
 use tokio_postgres::AsyncMessage;
 
-use crate::pg::Pg;
-
 use crate::env::SecretUrl;
-use crate::pg::DEADLINE;
+use crate::pg::{DEADLINE, Pg};
 
 /// The channel every change notifies, with the table's name as payload.
 pub const CHANNEL: &str = "esm_gateway_api";

@@ -17,13 +17,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::pg::Pg;
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
 
 use crate::env::SecretUrl;
-use crate::pg::DEADLINE;
+use crate::pg::{DEADLINE, Pg};
 
 const TABLE: &str = "CREATE TABLE IF NOT EXISTS esm_gateway_schedule_fires (
     schedule       text        NOT NULL,
