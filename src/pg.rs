@@ -6,11 +6,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Mutex;
+use futures_util::StreamExt;
+use tokio::sync::{Mutex, mpsc};
 use tokio::task::AbortHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{Client, Connection, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::env::SecretUrl;
 
@@ -18,9 +18,13 @@ use crate::env::SecretUrl;
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Opens a connection to `url` within the [`DEADLINE`] (also tokio-postgres's own
-/// connect timeout, unless the URL sets one); its driver is the caller's to spawn. An
-/// error is text without the password.
-pub async fn connect(url: &SecretUrl) -> Result<(Client, Connection<Socket, NoTlsStream>), String> {
+/// connect timeout, unless the URL sets one) and spawns its driver, which sends the
+/// payload of each notification the connection receives to `notes`, when given. An error
+/// is text without the password.
+pub async fn connect(
+    url: &SecretUrl,
+    notes: Option<mpsc::UnboundedSender<String>>,
+) -> Result<Pg, String> {
     let mut config: tokio_postgres::Config =
         url.expose().parse().map_err(|e: tokio_postgres::Error| {
             e.to_string().replace(url.expose(), &url.to_string())
@@ -28,25 +32,40 @@ pub async fn connect(url: &SecretUrl) -> Result<(Client, Connection<Socket, NoTl
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(DEADLINE);
     }
-    tokio::time::timeout(DEADLINE, config.connect(NoTls))
+    let (client, mut connection) = tokio::time::timeout(DEADLINE, config.connect(NoTls))
         .await
         .map_err(|_| format!("no answer within {DEADLINE:?}"))?
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    let shown = url.to_string();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(|cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if let Some(notes) = &notes {
+                        let _ = notes.send(n.payload().to_owned());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(store = %shown, error = %e, "PostgreSQL store connection lost");
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Pg {
+        client,
+        driver: driver.abort_handle(),
+    })
 }
 
-/// A store's connection: its client, and its driver task (which the store spawned).
-/// Derefs to the client. Dropping it ends the driver, which closes the socket: a driver
-/// left alone after its client is gone waits for any unanswered reply for as long as
-/// the socket lives.
+/// A store's connection: its client, and its driver task. Derefs to the client.
+/// Dropping it ends the driver, which closes the socket: a driver left alone after its
+/// client is gone waits for any unanswered reply for as long as the socket lives.
 pub struct Pg {
     client: Client,
     driver: AbortHandle,
-}
-
-impl Pg {
-    pub fn new(client: Client, driver: AbortHandle) -> Self {
-        Pg { client, driver }
-    }
 }
 
 impl Drop for Pg {

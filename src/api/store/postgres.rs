@@ -12,11 +12,9 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, mpsc};
-use tokio_postgres::AsyncMessage;
 
 use crate::env::SecretUrl;
 use crate::pg::{DEADLINE, Pg};
@@ -71,35 +69,15 @@ impl Db {
         self.url.to_string()
     }
 
-    /// A new connection, with its driver spawned: notifications it receives are sent to
-    /// `notes` when given; the driver ends when the connection does.
+    /// A new connection (see [`crate::pg::connect`]): notifications it receives are sent
+    /// to `notes` when given.
     async fn connect(&self, notes: Option<mpsc::UnboundedSender<String>>) -> Result<Pg, PgError> {
-        let (client, mut connection) =
-            crate::pg::connect(&self.url)
-                .await
-                .map_err(|message| PgError::Connect {
-                    url: self.shown(),
-                    message,
-                })?;
-        let url = self.shown();
-        let driver = tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(|cx| connection.poll_message(cx));
-            while let Some(message) = messages.next().await {
-                match message {
-                    Ok(AsyncMessage::Notification(n)) => {
-                        if let Some(notes) = &notes {
-                            let _ = notes.send(n.payload().to_owned());
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(store = %url, error = %e, "connection to the API's store lost");
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Pg::new(client, driver.abort_handle()))
+        crate::pg::connect(&self.url, notes)
+            .await
+            .map_err(|message| PgError::Connect {
+                url: self.shown(),
+                message,
+            })
     }
 
     /// The shared query connection, reopened if it broke.

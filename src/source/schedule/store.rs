@@ -115,14 +115,7 @@ impl Store {
             url: self.url.to_string(),
             message,
         };
-        let (client, connection) = crate::pg::connect(&self.url).await.map_err(failed)?;
-        let url = self.url.to_string();
-        let driver = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(store = %url, error = %e, "schedule store connection lost");
-            }
-        });
-        let client = Pg::new(client, driver.abort_handle());
+        let client = crate::pg::connect(&self.url, None).await.map_err(failed)?;
         for ddl in [TABLE, MIGRATE] {
             tokio::time::timeout(DEADLINE, crate::pg::create_missing(&client, ddl))
                 .await
