@@ -5,6 +5,11 @@
 //! listener's own capacity but never the process's file descriptors, which the brokers'
 //! connections need: the data plane does not notice.
 //!
+//! Each connection is served by [`serve`], which closes a connection that has not sent a
+//! request's headers whole within [`HEADER_READ_TIMEOUT`], whether it is new or idle
+//! between requests: idle clients hold their places for at most that long, so a flood
+//! of them delays the listener's other clients but never locks them out.
+//!
 //! Also [`raise_descriptor_limit`]: the process's soft file descriptor limit is raised
 //! to its hard limit at start, as a service manager's default soft limit (1,024 under
 //! systemd) is meant for programs that use `select`, which the gateway does not.
@@ -14,6 +19,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,6 +27,39 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Connections one listener holds open at most.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a connection may take to send a request's headers, counted from its accept
+/// or from the end of its previous response (hyper's own default, once a timer is set;
+/// `axum::serve` sets none, so an idle connection was kept for as long as its client).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `app` over HTTP/1.1 on every connection `listener` accepts, closing those that
+/// do not send a request's headers within [`HEADER_READ_TIMEOUT`]. Runs until the process
+/// exits.
+pub async fn serve<L: axum::serve::Listener>(listener: L, app: axum::Router) -> io::Result<()> {
+    serve_with(listener, app, HEADER_READ_TIMEOUT).await
+}
+
+async fn serve_with<L: axum::serve::Listener>(
+    mut listener: L,
+    app: axum::Router,
+    header_read_timeout: Duration,
+) -> io::Result<()> {
+    loop {
+        let (io, _) = listener.accept().await;
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            // A client that went away or timed out: nothing to do but drop the connection.
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP connection ended");
+            }
+        });
+    }
+}
 
 /// A connection that holds one of its listener's permits until it is dropped.
 pub struct Permitted<T> {
@@ -91,7 +130,7 @@ pub async fn permit(permits: &Arc<Semaphore>) -> OwnedSemaphorePermit {
         .expect("a listener's semaphore is never closed")
 }
 
-/// A TCP listener for `axum::serve` that holds at most [`MAX_CONNECTIONS`] open.
+/// A TCP listener for [`serve`] that holds at most [`MAX_CONNECTIONS`] open.
 pub struct Capped {
     inner: TcpListener,
     permits: Arc<Semaphore>,
@@ -173,6 +212,63 @@ mod tests {
         let accepted =
             tokio::time::timeout(std::time::Duration::from_secs(5), capped.accept()).await;
         assert!(accepted.is_ok(), "accepted once one closed");
+    }
+
+    /// Reads from `c` until `want` has arrived, or to its end (`want` empty); what was read.
+    async fn read_until(c: &mut TcpStream, want: &str) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            if !want.is_empty() && String::from_utf8_lossy(&got).contains(want) {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_so_a_full_listener_serves_new_clients() {
+        use tokio::io::AsyncWriteExt;
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(serve_with(
+            Capped::new(tcp),
+            app,
+            Duration::from_millis(500),
+        ));
+        let request = b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n";
+        let within = |d: u64| Duration::from_secs(d);
+        // One client is answered and keeps its connection; the others never send a thing.
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        kept.write_all(request).await.unwrap();
+        let first = tokio::time::timeout(within(10), read_until(&mut kept, "\r\n\r\nok")).await;
+        assert!(
+            first.unwrap().starts_with("HTTP/1.1 200"),
+            "first request answered"
+        );
+        let mut idle = Vec::new();
+        for _ in 1..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // The listener is full: a new client is served once the idle ones are closed.
+        let mut late = TcpStream::connect(addr).await.unwrap();
+        late.write_all(request).await.unwrap();
+        let answer = tokio::time::timeout(within(10), read_until(&mut late, "\r\n\r\nok")).await;
+        assert!(
+            answer.is_ok_and(|a| a.starts_with("HTTP/1.1 200")),
+            "a client past a listener full of idle connections is answered"
+        );
+        // Every idle connection was closed by the server, the kept-alive one too.
+        for c in idle.iter_mut().chain([&mut kept]) {
+            let end = tokio::time::timeout(within(10), read_until(c, "")).await;
+            assert!(end.is_ok(), "an idle connection is closed");
+        }
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub async fn serve(
             upkeep.run_upkeep();
         }
     });
-    axum::serve(
+    crate::listen::serve(
         crate::listen::Capped::new(listener),
         router(runtime, metrics),
     )

@@ -142,8 +142,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = axum::Router::new().fallback(dispatch).with_state(api);
     match tls {
-        None => axum::serve(crate::listen::Capped::new(listener), app).await,
-        Some(config) => axum::serve(tls::TlsListener::new(listener, config)?, app).await,
+        None => crate::listen::serve(crate::listen::Capped::new(listener), app).await,
+        Some(config) => crate::listen::serve(tls::TlsListener::new(listener, config)?, app).await,
     }
 }
 
