@@ -57,9 +57,10 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// A listener of TLS connections for [`serve`](crate::listen::serve): a task accepts TCP connections and
-/// runs each handshake in a task of its own; finished ones are handed over here. At most
-/// [`MAX_CONNECTIONS`](crate::listen::MAX_CONNECTIONS) are open, handshaking or served.
+/// A listener of TLS connections for [`serve`](crate::listen::serve): a task accepts TCP
+/// connections and runs each handshake in a task of its own; finished ones are handed
+/// over here. At most [`MAX_CONNECTIONS`](crate::listen::MAX_CONNECTIONS) are open,
+/// handshaking or served.
 pub struct TlsListener {
     ready: mpsc::Receiver<(Permitted<TlsStream<TcpStream>>, SocketAddr)>,
     local: SocketAddr,
