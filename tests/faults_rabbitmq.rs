@@ -339,6 +339,14 @@ async fn a_broker_that_never_answers_the_handshake_is_given_up_and_the_queue_dra
 
     f.wait_delivered(20, LONG).await;
     assert_reconnected_and_closed_the_silent_one(&proxy).await;
+    // Giving up is routine, told once as the session's warning: not as errors of the
+    // AMQP client, which an operator would read as a fault of their broker.
+    assert!(
+        gw.log_contains("no answer within 10s"),
+        "the give-up is logged"
+    );
+    let errors = gw.log_lines_containing(" ERROR ");
+    assert!(errors.is_empty(), "no error logged: {errors:?}");
     assert_eq!(gw.terminate().await.code(), Some(0));
     let delivered = f.delivered();
     assert_eq!(delivered.len(), 20, "each once: {delivered:?}");

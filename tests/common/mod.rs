@@ -561,6 +561,15 @@ impl Gateway {
         self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 
+    /// The log lines so far that contain `needle`.
+    pub fn log_lines_containing(&self, needle: &str) -> Vec<String> {
+        let logs = self.logs.lock().unwrap();
+        logs.iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
     pub async fn wait_log(&self, needle: &str, timeout: Duration) {
         wait_for(
             &format!("gateway log line containing {needle:?}"),

@@ -16,7 +16,10 @@ use amq_protocol::frame::{AMQPFrame, ProtocolVersion};
 use std::{
     collections::HashMap,
     fmt,
-    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{
+        Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 use tracing::{debug, error, trace};
 
@@ -30,6 +33,9 @@ pub(crate) struct Channels {
     frames: Frames,
     connection_killswitch: KillSwitch,
     events: Events,
+    /// Patched for esm-gateway: the caller gave up on the connection attempt (see
+    /// `Channels::abandon_connection`).
+    abandoned: Arc<AtomicBool>,
 }
 
 impl Channels {
@@ -65,6 +71,7 @@ impl Channels {
             frames,
             connection_killswitch: KillSwitch::default(),
             events,
+            abandoned: Arc::default(),
         }
     }
 
@@ -163,12 +170,33 @@ impl Channels {
     }
 
     pub(crate) fn set_connection_error(&self, error: Error) {
+        self.fail_connection(error, true);
+    }
+
+    /// Patched for esm-gateway: ends an attempt whose caller stopped waiting for its
+    /// handshake, as `set_connection_error` does but without logging an error: giving up
+    /// is the caller's decision, and the caller reports it.
+    pub(crate) fn abandon_connection(&self, error: Error) {
+        self.abandoned.store(true, Ordering::Release);
+        self.fail_connection(error, false);
+    }
+
+    /// Whether the caller gave up on this connection's attempt.
+    pub(crate) fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
+    }
+
+    fn fail_connection(&self, error: Error, log_error: bool) {
         // Do nothing if we were already in error
         if let ConnectionState::Error = self.connection_status.set_state(ConnectionState::Error) {
             return;
         }
 
-        error!(%error, "Connection error");
+        if log_error {
+            error!(%error, "Connection error");
+        } else {
+            debug!(%error, "Connection attempt abandoned");
+        }
         if let Some(resolver) = self.frames.connection_resolver(0) {
             resolver.reject(error.clone());
         }

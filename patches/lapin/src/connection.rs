@@ -338,7 +338,7 @@ impl Drop for AbandonedAttempt {
     fn drop(&mut self) {
         if let Some(internal_rpc) = self.0.take() {
             trace!("connection attempt abandoned before its handshake ended");
-            internal_rpc.set_connection_error(Error::from(std::io::Error::new(
+            internal_rpc.abandon_connection(Error::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "connection attempt abandoned before its handshake ended",
             )));

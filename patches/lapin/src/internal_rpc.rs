@@ -204,6 +204,11 @@ impl InternalRPCHandle {
         self.send(InternalCommand::SetConnectionError(error));
     }
 
+    /// Patched for esm-gateway: see `Channels::abandon_connection`.
+    pub(crate) fn abandon_connection(&self, error: Error) {
+        self.send(InternalCommand::AbandonConnection(error));
+    }
+
     pub(crate) fn spawn(&self, f: impl Future<Output = Result<()>> + Send + 'static) {
         self.send(InternalCommand::Spawn(InternalFuture(Box::pin(f))));
     }
@@ -258,6 +263,7 @@ impl fmt::Debug for InternalRPCHandle {
 
 #[derive(Debug)]
 enum InternalCommand {
+    AbandonConnection(Error),
     BasicAck(ChannelId, DeliveryTag, BasicAckOptions, DeliveryResolver),
     BasicNack(ChannelId, DeliveryTag, BasicNackOptions, DeliveryResolver),
     BasicReject(ChannelId, DeliveryTag, BasicRejectOptions, DeliveryResolver),
@@ -416,6 +422,7 @@ impl<RK: RuntimeKit + Clone + Send + 'static> InternalRPC<RK> {
         while let Ok(Some(command)) = rpc.recv_async().await {
             trace!(?command, "Handling internal RPC command");
             match command {
+                AbandonConnection(error) => channels.abandon_connection(error),
                 BasicAck(channel_id, delivery_tag, options, resolver) => {
                     if !self.channel_ok(channel_id) {
                         continue;

@@ -263,7 +263,13 @@ impl<
                     let throttle = match self.global_backoff.next() {
                         Some(throttle) => throttle,
                         None => {
-                            error!("Exponential backoff attempts exhausted, aborting recovery");
+                            // Patched for esm-gateway: an attempt its caller gave up on
+                            // ends here by design (see `Channels::abandon_connection`).
+                            if self.channels.abandoned() {
+                                debug!("connection attempt abandoned, not retried");
+                            } else {
+                                error!("Exponential backoff attempts exhausted, aborting recovery");
+                            }
                             let error = res.err().unwrap_or_else(|| {
                                 io::Error::from(io::ErrorKind::ConnectionAborted).into()
                             });
