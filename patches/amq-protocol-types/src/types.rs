@@ -174,11 +174,24 @@ impl std::error::Error for ShortStringError {}
 /// U+FFFD in place of each invalid sequence and the bytes as received are kept beside it
 /// ([ShortString::as_bytes], [ShortString::is_utf8]). Equality and order compare the text,
 /// then the bytes; the hash is the text's, as `Borrow<str>` requires.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ShortString {
     text: String,
     /// The bytes as received, only when they are not valid UTF-8.
     raw: Option<Box<[u8]>>,
+}
+
+// Shown as the former newtype was, `ShortString("text")` (lapin logs AMQP methods with
+// it), and with the bytes as received when they are not UTF-8.
+impl fmt::Debug for ShortString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut t = f.debug_tuple("ShortString");
+        t.field(&self.text);
+        if let Some(raw) = &self.raw {
+            t.field(raw);
+        }
+        t.finish()
+    }
 }
 
 impl std::hash::Hash for ShortString {
@@ -442,6 +455,17 @@ mod test {
     fn test_type_to_string() {
         assert_eq!(AMQPType::Boolean.to_string(), "Boolean");
         assert_eq!(AMQPType::Void.to_string(), "Void");
+    }
+
+    #[test]
+    fn short_string_debug_is_the_text_and_the_bytes_when_not_utf8() {
+        let text = ShortString::from("NOT_FOUND - no queue 'q'");
+        assert_eq!(format!("{text:?}"), r#"ShortString("NOT_FOUND - no queue 'q'")"#);
+        let bytes = ShortString::from_bytes(b"a\xffb".to_vec()).unwrap();
+        assert_eq!(
+            format!("{bytes:?}"),
+            "ShortString(\"a\u{fffd}b\", [97, 255, 98])"
+        );
     }
 
     #[test]
